@@ -1,0 +1,27 @@
+"""Hypervisor drivers behind one interface (see base.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from relocd.drivers.base import Domain, DomainConfig, DomainState, Driver, HostCaps, Vif
+from relocd.errors import DriverError
+
+__all__ = ["Domain", "DomainConfig", "DomainState", "Driver", "HostCaps", "Vif", "load_driver"]
+
+DRIVER_NAMES = ("sim", "kvm", "xen")
+
+
+def load_driver(name: str, state_dir: Path) -> Driver:
+    """Instantiate a driver by name; raises DriverError if it cannot run here."""
+    if name == "sim":
+        from relocd.drivers.sim import SimDriver
+
+        return SimDriver(state_dir)
+    if name == "kvm":
+        try:
+            from relocd.drivers.kvm import KvmDriver
+        except ImportError as exc:  # pragma: no cover - depends on the build
+            raise DriverError(f"kvm driver unavailable: {exc}") from exc
+        return KvmDriver(state_dir)
+    raise DriverError(f"unknown or unavailable driver {name!r} (known: {', '.join(DRIVER_NAMES)})")

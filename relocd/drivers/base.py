@@ -1,0 +1,204 @@
+"""The one interface every hypervisor driver implements.
+
+The engine moves domains through this seam and never learns which hypervisor
+is underneath.  It was shaped for three back ends:
+
+* ``sim``: a process per domain whose memory is a memfd shared with the daemon,
+* ``kvm``: a micro-VMM process per VM, guest memory a memfd, KVM's dirty log,
+* ``xen``: libxenctrl/libxl, foreign mappings and Xen's log-dirty bitmap.
+
+Memory is exposed as a writable memoryview over the whole guest (zero-copy
+where the driver can), dirty logs as bitmaps of little-endian uint64 words
+(bit ``i`` of word ``i // 64`` is page ``i``, KVM's layout), and vCPU/device
+state as an opaque, driver-versioned blob that only the same driver reads back.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import uuid as uuidlib
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from relocd.units import PAGE_SIZE
+
+DirtyBitmap = npt.NDArray[np.uint64]
+
+#: Names the daemon gives a domain while it moves (as xend did).
+INCOMING_SUFFIX = "--incoming"
+MIGRATED_AWAY_SUFFIX = "--migratedaway"
+
+
+class DomainState(str, enum.Enum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    MIGRATING = "migrating"  # being sent (shown as migrating-NAME)
+    INCOMING = "incoming"  # being received
+    SAVED = "saved"
+
+
+class Vif(BaseModel):
+    """One network interface, as in a Xen ``vif = [...]`` entry."""
+
+    model_config = ConfigDict(frozen=True)
+
+    mac: str
+    ips: tuple[str, ...] = ()
+    bridge: str | None = None
+
+
+class DomainConfig(BaseModel):
+    """Everything needed to build a domain; travels in the stream as sxp."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    uuid: str = Field(default_factory=lambda: str(uuidlib.uuid4()))
+    memory_mib: int = Field(ge=1, le=1 << 22)
+    vcpus: int = Field(default=1, ge=1, le=512)
+    driver: str = "sim"
+    workload: str = "idle"
+    vifs: tuple[Vif, ...] = ()
+    cpu_features: tuple[str, ...] = ()
+    extra: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("uuid")
+    @classmethod
+    def _uuid_ok(cls, v: str) -> str:
+        return str(uuidlib.UUID(v))
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory_mib << 20
+
+    @property
+    def npages(self) -> int:
+        return self.memory_bytes // PAGE_SIZE
+
+
+class HostCaps(BaseModel):
+    """What a host can give a domain; the target's half of a reservation."""
+
+    model_config = ConfigDict(frozen=True)
+
+    driver: str
+    free_memory_bytes: int
+    max_vcpus: int
+    cpu_features: frozenset[str] = frozenset()
+    bridges: frozenset[str] = frozenset()
+
+
+class Domain(abc.ABC):
+    """A handle on one domain.  Methods that may block are async."""
+
+    config: DomainConfig
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def npages(self) -> int:
+        return self.config.npages
+
+    @property
+    @abc.abstractmethod
+    def state(self) -> DomainState:
+        """RUNNING or PAUSED from the driver's point of view."""
+
+    @abc.abstractmethod
+    def memory(self) -> memoryview:
+        """Writable, zero-copy view of all guest memory (``npages * PAGE_SIZE`` bytes, format 'B')."""
+
+    @abc.abstractmethod
+    async def pause(self) -> None:
+        """Stop the guest; when this returns no further write lands in memory."""
+
+    @abc.abstractmethod
+    async def resume(self) -> None: ...
+
+    @abc.abstractmethod
+    async def destroy(self) -> None:
+        """Stop the guest and free its memory; idempotent."""
+
+    @abc.abstractmethod
+    async def rename(self, new_name: str) -> None: ...
+
+    @abc.abstractmethod
+    async def dirty_log_start(self) -> None:
+        """Start logging writes; every page counts as clean from here."""
+
+    @abc.abstractmethod
+    async def dirty_log_fetch(self) -> DirtyBitmap:
+        """Return the pages written since the last fetch (or start) and clear the log atomically."""
+
+    @abc.abstractmethod
+    async def dirty_log_stop(self) -> None: ...
+
+    @abc.abstractmethod
+    async def save_state(self) -> bytes:
+        """vCPU and device state of a paused domain, as an opaque versioned blob."""
+
+    @abc.abstractmethod
+    async def load_state(self, blob: bytes) -> None:
+        """Load state saved by ``save_state`` (same driver) into a paused, not yet started domain."""
+
+    async def stats(self) -> dict[str, Any]:
+        """Guest progress counters (workload ticks, pages written); driver-specific."""
+        return {}
+
+    async def check_invariant(self) -> str | None:
+        """Check the guest's own page invariant; None if it holds, else what is wrong.
+
+        Drivers whose guests carry no invariant return None.
+        """
+        return None
+
+
+class Driver(abc.ABC):
+    """A hypervisor on this host."""
+
+    name: ClassVar[str]
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Find the domains that survived a daemon restart."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Let go of domains without stopping them (daemon shutdown)."""
+
+    @abc.abstractmethod
+    def domains(self) -> list[Domain]: ...
+
+    def lookup(self, name: str) -> Domain | None:
+        for d in self.domains():
+            if d.name == name:
+                return d
+        return None
+
+    def lookup_uuid(self, uuid: str) -> Domain | None:
+        for d in self.domains():
+            if d.config.uuid == uuid:
+                return d
+        return None
+
+    @abc.abstractmethod
+    async def create(self, config: DomainConfig, *, start: bool = True) -> Domain:
+        """Build a domain.
+
+        ``start=True`` boots it (the guest initialises its memory and runs its
+        workload).  ``start=False`` builds it paused with empty (zero) memory,
+        waiting for pages and ``load_state`` (incoming migration, restore).
+        """
+
+    @abc.abstractmethod
+    async def capabilities(self) -> HostCaps: ...
