@@ -144,9 +144,10 @@ def _error(line: int, reason: str) -> ConfigError:
 
 
 def _single_atom(form: SxpList) -> str:
-    if len(form) != 2 or not isinstance(form[1], str):
+    value = form[1] if len(form) == 2 else None
+    if not isinstance(value, str):
         raise _error(form.line, f"({form[0]} ...): expected exactly one value")
-    return form[1]
+    return value
 
 
 def _atoms(form: SxpList) -> list[str]:
