@@ -84,9 +84,12 @@ class MigrationProgress:
         """Take one event; draw it now if due (always on a phase change)."""
         now = self._clock()
         phase = event.get("phase")
+        phase_changed = self._last_shown is not None and phase != self._last_phase
+        if phase_changed and self._pending is not None and not self.tty:
+            self._show(describe(self._pending))  # how the previous phase ended
         due = (
             self._last_shown is None
-            or phase != self._last_phase
+            or phase_changed
             or now - self._last_shown >= self.interval_s
         )
         self._last_phase = phase
