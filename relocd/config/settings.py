@@ -159,7 +159,8 @@ def _scan(text: str, filename: str, base_dir: Path) -> _Scan:
             continue
         args = item[1:]
         if len(args) != 1 or not isinstance(args[0], str):
-            raise ConfigError(f"{where}: {keyword}: expected one value, got {len(args)}")
+            hint = " (quote a value that has spaces)" if len(args) > 1 else ""
+            raise ConfigError(f"{where}: {keyword}: expected one value, got {len(args)}{hint}")
         if opt.field == "hosts_allow" and args[0].strip() and "" in args[0].split(" "):
             scan.warnings.append(
                 f"{where}: {keyword}: empty pattern (double or outer space) ignored; "

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from relocd.config import OPTIONS, Settings, check_config, load_settings
@@ -144,7 +147,7 @@ def test_defaults_are_xends_and_relocds() -> None:
 def test_settings_are_frozen() -> None:
     s = Settings.default()
     with pytest.raises(ValidationError):
-        s.relocation_port = 1  # type: ignore[misc]
+        setattr(s, "relocation_port", 1)
 
 
 def test_every_option_fills_a_field_and_every_field_has_an_option() -> None:
@@ -306,7 +309,9 @@ def test_hosts_allow_double_space_is_not_allow_all(tmp_path: Path) -> None:
         ("(xend-relocation-port -1)", "FILE line 1: xend-relocation-port: not a port number: '-1'"),
         ("(xend-relocation-server maybe)", "FILE line 1: xend-relocation-server: expected yes or no: 'maybe'"),
         ("(xend-relocation-server)", "FILE line 1: xend-relocation-server: expected one value, got 0"),
-        ("(xend-relocation-port 1 2)", "FILE line 1: xend-relocation-port: expected one value, got 2"),
+        ("(xend-relocation-port 1 2)", "FILE line 1: xend-relocation-port: expected one value, got 2 (quote a value that has spaces)"),
+        ("(xend-relocation-hosts-allow ^a$ ^b$)",
+         "FILE line 1: xend-relocation-hosts-allow: expected one value, got 2 (quote a value that has spaces)"),
         ("(xend-relocation-port (8002))", "FILE line 1: xend-relocation-port: expected one value, got 1"),
         ("(xend-relocation-address 'not an address')",
          "FILE line 1: xend-relocation-address: not an address, host name or interface name: 'not an address'"),
@@ -416,3 +421,21 @@ def test_check_config_raises_on_errors(tmp_path: Path) -> None:
     path = write(tmp_path, "(xend-relocation-server yes)\n(xend-relocation-port abc)\n")
     with pytest.raises(ConfigError, match=re.escape(f"{path} line 2: xend-relocation-port: not a port number: 'abc'")):
         check_config(path)
+
+
+# --- hostile files ------------------------------------------------------------
+
+_FILE_TOKENS = ["(", ")", "'", '"', "\\", "#", " ", "\n", "x", "yes", "8002", "''", "relocd-x"] + list(OPTIONS)[:12]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(_FILE_TOKENS), max_size=30).map("".join))
+def test_any_file_loads_or_raises_config_error_with_file_name(text: str) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "c.sxp"
+        path.write_text(text)
+        try:
+            check_config(path)
+            load_settings(path)
+        except ConfigError as e:
+            assert e.message.startswith(f"{path} line ") or e.message.startswith(f"{path}: ")
