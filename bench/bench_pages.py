@@ -46,7 +46,7 @@ def main() -> None:
     # header word, plus a few data pages whose only non-zero byte is deep inside.
     words[::2, 0] = np.arange(0, NPAGES, 2, dtype=np.uint64) + 1
     words[1::64, 300] = 7
-    view = memoryview(memory)
+    view = memory.data
 
     bitmap_bytes = (NPAGES // 64) * 8
     bitmap_base = memcpy_ms(bitmap_bytes, memory, dst)

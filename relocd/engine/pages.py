@@ -192,7 +192,7 @@ def split_zero_pages(memory: memoryview, pfns: Pfns) -> tuple[Pfns, Pfns]:
         if unsure.size:
             if in_chunk is not None and 2 * unsure.size > len(chunk):
                 # Mostly unsure and contiguous: scan the stretch in place, no copy.
-                sampled = in_chunk.any(axis=1)
+                np.any(in_chunk, axis=1, out=sampled)
             else:
                 sampled[unsure] = words[rows[unsure]].any(axis=1)
         is_data[lo : lo + len(chunk)] = sampled
@@ -229,7 +229,7 @@ def page_buffers(memory: memoryview, pfns: Pfns, max_iov: int = 1024) -> list[me
     pages = _pages(flat)
 
     def gathered(lo: int, hi: int) -> memoryview:
-        return memoryview(pages[pfn_array[lo:hi].astype(np.intp)].reshape(-1))
+        return pages[pfn_array[lo:hi].astype(np.intp)].reshape(-1).data
 
     buffers: list[memoryview] = []
     short_from = -1  # index into pfn_array where pending short runs begin
