@@ -1,0 +1,59 @@
+"""What a migration reports: the JSON object of `relocd migrate --json`."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+#: Progress callback: the daemon forwards these to `relocd migrate`'s display.
+Progress = Callable[..., Awaitable[None]]
+
+
+async def no_progress(**_: Any) -> None:
+    return None
+
+
+@dataclasses.dataclass
+class RoundReport:
+    round: int
+    pages_sent: int
+    bytes_sent: int
+    duration_ms: float
+    dirty_after: int
+
+
+@dataclasses.dataclass
+class MigrationResult:
+    """Outcome of one migration, from the source's point of view."""
+
+    domain: str
+    live: bool
+    migration_id: str
+    status: str = "failed"  # completed | failed | rolled-back
+    iterations: int = 0
+    pages_sent: int = 0
+    zero_pages: int = 0
+    bytes_sent: int = 0
+    total_ms: float = 0.0
+    downtime_ms: float = 0.0
+    verified: bool | None = None
+    error: str | None = None
+    stop_reason: str | None = None
+    target: str | None = None
+    rounds: list[RoundReport] = dataclasses.field(default_factory=list)
+    target_details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    _t0: float = dataclasses.field(default_factory=time.monotonic, repr=False)
+
+    def finish(self, status: str, error: str | None = None) -> MigrationResult:
+        self.status = status
+        self.error = error
+        self.total_ms = round((time.monotonic() - self._t0) * 1000, 3)
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("_t0", None)
+        d["downtime_ms"] = round(self.downtime_ms, 3)
+        return d

@@ -1,0 +1,446 @@
+"""The sending side of a migration: reserve, precopy, stop-and-copy, handoff.
+
+The rule this module exists to keep: the domain runs on exactly one host.
+Before GO, any failure resumes the local copy (the target destroys its own).
+GO is journaled durably before it is sent; after it, the local copy stays
+paused until the target says what happened (RESUMED, or an OUTCOME when we
+have to reconnect and ask).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import time
+import uuid as uuidlib
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+import structlog
+
+from relocd.config.domain import config_to_sxp
+from relocd.drivers.base import MIGRATED_AWAY_SUFFIX, Domain
+from relocd.engine.journal import Journal, Phase
+from relocd.engine.pages import (
+    bitmap_to_pfns,
+    iter_batches,
+    memory_digest,
+    split_zero_pages,
+)
+from relocd.engine.policy import PrecopyPolicy, RateLimiter, RoundStats
+from relocd.engine.result import MigrationResult, Progress, RoundReport, no_progress
+from relocd.engine.stream import PeerGone, RecordChannel
+from relocd.errors import MigrationAborted, ProtocolError, Reason, RelocdError, ReservationRefused
+from relocd.protocol.records import (
+    PROTOCOL_MAJOR,
+    PROTOCOL_MINOR,
+    Abort,
+    Commit,
+    Config,
+    Digest,
+    Done,
+    EndRound,
+    Feature,
+    Go,
+    Hello,
+    Outcome,
+    OutcomeState,
+    Prepared,
+    Query,
+    Refuse,
+    Reserve,
+    Reserved,
+    Resumed,
+    Role,
+    Stop,
+    VcpuState,
+)
+from relocd.units import PAGE_SIZE
+
+log = structlog.get_logger("relocd.source")
+
+FEATURES = Feature.ZERO_PAGES | Feature.DIGEST_SHA256 | Feature.QUERY
+
+
+@dataclasses.dataclass
+class SendOptions:
+    live: bool
+    verify: bool
+    policy: PrecopyPolicy
+    max_bandwidth: int | None = None
+    batch_pages: int = 1024
+    source_port: int | None = None
+    #: how long to keep asking the target after a lost link post-GO
+    recovery_s: float = 30.0
+
+
+Reconnect = Callable[[], Awaitable[RecordChannel]]
+
+
+def new_migration_id() -> str:
+    return str(uuidlib.uuid4())
+
+
+async def hello(channel: RecordChannel, role: Role, migration_id: str) -> Hello:
+    """Exchange preamble and HELLO as the connecting side; returns the peer's HELLO."""
+    await channel.send_preamble()
+    await channel.send(
+        Hello(
+            PROTOCOL_MAJOR,
+            PROTOCOL_MINOR,
+            FEATURES,
+            role,
+            uuidlib.UUID(migration_id).bytes,
+            socket.gethostname()[:255],
+        )
+    )
+    await channel.recv_preamble()
+    peer = await channel.recv()
+    assert isinstance(peer, Hello)
+    return peer
+
+
+class SourceMigration:
+    """One outgoing migration of one domain over one channel."""
+
+    def __init__(
+        self,
+        domain: Domain,
+        channel: RecordChannel,
+        options: SendOptions,
+        *,
+        journal: Journal,
+        migration_id: str,
+        target: str,
+        reconnect: Reconnect | None = None,
+        progress: Progress = no_progress,
+    ) -> None:
+        self.domain = domain
+        self.name = domain.name
+        self.channel = channel
+        self.opts = options
+        self.journal = journal
+        self.mid = migration_id
+        self.target = target
+        self.reconnect = reconnect
+        self.progress = progress
+        self.result = MigrationResult(domain=self.name, live=options.live, migration_id=migration_id, target=target)
+        self.limiter = RateLimiter(options.max_bandwidth)
+        self.log = log.bind(migration_id=migration_id, domain=self.name, target=target)
+        self._paused_at: float | None = None
+        self._we_paused = False
+        self._renamed = False
+        self._logging_dirty = False
+        self._pending = np.empty(0, dtype=np.uint64)
+
+    @classmethod
+    def in_doubt(
+        cls,
+        domain: Domain,
+        original_name: str,
+        options: SendOptions,
+        *,
+        journal: Journal,
+        migration_id: str,
+        target: str,
+        reconnect: Reconnect,
+    ) -> SourceMigration:
+        """A migration found at GO_SENT after a daemon restart: only the ending is left."""
+        self = cls(
+            domain,
+            None,  # type: ignore[arg-type]
+            options,
+            journal=journal,
+            migration_id=migration_id,
+            target=target,
+            reconnect=reconnect,
+        )
+        self.name = original_name
+        self._we_paused = True
+        self._renamed = domain.name != original_name
+        return self
+
+    async def resolve(self) -> MigrationResult:
+        """Ask the target what happened after GO and act on it."""
+        return await self._recover_after_go()
+
+    # -- top level -----------------------------------------------------------
+
+    async def run(self) -> MigrationResult:
+        journaled = False
+        try:
+            await hello(self.channel, Role.SOURCE, self.mid)
+            await self._reserve()
+            self.journal.begin(self.mid, "source", self.name, self.domain.config.uuid, self.target, self.opts.live)
+            journaled = True
+            self.journal.set_phase(self.mid, Phase.RESERVED)
+            await self.channel.send(Config(config_to_sxp(self.domain.config)))
+            if self.opts.live:
+                self.journal.set_phase(self.mid, Phase.STREAMING)
+                await self._precopy()
+            await self._stop_and_copy()
+            await self._expect_prepared()
+        except ReservationRefused as exc:
+            self.log.warning("reservation refused", reason=exc.reason.name, error=exc.message)
+            await self.channel.close()
+            return self.result.finish("failed", exc.message)
+        except (RelocdError, OSError) as exc:
+            msg = exc.message if isinstance(exc, RelocdError) else f"I/O error: {exc}"
+            await self._abort_before_go(exc, journaled)
+            return self.result.finish("rolled-back" if journaled else "failed", msg)
+        except asyncio.CancelledError:
+            await self._abort_before_go(MigrationAborted("cancelled", reason=Reason.CANCELLED), journaled)
+            raise
+        return await self._handoff()
+
+    # -- phases --------------------------------------------------------------
+
+    async def _reserve(self) -> None:
+        cfg = self.domain.config
+        request = {
+            "name": cfg.name,
+            "uuid": cfg.uuid,
+            "memory_bytes": cfg.memory_bytes,
+            "vcpus": cfg.vcpus,
+            "driver": cfg.driver,
+            "cpu_features": list(cfg.cpu_features),
+            "bridges": sorted({v.bridge for v in cfg.vifs if v.bridge}),
+            "live": self.opts.live,
+            "source_port": self.opts.source_port,
+        }
+        await self.progress(phase="reserve")
+        await self.channel.send(Reserve(request))
+        answer = await self.channel.recv()
+        if isinstance(answer, Refuse):
+            raise ReservationRefused(f"target refused: {answer.message}", reason=answer.reason)
+        assert isinstance(answer, Reserved)
+
+    async def _send_pfns(self, round_no: int, pfns: np.ndarray) -> tuple[int, int]:
+        """Send pages (zero pages as pfns only); returns (pages, bytes)."""
+        memory = self.domain.memory()
+        pages = 0
+        nbytes = 0
+        for batch in iter_batches(pfns, self.opts.batch_pages):
+            data, zero = split_zero_pages(memory, batch)
+            n = await self.channel.send_pages(round_no, data, zero, memory)
+            pages += len(batch)
+            nbytes += n
+            self.result.zero_pages += len(zero)
+            delay = self.limiter.delay_for(n)
+            if delay > 0:
+                await asyncio.sleep(delay)
+        self.result.pages_sent += pages
+        self.result.bytes_sent += nbytes
+        return pages, nbytes
+
+    async def _precopy(self) -> None:
+        dom = self.domain
+        npages = dom.npages
+        await dom.dirty_log_start()
+        self._logging_dirty = True
+        pfns = np.arange(npages, dtype=np.uint64)
+        round_no = 1
+        total_bytes = 0
+        while True:
+            t0 = time.monotonic()
+            await self.progress(phase="precopy", round=round_no, pages_left=len(pfns))
+            pages, nbytes = await self._send_pfns(round_no, pfns)
+            bitmap = await dom.dirty_log_fetch()
+            pfns = bitmap_to_pfns(bitmap, npages)
+            dt = time.monotonic() - t0
+            total_bytes += nbytes
+            await self.channel.send(EndRound(round_no, pages, len(pfns)))
+            self.result.iterations = round_no
+            self.result.rounds.append(
+                RoundReport(round_no, pages, nbytes, round(dt * 1000, 3), len(pfns))
+            )
+            stats = RoundStats(
+                round=round_no,
+                pages_sent=pages,
+                bytes_sent=nbytes,
+                total_bytes_sent=total_bytes,
+                duration_s=dt,
+                dirty_pages=len(pfns),
+                memory_pages=npages,
+            )
+            reason = self.opts.policy.should_stop(stats)
+            bw = nbytes / dt if dt > 0 else 0.0
+            await self.progress(
+                phase="precopy",
+                round=round_no,
+                pages_left=len(pfns),
+                dirty_rate=len(pfns) * PAGE_SIZE / dt if dt > 0 else 0.0,
+                bandwidth=bw,
+                expected_downtime_ms=(len(pfns) * PAGE_SIZE / bw * 1000) if bw else None,
+            )
+            self.log.info("precopy round", round=round_no, pages=pages, dirty=len(pfns), ms=round(dt * 1000, 1))
+            if reason is not None:
+                self.result.stop_reason = reason
+                self._pending = pfns
+                return
+            round_no += 1
+
+    async def _stop_and_copy(self) -> None:
+        dom = self.domain
+        await self.progress(phase="stop-and-copy")
+        self._paused_at = time.monotonic()
+        await dom.pause()
+        self._we_paused = True
+        if self.opts.live:
+            # Pages dirtied since the last fetch, plus the last round's dirty set.
+            final = bitmap_to_pfns(await dom.dirty_log_fetch(), dom.npages)
+            pfns = np.union1d(self._pending, final).astype(np.uint64)
+            round_no = self.result.iterations + 1
+        else:
+            pfns = np.arange(dom.npages, dtype=np.uint64)
+            round_no = 1
+        self.journal.set_phase(self.mid, Phase.STOPPED)
+        await self.channel.send(Stop(round_no))
+        await self._send_pfns(round_no, pfns)
+        self.result.iterations = round_no
+        blob = await dom.save_state()
+        await self.channel.send(VcpuState(dom.config.driver, blob))
+        if self.opts.verify:
+            digest = await asyncio.to_thread(memory_digest, dom.memory())
+            await self.channel.send(Digest(1, digest))
+        await self.channel.send(Commit())
+        if self._logging_dirty:
+            await dom.dirty_log_stop()
+            self._logging_dirty = False
+
+    async def _expect_prepared(self) -> None:
+        await self.progress(phase="prepare")
+        answer = await self.channel.recv()
+        if isinstance(answer, Abort):
+            raise MigrationAborted(f"target aborted: {answer.message}", reason=answer.reason)
+        assert isinstance(answer, Prepared)
+        if self.opts.verify:
+            self.result.verified = True
+        self.journal.set_phase(self.mid, Phase.PREPARED)
+
+    async def _handoff(self) -> MigrationResult:
+        # Past this point the target holds a complete, paused copy.  Rename
+        # ours first so the two are never confused, then make GO durable.
+        await self.domain.rename(self.name + MIGRATED_AWAY_SUFFIX)
+        self._renamed = True
+        self.journal.set_phase(self.mid, Phase.GO_SENT)
+        try:
+            await self.channel.send(Go())
+            answer = await self.channel.recv()
+        except (RelocdError, OSError) as exc:
+            self.log.warning("link lost after GO; asking the target", error=str(exc))
+            return await self._recover_after_go()
+        assert isinstance(answer, Resumed)
+        return await self._conclude(answer, self.channel)
+
+    async def _conclude(self, answer: Resumed, channel: RecordChannel) -> MigrationResult:
+        self.result.target_details = dict(answer.details)
+        if self._paused_at is not None:
+            self.result.downtime_ms = (time.monotonic() - self._paused_at) * 1000
+        if not answer.ok:
+            # The target could not resume and has destroyed its copy: ours is the one.
+            await self._restore_local()
+            self.journal.finish(self.mid, "rolled-back", "target failed to resume")
+            await channel.close()
+            return self.result.finish("rolled-back", f"target failed to resume: {answer.details.get('error', '?')}")
+        await self.domain.destroy()
+        try:
+            await channel.send(Done())
+        except (RelocdError, OSError):
+            pass  # the target is running; DONE is a courtesy
+        self.journal.set_phase(self.mid, Phase.DONE)
+        self.journal.finish(self.mid, "completed")
+        await channel.close()
+        self.log.info(
+            "migration completed",
+            downtime_ms=round(self.result.downtime_ms, 1),
+            iterations=self.result.iterations,
+        )
+        return self.result.finish("completed")
+
+    async def _recover_after_go(self) -> MigrationResult:
+        """The link dropped after GO: keep our copy paused until the target tells."""
+        if self.channel is not None:
+            await self.channel.close()
+        deadline = time.monotonic() + self.opts.recovery_s
+        delay = 0.2
+        last_error = "no answer"
+        while self.reconnect is not None and time.monotonic() < deadline:
+            try:
+                channel = await self.reconnect()
+                await hello(channel, Role.QUERY, self.mid)
+                await channel.send(Query(uuidlib.UUID(self.mid).bytes))
+                outcome = await channel.recv()
+                assert isinstance(outcome, Outcome)
+                if outcome.state in (OutcomeState.RESUMED, OutcomeState.DONE):
+                    return await self._conclude_resumed_elsewhere(channel)
+                if outcome.state == OutcomeState.PREPARED:
+                    await channel.send(Go())
+                    answer = await channel.recv()
+                    assert isinstance(answer, Resumed)
+                    return await self._conclude(answer, channel)
+                if outcome.state in (OutcomeState.ABORTED, OutcomeState.UNKNOWN):
+                    # The target holds no copy (it never got GO, or dropped a
+                    # prepared domain): ours is the only one.
+                    await channel.close()
+                    await self._restore_local()
+                    self.journal.finish(self.mid, "rolled-back", "target reports no copy")
+                    return self.result.finish("rolled-back", "link lost; target holds no copy, resumed here")
+                last_error = f"target reports {outcome.state.name}"
+                await channel.close()
+            except (RelocdError, OSError) as exc:
+                last_error = exc.message if isinstance(exc, RelocdError) else str(exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        msg = (
+            f"in doubt: link to {self.target} lost after GO ({last_error}); "
+            f"{self.name}{MIGRATED_AWAY_SUFFIX} kept paused here until the target answers"
+        )
+        self.log.error("migration in doubt", error=last_error)
+        return self.result.finish("failed", msg)
+
+    async def _conclude_resumed_elsewhere(self, channel: RecordChannel) -> MigrationResult:
+        if self._paused_at is not None:
+            self.result.downtime_ms = (time.monotonic() - self._paused_at) * 1000
+        await self.domain.destroy()
+        try:
+            await channel.send(Done())
+        except (RelocdError, OSError, ProtocolError):
+            pass
+        await channel.close()
+        self.journal.set_phase(self.mid, Phase.DONE)
+        self.journal.finish(self.mid, "completed")
+        return self.result.finish("completed")
+
+    # -- failure before GO -----------------------------------------------------
+
+    async def _abort_before_go(self, exc: BaseException, journaled: bool) -> None:
+        reason = exc.reason if isinstance(exc, RelocdError) else Reason.INTERNAL
+        msg = exc.message if isinstance(exc, RelocdError) else str(exc)
+        self.log.warning("migration aborted before GO", error=msg, reason=reason.name)
+        if not isinstance(exc, (PeerGone, MigrationAborted)):
+            try:
+                async with asyncio.timeout(2):
+                    await self.channel.send(Abort(reason, msg[:200]))
+            except (RelocdError, OSError, TimeoutError, AssertionError):
+                pass
+        await self.channel.close()
+        await self._restore_local()
+        if journaled:
+            self.journal.finish(self.mid, "rolled-back", msg)
+
+    async def _restore_local(self) -> None:
+        dom = self.domain
+        if self._logging_dirty:
+            try:
+                await dom.dirty_log_stop()
+            except RelocdError:
+                pass
+            self._logging_dirty = False
+        if self._renamed:
+            await dom.rename(self.name)
+            self._renamed = False
+        if self._we_paused:
+            await dom.resume()
+            self._we_paused = False

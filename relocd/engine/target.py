@@ -1,0 +1,389 @@
+"""The receiving side of a migration, and the answer to recovery queries.
+
+A target never resumes a domain without GO and never throws away a prepared
+domain on its own: once PREPARED is sent, only the source decides (GO or
+ABORT, on this connection or on a later QUERY connection).  Before PREPARED,
+any failure destroys the half-built domain and releases the reservation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import uuid as uuidlib
+from collections.abc import Awaitable, Callable, Mapping
+
+import structlog
+
+from relocd.config.domain import config_from_sxp
+from relocd.drivers.base import INCOMING_SUFFIX, Domain, DomainConfig, Driver
+from relocd.engine.journal import Journal, Phase
+from relocd.engine.pages import memory_digest
+from relocd.engine.reservation import ReservationRequest, ReservationTable, check_reservation
+from relocd.engine.result import Progress, no_progress
+from relocd.engine.source import FEATURES
+from relocd.engine.stream import PeerGone, RecordChannel
+from relocd.errors import (
+    ConfigError,
+    MigrationAborted,
+    ProtocolError,
+    Reason,
+    RelocdError,
+    ReservationRefused,
+)
+from relocd.protocol.records import (
+    PROTOCOL_MAJOR,
+    PROTOCOL_MINOR,
+    Abort,
+    Commit,
+    Config,
+    Digest,
+    Done,
+    EndRound,
+    Go,
+    Hello,
+    Outcome,
+    OutcomeState,
+    PagesHeader,
+    Prepared,
+    Query,
+    Refuse,
+    Reserve,
+    Reserved,
+    Resumed,
+    Role,
+    Stop,
+    VcpuState,
+)
+
+log = structlog.get_logger("relocd.target")
+
+#: Called after a successful resume (vif attach, ARP announce); returns details.
+OnResumed = Callable[[Domain], Awaitable[dict[str, object]]]
+
+
+async def _nothing_on_resume(_: Domain) -> dict[str, object]:
+    return {}
+
+
+@dataclasses.dataclass
+class TargetContext:
+    """What the daemon lends each incoming session."""
+
+    drivers: Mapping[str, Driver]
+    reservations: ReservationTable
+    journal: Journal
+    max_memory: int | None = None
+    on_resumed: OnResumed = _nothing_on_resume
+    #: prepared domains whose source has not said GO or ABORT yet, by migration id
+    in_doubt: dict[str, Domain] = dataclasses.field(default_factory=dict)
+    #: domains being received, by migration id (for `relocd list`)
+    incoming: dict[str, Domain] = dataclasses.field(default_factory=dict)
+
+    def all_domains(self) -> list[Domain]:
+        return [d for drv in self.drivers.values() for d in drv.domains()]
+
+
+async def answer_hello(channel: RecordChannel) -> Hello:
+    """Read the initiator's preamble and HELLO, answer with ours."""
+    await channel.recv_preamble()
+    peer = await channel.recv()
+    assert isinstance(peer, Hello)
+    await channel.send_preamble()
+    await channel.send(
+        Hello(PROTOCOL_MAJOR, PROTOCOL_MINOR, FEATURES, Role.TARGET, bytes(16), socket.gethostname()[:255])
+    )
+    return peer
+
+
+class TargetSession:
+    """One incoming connection: a migration or a recovery query."""
+
+    def __init__(
+        self,
+        channel: RecordChannel,
+        ctx: TargetContext,
+        *,
+        peer: str,
+        max_frame: int = 16 << 20,
+        idle_timeout: float | None = None,
+        max_incoming: int = 4,
+        progress: Progress = no_progress,
+    ) -> None:
+        self.channel = channel
+        self.ctx = ctx
+        self.peer = peer
+        self.max_frame = max_frame
+        self.idle_timeout = idle_timeout
+        self.max_incoming = max_incoming
+        self.progress = progress
+        self.mid = ""
+        self.log = log.bind(peer=peer)
+        self.domain: Domain | None = None
+        self.request: ReservationRequest | None = None
+        self._reserved = False
+        self._prepared = False
+
+    async def run(self) -> None:
+        try:
+            hello = await answer_hello(self.channel)
+            # Authenticated and speaking our protocol: lift the pre-auth limits.
+            self.channel.max_frame = self.max_frame
+            self.channel.read_timeout = self.idle_timeout
+            self.mid = str(uuidlib.UUID(bytes=hello.migration_id))
+            self.log = self.log.bind(migration_id=self.mid)
+            if hello.role == Role.QUERY:
+                await self._answer_query()
+            else:
+                await self._receive()
+        except asyncio.CancelledError:
+            await self._fail(MigrationAborted("daemon shutting down", reason=Reason.SHUTDOWN))
+            raise
+        except (RelocdError, OSError) as exc:
+            await self._fail(exc)
+        finally:
+            await self.channel.close()
+
+    # -- migration -------------------------------------------------------------
+
+    async def _receive(self) -> None:
+        ch = self.channel
+        record = await ch.recv()
+        assert isinstance(record, Reserve)
+        await self._reserve(record)
+        config_rec = await ch.recv()
+        assert isinstance(config_rec, Config)
+        domain = await self._build(config_rec.text)
+        memory = domain.memory()
+        state_blob: bytes | None = None
+        digest: bytes | None = None
+        while True:
+            record = await ch.recv()
+            self.ctx.reservations.touch(self.mid)
+            if isinstance(record, PagesHeader):
+                await ch.recv_pages_into(record, memory)
+            elif isinstance(record, EndRound):
+                await self.progress(phase="precopy", round=record.round, dirty=record.dirty_next)
+            elif isinstance(record, Stop):
+                await self.progress(phase="stop-and-copy")
+            elif isinstance(record, VcpuState):
+                if record.driver != domain.config.driver:
+                    raise ProtocolError(f"vCPU state for driver {record.driver!r}, domain uses {domain.config.driver!r}")
+                state_blob = record.blob
+            elif isinstance(record, Digest):
+                digest = record.value
+            elif isinstance(record, Commit):
+                break
+            else:  # the state machine lets nothing else through
+                raise ProtocolError(f"unexpected record {type(record).__name__}")
+        if state_blob is None:
+            raise ProtocolError("stream ended without vCPU state")
+        if digest is not None:
+            mine = await asyncio.to_thread(memory_digest, memory)
+            if mine != digest:
+                raise MigrationAborted("memory digest mismatch at the stop point", reason=Reason.VERIFY)
+        await domain.load_state(state_blob)
+        self.ctx.journal.set_phase(self.mid, Phase.PREPARED)
+        self._prepared = True
+        self.ctx.in_doubt[self.mid] = domain
+        await ch.send(Prepared())
+        await self.progress(phase="prepared")
+        try:
+            decision = await ch.recv()
+        except (RelocdError, OSError) as exc:
+            # The source decides; keep the prepared domain paused until it asks.
+            self.log.warning("link lost while prepared; waiting for the source to ask", error=str(exc))
+            self.domain = None  # not ours to clean up any more
+            return
+        if isinstance(decision, Abort):
+            raise MigrationAborted(f"source aborted: {decision.message}", reason=decision.reason)
+        assert isinstance(decision, Go)
+        await self._go(domain, ch)
+
+    async def _reserve(self, record: Reserve) -> None:
+        req = ReservationRequest.from_wire(record.request)
+        ctx = self.ctx
+        driver = ctx.drivers.get(req.driver)
+        try:
+            if len(ctx.reservations.all()) >= self.max_incoming:
+                raise ReservationRefused(
+                    f"too many incoming migrations (limit {self.max_incoming})", reason=Reason.BUSY
+                )
+            if driver is None:
+                raise ReservationRefused(f"driver {req.driver!r} is not available on this host", reason=Reason.DRIVER)
+            caps = await driver.capabilities()
+            domains = ctx.all_domains()
+            check_reservation(
+                req,
+                caps,
+                max_memory=ctx.max_memory,
+                reserved_bytes=ctx.reservations.reserved_bytes,
+                existing_names={d.name for d in domains} | ctx.reservations.names,
+                existing_uuids={d.config.uuid for d in domains} | ctx.reservations.uuids,
+            )
+        except ReservationRefused as exc:
+            self.log.warning("reservation refused", reason=exc.reason.name, error=exc.message)
+            await self.channel.send(Refuse(exc.reason, exc.message))
+            raise
+        res = ctx.reservations.add(self.mid, req)
+        self.request = req
+        self._reserved = True
+        ctx.journal.begin(self.mid, "target", req.name, req.uuid, self.peer, req.live)
+        self.log.info("reservation granted", domain=req.name, memory=req.memory_bytes)
+        await self.channel.send(
+            Reserved({"reservation": self.mid, "expires_ms": int(ctx.reservations.timeout_s * 1000)})
+        )
+        del res
+
+    async def _build(self, sxp_text: str) -> Domain:
+        try:
+            config = config_from_sxp(sxp_text)
+        except ConfigError as exc:
+            raise ProtocolError(f"bad domain config: {exc.message}") from None
+        req = self.request
+        assert req is not None
+        if (config.name, config.uuid, config.memory_bytes, config.vcpus, config.driver) != (
+            req.name,
+            req.uuid,
+            req.memory_bytes,
+            req.vcpus,
+            req.driver,
+        ):
+            raise ProtocolError("domain config does not match the reservation")
+        incoming: DomainConfig = config.model_copy(update={"name": config.name + INCOMING_SUFFIX})
+        driver = self.ctx.drivers[config.driver]
+        self.domain = await driver.create(incoming, start=False)
+        self.ctx.incoming[self.mid] = self.domain
+        return self.domain
+
+    async def _go(self, domain: Domain, channel: RecordChannel) -> None:
+        """GO received: become the one running copy."""
+        assert self.request is not None or domain.name.endswith(INCOMING_SUFFIX)
+        final_name = domain.name.removesuffix(INCOMING_SUFFIX)
+        details: dict[str, object] = {}
+        try:
+            await domain.rename(final_name)
+            await domain.resume()
+        except RelocdError as exc:
+            # Could not resume: destroy ours so the source may resume its own.
+            self.log.error("resume failed after GO", error=exc.message)
+            await domain.destroy()
+            self._forget(domain)
+            self.ctx.journal.set_phase(self.mid, Phase.ABORTED)
+            self.ctx.journal.finish(self.mid, "failed", exc.message)
+            await channel.send(Resumed(False, {"error": exc.message}))
+            return
+        self.ctx.journal.set_phase(self.mid, Phase.RESUMED)
+        self._forget(domain)
+        self.log.info("domain resumed", domain=final_name)
+        try:
+            details = await self.ctx.on_resumed(domain)
+        except Exception as exc:  # an announce failure never undoes a resume
+            details = {"announce_error": str(exc)}
+        await channel.send(Resumed(True, details))
+        try:
+            done = await channel.recv()
+            assert isinstance(done, Done)
+        except (RelocdError, OSError):
+            pass  # we run the domain either way; DONE only tidies the journal
+        self.ctx.journal.finish(self.mid, "completed")
+
+    def _forget(self, domain: Domain) -> None:
+        self.ctx.in_doubt.pop(self.mid, None)
+        self.ctx.incoming.pop(self.mid, None)
+        if self._reserved:
+            self.ctx.reservations.release(self.mid)
+            self._reserved = False
+        self.domain = None
+
+    # -- recovery queries --------------------------------------------------------
+
+    async def _answer_query(self) -> None:
+        ch = self.channel
+        query = await ch.recv()
+        assert isinstance(query, Query)
+        mid = str(uuidlib.UUID(bytes=query.migration_id))
+        self.mid = mid
+        state = outcome_of(self.ctx, mid)
+        self.log.info("recovery query", state=state.name)
+        await ch.send(Outcome(query.migration_id, state))
+        if state != OutcomeState.PREPARED:
+            return
+        try:
+            decision = await ch.recv()
+        except PeerGone:
+            return
+        domain = self.ctx.in_doubt.get(mid)
+        if domain is None:
+            raise MigrationAborted("prepared domain vanished", reason=Reason.INTERNAL)
+        if isinstance(decision, Abort):
+            self.log.info("source aborted an in-doubt migration", error=decision.message)
+            await domain.destroy()
+            self.domain = None
+            self.ctx.in_doubt.pop(mid, None)
+            self.ctx.reservations.release(mid)
+            self.ctx.journal.set_phase(mid, Phase.ABORTED)
+            self.ctx.journal.finish(mid, "rolled-back", decision.message)
+            return
+        assert isinstance(decision, Go)
+        self._reserved = mid in {r.migration_id for r in self.ctx.reservations.all()}
+        await self._go(domain, ch)
+
+    # -- failure ---------------------------------------------------------------------
+
+    async def _fail(self, exc: BaseException) -> None:
+        msg = exc.message if isinstance(exc, RelocdError) else str(exc)
+        reason = exc.reason if isinstance(exc, RelocdError) else Reason.INTERNAL
+        if not isinstance(exc, ReservationRefused):
+            self.log.warning("incoming migration failed", error=msg, reason=reason.name)
+        if not isinstance(exc, (PeerGone, ReservationRefused)) and not (
+            isinstance(exc, MigrationAborted) and "source aborted" in msg
+        ):
+            try:
+                async with asyncio.timeout(2):
+                    await self.channel.send(Abort(reason, msg[:200]))
+            except (RelocdError, OSError, TimeoutError, AssertionError):
+                pass
+        domain = self.domain
+        if domain is not None:
+            try:
+                await domain.destroy()
+            except RelocdError as e:
+                self.log.error("could not destroy half-built domain", error=e.message)
+            self.ctx.incoming.pop(self.mid, None)
+            self.ctx.in_doubt.pop(self.mid, None)
+            self.domain = None
+        if self._reserved:
+            self.ctx.reservations.release(self.mid)
+            self._reserved = False
+        if self.mid and self.ctx.journal.get(self.mid) is not None:
+            entry = self.ctx.journal.get(self.mid)
+            if entry is not None and entry.outcome is None:
+                self.ctx.journal.set_phase(self.mid, Phase.ABORTED)
+                self.ctx.journal.finish(self.mid, "rolled-back", msg)
+
+
+def outcome_of(ctx: TargetContext, mid: str) -> OutcomeState:
+    """What this daemon knows about a migration, for a QUERY."""
+    entry = ctx.journal.get(mid)
+    if entry is None:
+        return OutcomeState.UNKNOWN
+    phase = entry.phase
+    if entry.role == "target":
+        if phase == Phase.PREPARED and mid in ctx.in_doubt:
+            return OutcomeState.PREPARED
+        if phase == Phase.RESUMED:
+            return OutcomeState.RESUMED
+        if phase == Phase.ABORTED:
+            return OutcomeState.ABORTED
+        if phase == Phase.PREPARED:
+            return OutcomeState.ABORTED  # prepared but the domain is gone
+        return OutcomeState.RECEIVING
+    if phase == Phase.DONE:
+        return OutcomeState.DONE
+    if phase == Phase.GO_SENT:
+        return OutcomeState.GO_SENT
+    if phase == Phase.ABORTED:
+        return OutcomeState.ABORTED
+    return OutcomeState.RECEIVING
