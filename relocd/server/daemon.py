@@ -1,0 +1,183 @@
+"""The daemon's life: startup, serve, shutdown (uvicorn's three phases).
+
+Startup: state dir, journal, drivers (which find the domains that outlived a
+previous daemon), recovery of unfinished migrations, listeners, control
+socket, then READY=1.  Signals only set the stop event.  Shutdown, in order:
+stop accepting, let in-flight migrations finish for a grace period, cancel
+the rest (which aborts them safely: before GO the source resumes its copy),
+close the control socket, let go of domains without stopping them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from relocd import __version__
+from relocd.config.settings import Settings
+from relocd.drivers import load_driver
+from relocd.drivers.base import Domain, Driver
+from relocd.engine.journal import Journal
+from relocd.engine.reservation import ReservationTable
+from relocd.engine.target import TargetContext, TargetSession
+from relocd.engine.stream import RecordChannel
+from relocd.errors import DriverError, RelocdError
+from relocd.protocol.records import Role
+from relocd.protocol.state import Conversation
+from relocd.server.access import HostsAllow
+from relocd.server.control import ControlServer
+from relocd.server.listener import RelocationListener, bind_socket
+from relocd.server.operations import Operations
+from relocd.server.recovery import recover_unfinished
+from relocd.server.sdnotify import notify
+from relocd.server.transport import SocketTransport
+
+log = structlog.get_logger("relocd.daemon")
+
+#: Pre-authentication limit: nothing a peer sends before HELLO is accepted may
+#: make us allocate more than this.
+PREAUTH_MAX_FRAME = 4096
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state_dir = Path(settings.state_dir)
+        self.drivers: dict[str, Driver] = {}
+        self.listeners: list[RelocationListener] = []
+        self.control: ControlServer | None = None
+        self.stop_event = asyncio.Event()
+        self.journal: Journal | None = None
+        self.ctx: TargetContext | None = None
+        self.ops: Operations | None = None
+        self.background: set[asyncio.Task[Any]] = set()
+
+    # -- startup -------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        s = self.settings
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(self.state_dir / "journal.sqlite")
+        for name in ("sim", "kvm"):
+            try:
+                driver = load_driver(name, self.state_dir)
+                await driver.start()
+            except (DriverError, OSError) as exc:
+                msg = exc.message if isinstance(exc, RelocdError) else str(exc)
+                log.info("driver not available", driver=name, reason=msg)
+                continue
+            self.drivers[name] = driver
+        self.ctx = TargetContext(
+            drivers=self.drivers,
+            reservations=ReservationTable(s.reservation_timeout),
+            journal=self.journal,
+            max_memory=s.max_memory,
+        )
+        self.ops = Operations(self)
+        self.ctx.on_resumed = self.ops.on_resumed
+        await recover_unfinished(self)
+        if s.relocation_server:
+            sock = bind_socket(s.relocation_address, s.relocation_port)
+            listener = RelocationListener(
+                sock,
+                self._serve_peer,
+                hosts_allow=HostsAllow(s.hosts_allow),
+                dns_timeout=s.dns_timeout,
+                max_connections=max(16, 4 * s.max_incoming),
+            )
+            listener.start()
+            self.listeners.append(listener)
+            log.info("relocation server listening", address=listener.address[0], port=listener.address[1])
+        self.control = ControlServer(Path(s.control_socket), self.ops.handlers())
+        await self.control.start()
+        log.info("relocd started", version=__version__, control=str(s.control_socket), drivers=sorted(self.drivers))
+        notify(READY=1, STATUS=f"serving; {len(self.all_domains())} domains")
+
+    def all_domains(self) -> list[Domain]:
+        return [d for drv in self.drivers.values() for d in drv.domains()]
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task
+
+    # -- incoming peers ----------------------------------------------------------------
+
+    async def _serve_peer(self, sock: socket.socket, peer: str) -> None:
+        assert self.ctx is not None
+        s = self.settings
+        channel = RecordChannel(
+            SocketTransport(sock),
+            Conversation(Role.TARGET),
+            max_frame=PREAUTH_MAX_FRAME,
+            read_timeout=s.handshake_timeout,
+        )
+        session = TargetSession(
+            channel,
+            self.ctx,
+            peer=peer,
+            max_frame=s.max_frame,
+            idle_timeout=s.idle_timeout,
+            max_incoming=s.max_incoming,
+        )
+        await session.run()
+
+    # -- shutdown -----------------------------------------------------------------------
+
+    async def shutdown(self, grace: float = 30.0) -> None:
+        notify(STOPPING=1, STATUS="shutting down")
+        log.info("shutting down")
+        for listener in self.listeners:
+            await listener.stop_accepting()
+        if self.ops is not None:
+            await self.ops.drain(grace)
+        for listener in self.listeners:
+            await listener.drain(grace)
+        for t in list(self.background):
+            t.cancel()
+        if self.background:
+            await asyncio.wait(set(self.background), timeout=5)
+        if self.control is not None:
+            await self.control.close()
+        for driver in self.drivers.values():
+            await driver.close()
+        if self.journal is not None:
+            self.journal.close()
+        log.info("stopped")
+
+
+async def _main(settings: Settings) -> int:
+    daemon = Daemon(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stop_event.set)
+    try:
+        await daemon.startup()
+    except RelocdError as exc:
+        log.error("cannot start", error=exc.message)
+        await daemon.shutdown(grace=0)
+        raise
+    await daemon.stop_event.wait()
+    await daemon.shutdown()
+    return 0
+
+
+def run_daemon(settings: Settings) -> int:
+    """Entry point of `relocd serve`."""
+    from relocd.logs import configure_logging
+
+    configure_logging(settings.log_format)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - a declared dependency
+        return asyncio.run(_main(settings))
+    if os.environ.get("RELOCD_NO_UVLOOP"):
+        return asyncio.run(_main(settings))
+    return uvloop.run(_main(settings))

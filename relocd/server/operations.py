@@ -1,0 +1,281 @@
+"""The operator's API: what each control-socket op does.
+
+Each handler takes the request's args and a progress sink, and returns a
+JSON-able result or raises a RelocdError with a one-line message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid as uuidlib
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from relocd import __version__
+from relocd.config.domain import parse_vif_spec
+from relocd.drivers.base import (
+    INCOMING_SUFFIX,
+    MIGRATED_AWAY_SUFFIX,
+    Domain,
+    DomainConfig,
+    DomainState,
+)
+from relocd.engine.policy import make_policy
+from relocd.engine.result import MigrationResult
+from relocd.engine.source import SendOptions, SourceMigration, new_migration_id
+from relocd.engine.stream import RecordChannel
+from relocd.errors import ConfigError, DomainExists, DomainNotFound, DriverError, RelocdError
+from relocd.protocol.records import Role
+from relocd.protocol.state import Conversation
+from relocd.server.transport import connect
+from relocd.units import parse_rate
+
+if TYPE_CHECKING:
+    from relocd.server.daemon import Daemon
+
+log = structlog.get_logger("relocd.ops")
+
+Handler = Callable[[dict[str, Any], Any], Awaitable[Any]]
+
+
+def _arg(args: dict[str, Any], key: str, kind: type, default: Any = ...) -> Any:
+    if key not in args or args[key] is None:
+        if default is ...:
+            raise ConfigError(f"missing argument: {key}")
+        return default
+    value = args[key]
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError(f"argument {key}: expected {kind.__name__}")
+    return value
+
+
+def format_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Operations:
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+        #: uuid -> migration in flight (source side)
+        self.outgoing: dict[str, SourceMigration] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "status": self.status,
+            "list": self.list,
+            "create": self.create,
+            "destroy": self.destroy,
+            "migrate": self.migrate,
+            "check": self.check,
+            "stats": self.stats,
+            "pause": self.pause,
+            "resume": self.resume,
+        }
+
+    # -- helpers ------------------------------------------------------------------
+
+    def find(self, name: str) -> Domain:
+        for d in self.d.all_domains():
+            if d.name == name:
+                return d
+        raise DomainNotFound(f"no domain named {name!r}")
+
+    def _state_of(self, dom: Domain) -> str:
+        if dom.config.uuid in self.outgoing:
+            return DomainState.MIGRATING.value
+        if dom.name.endswith(INCOMING_SUFFIX):
+            return DomainState.INCOMING.value
+        return dom.state.value
+
+    async def drain(self, grace: float) -> None:
+        """Shutdown: let outgoing migrations finish, then cancel (they roll back)."""
+        if not self.tasks:
+            return
+        _, pending = await asyncio.wait(set(self.tasks), timeout=grace)
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=10)
+
+    async def on_resumed(self, domain: Domain) -> dict[str, object]:
+        """After a resume on this host: the network must learn where the domain is."""
+        return {}
+
+    # -- ops -----------------------------------------------------------------------
+
+    async def status(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
+        s = self.d.settings
+        return {
+            "version": __version__,
+            "relocation_server": s.relocation_server,
+            "listen": [format_host_port(*lst.address) for lst in self.d.listeners],
+            "drivers": sorted(self.d.drivers),
+            "domains": len(self.d.all_domains()),
+            "outgoing": len(self.outgoing),
+            "incoming": len(self.d.ctx.incoming) if self.d.ctx else 0,
+            "state_dir": str(s.state_dir),
+        }
+
+    async def list(self, args: dict[str, Any], sink: Any) -> list[dict[str, Any]]:
+        out = []
+        for dom in sorted(self.d.all_domains(), key=lambda x: x.name):
+            out.append(
+                {
+                    "name": dom.name,
+                    "state": self._state_of(dom),
+                    "memory_mib": dom.config.memory_mib,
+                    "vcpus": dom.config.vcpus,
+                    "driver": dom.config.driver,
+                    "uuid": dom.config.uuid,
+                    "workload": dom.config.workload,
+                }
+            )
+        return out
+
+    async def create(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
+        name = _arg(args, "name", str)
+        driver_name = _arg(args, "driver", str, self.d.settings.default_driver)
+        driver = self.d.drivers.get(driver_name)
+        if driver is None:
+            raise DriverError(f"driver {driver_name!r} is not available on this host")
+        vifs = tuple(parse_vif_spec(v) for v in _arg(args, "vifs", list, []))
+        try:
+            config = DomainConfig(
+                name=name,
+                memory_mib=_arg(args, "memory", int),
+                vcpus=_arg(args, "vcpus", int, 1),
+                driver=driver_name,
+                workload=_arg(args, "workload", str, "idle"),
+                vifs=vifs,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"bad domain: {str(exc).splitlines()[0]}") from None
+        for d in self.d.all_domains():
+            if d.name in (name, name + INCOMING_SUFFIX, name + MIGRATED_AWAY_SUFFIX):
+                raise DomainExists(f"a domain named {name!r} already exists")
+        caps = await driver.capabilities()
+        config = config.model_copy(update={"cpu_features": tuple(sorted(caps.cpu_features))})
+        dom = await driver.create(config)
+        log.info("domain created", domain=name, memory_mib=config.memory_mib, driver=driver_name)
+        return {"name": dom.name, "uuid": dom.config.uuid, "state": dom.state.value}
+
+    async def destroy(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
+        dom = self.find(_arg(args, "name", str))
+        if dom.config.uuid in self.outgoing:
+            raise RelocdError(f"{dom.name} is being migrated; wait for it to finish")
+        if dom.name.endswith(INCOMING_SUFFIX):
+            raise RelocdError(f"{dom.name} is an incoming migration; it is cleaned up if the migration fails")
+        await dom.destroy()
+        log.info("domain destroyed", domain=dom.name)
+        return {"name": dom.name}
+
+    async def pause(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
+        dom = self.find(_arg(args, "name", str))
+        await dom.pause()
+        return {"name": dom.name, "state": dom.state.value}
+
+    async def resume(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
+        dom = self.find(_arg(args, "name", str))
+        if dom.name.endswith((INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX)):
+            raise RelocdError(f"{dom.name} is part of a migration; relocd decides when it runs")
+        await dom.resume()
+        return {"name": dom.name, "state": dom.state.value}
+
+    async def check(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
+        """Verify the guest's page invariant (pauses the domain while it checks)."""
+        dom = self.find(_arg(args, "name", str))
+        was_running = dom.state == DomainState.RUNNING
+        if was_running:
+            await dom.pause()
+        try:
+            problem = await dom.check_invariant()
+            stats = await dom.stats()
+        finally:
+            if was_running:
+                await dom.resume()
+        return {"name": dom.name, "ok": problem is None, "problem": problem, "stats": stats}
+
+    async def stats(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
+        dom = self.find(_arg(args, "name", str))
+        return {"name": dom.name, "state": dom.state.value, "stats": await dom.stats()}
+
+    async def migrate(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
+        s = self.d.settings
+        name = _arg(args, "name", str)
+        host = _arg(args, "host", str)
+        port = _arg(args, "port", int, s.relocation_port)
+        live = bool(_arg(args, "live", bool, False))
+        verify = bool(_arg(args, "verify", bool, False))
+        if _arg(args, "ssl", bool, False) or s.relocation_ssl:
+            raise RelocdError("TLS relocation is not available in this build yet")
+        dom = self.find(name)
+        if dom.name.endswith((INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX)):
+            raise RelocdError(f"{dom.name} is part of another migration")
+        if dom.config.uuid in self.outgoing:
+            raise RelocdError(f"{name} is already being migrated")
+        bw_text = _arg(args, "max_bandwidth", str, None)
+        try:
+            max_bw = parse_rate(bw_text) if bw_text else s.max_bandwidth
+        except ValueError as exc:
+            raise ConfigError(f"--max-bandwidth: {exc}") from None
+        policy = make_policy(
+            _arg(args, "policy", str, s.precopy_policy),
+            downtime_ms=_arg(args, "downtime_ms", int, s.downtime_ms),
+            max_iterations=s.max_iterations,
+            max_factor=s.max_factor,
+            dirty_threshold=s.dirty_threshold,
+        )
+        mid = new_migration_id()
+        target = format_host_port(host, port)
+        structlog.contextvars.bind_contextvars(migration_id=mid)
+
+        async def progress(**fields: Any) -> None:
+            try:
+                await sink.emit(**fields)
+            except Exception:  # a vanished terminal never stops a migration
+                pass
+
+        async def open_channel(role: Role) -> RecordChannel:
+            transport = await connect(host, port, s.handshake_timeout)
+            return RecordChannel(
+                transport, Conversation(role), max_frame=s.max_frame, read_timeout=s.idle_timeout
+            )
+
+        try:
+            channel = await open_channel(Role.SOURCE)
+        except RelocdError as exc:
+            result = MigrationResult(domain=name, live=live, migration_id=mid, target=target)
+            return result.finish("failed", exc.message).to_json()
+
+        migration = SourceMigration(
+            dom,
+            channel,
+            SendOptions(live=live, verify=verify, policy=policy, max_bandwidth=max_bw),
+            journal=self.d.journal,  # type: ignore[arg-type]
+            migration_id=mid,
+            target=target,
+            reconnect=lambda: open_channel(Role.QUERY),
+            progress=progress,
+        )
+        self.outgoing[dom.config.uuid] = migration
+        task = asyncio.get_running_loop().create_task(migration.run())
+        self.tasks.add(task)
+        try:
+            # shield: a control client that goes away must not cancel the migration
+            result = await asyncio.shield(task)
+        finally:
+            if task.done():
+                self.tasks.discard(task)
+                self.outgoing.pop(dom.config.uuid, None)
+            else:
+                task.add_done_callback(lambda t: (self.tasks.discard(t), self.outgoing.pop(dom.config.uuid, None)))
+            structlog.contextvars.unbind_contextvars("migration_id")
+        log.info("migration finished", domain=name, status=result.status, error=result.error)
+        return result.to_json()
+
+
+def parse_migration_id(text: str) -> str:
+    return str(uuidlib.UUID(text))
