@@ -273,3 +273,29 @@ def test_split_zero_pages_unsorted_input_that_looks_contiguous() -> None:
     data_pfns, zero_pfns = split_zero_pages(memoryview(buf), pfns([0, 3, 1, 3]))
     assert data_pfns.tolist() == [3, 3]
     assert zero_pfns.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("fraction", [1, 10**9])  # force the sparse, then the dense path
+@settings(max_examples=40, deadline=None)
+@given(
+    words=st.lists(
+        st.one_of(st.just(0), st.integers(0, 2**64 - 1), st.sampled_from([1, 1 << 63])),
+        max_size=20,
+    ),
+    npages=st.integers(0, 20 * 64 + 10),
+)
+def test_both_bitmap_paths_match_reference(fraction: int, words: list[int], npages: int) -> None:
+    # Hypothesis' health check objects to function-scoped fixtures: patch by hand.
+    saved = pages.DENSE_BITMAP_FRACTION
+    pages.DENSE_BITMAP_FRACTION = fraction
+    try:
+        got = bitmap_to_pfns(np.array(words, dtype=np.uint64), npages)
+    finally:
+        pages.DENSE_BITMAP_FRACTION = saved
+    assert got.tolist() == ref_bitmap_to_pfns(words, npages)
+
+
+def test_sparse_bitmap_of_a_large_guest() -> None:
+    npages = 1 << 18
+    chosen = np.array([0, 63, 64, 4095, 100_000, npages - 1], dtype=np.uint64)
+    assert bitmap_to_pfns(pfns_to_bitmap(chosen, npages), npages).tolist() == chosen.tolist()
