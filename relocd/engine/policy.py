@@ -18,6 +18,10 @@ relocd keeps the numbers and differs in two places, on purpose:
   earlier);
 * "total sent" counts bytes on the wire against ``max_factor`` x memory bytes,
   so zero pages (sent as bare pfns) barely count.
+
+libxc's third rule, "this round sent more than the last while already at the
+maximum rate", belongs to its adaptive rate control, which relocd does not
+have; DowntimePolicy's ``no-progress`` rule plays its part.
 """
 
 from __future__ import annotations
