@@ -159,7 +159,7 @@ def _print_fields(value: Any, prefix: str = "") -> None:
             _print_fields(item, f"{prefix}{key}.")
         elif isinstance(item, list):
             shown = ", ".join(x if isinstance(x, str) else json.dumps(x) for x in item)
-            print(f"{prefix}{key}: {shown}")
+            print(f"{prefix}{key}: {shown or '-'}")
         else:
             print(f"{prefix}{key}: {'-' if item is None else item}")
 
@@ -230,10 +230,11 @@ def cmd_create(ns: argparse.Namespace) -> int:
     if ns.json:
         _print_json(result)
     else:
+        driver = _field(result, "driver", ns.driver)
         print(f"Created {_field(result, 'name', ns.name)}: "
               f"{_field(result, 'memory_mib', ns.memory)} MiB, "
-              f"{_field(result, 'vcpus', ns.vcpus)} vCPU(s), "
-              f"driver {_field(result, 'driver', ns.driver or 'default')}")
+              f"{_field(result, 'vcpus', ns.vcpus)} vCPU(s)"
+              + (f", driver {driver}" if driver else ""))
     return EXIT_OK
 
 

@@ -3,10 +3,10 @@
 The daemon sends progress events over the control socket with these fields
 (all optional, unknown ones ignored):
 
-``phase`` (precopy, stop-and-copy, handoff, ...), ``round``, ``pages_left``
-(pages dirty, still to send), ``dirty_rate`` (pages/s the guest dirties),
-``bandwidth`` (bytes/s on the wire), ``expected_downtime_ms``,
-``pages_sent``, ``bytes_sent``, ``elapsed_ms``.
+``phase`` (reserve, precopy, stop-and-copy, prepare, ...), ``round``,
+``pages_left`` (pages dirty, still to send), ``dirty_rate`` (bytes/s the guest
+dirties), ``bandwidth`` (bytes/s on the wire), ``expected_downtime_ms``,
+``bytes_sent``.
 
 On a terminal one line is redrawn in place; otherwise (a pipe, a log, CI) a
 plain line is printed at most once per interval and on every phase change.
@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
-from relocd.units import PAGE_SIZE, format_bytes, format_rate
+from relocd.units import format_bytes, format_rate
 
 
 def _number(event: Mapping[str, Any], key: str) -> float | None:
@@ -42,9 +42,7 @@ def describe(event: Mapping[str, Any]) -> str:
         parts.append(f"{int(pages_left):,} pages dirty")
     dirty_rate = _number(event, "dirty_rate")
     if dirty_rate is not None:
-        parts.append(
-            f"dirtying {dirty_rate:,.0f} pages/s ({format_rate(dirty_rate * PAGE_SIZE)})"
-        )
+        parts.append(f"dirtying {format_rate(dirty_rate)}")
     bandwidth = _number(event, "bandwidth")
     if bandwidth is not None:
         parts.append(f"sending {format_rate(bandwidth)}")
