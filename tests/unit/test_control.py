@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -242,7 +244,11 @@ async def test_client_that_does_not_read_cannot_stall_operation(sock_dir: Path) 
     async with ControlServer(sock_dir / "c.sock", {"chatty": chatty}) as srv:
         reader, writer = await asyncio.open_unix_connection(str(srv.path), limit=1 << 24)
         writer.write(b'{"op": "chatty"}\n')
-        await asyncio.sleep(0.5)  # a suspended `relocd migrate`: nobody reads
+        # a suspended `relocd migrate`: nobody reads, yet the operation ends
+        for _ in range(500):
+            if srv.in_flight == 0:
+                break
+            await asyncio.sleep(0.01)
         assert srv.in_flight == 0, "the operation waited for the client"
         lines = (await reader.read()).decode().splitlines()
         writer.close()
@@ -323,3 +329,57 @@ async def test_daemon_hanging_up_is_a_clear_error(sock_dir: Path) -> None:
             await call(path, "list", {})
     finally:
         srv.close()
+
+
+# --- what lands in the daemon's log (relocd.logs) ---------------------------------
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    from relocd.logs import configure_logging
+
+    buf = io.StringIO()
+    configure_logging("json", "info", stream=buf)
+    yield buf
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if handler.get_name() == "relocd":
+            root.removeHandler(handler)
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+
+
+async def test_daemon_log_gets_traceback_and_context(
+    sock_dir: Path, json_log: io.StringIO
+) -> None:
+    async def crash_in_migration(args: dict[str, Any], sink: ProgressSink) -> Any:
+        structlog.contextvars.bind_contextvars(migration_id="m-42")
+        logging.getLogger("some.library").warning("stdlib line")
+        raise ZeroDivisionError("boom")
+
+    async with ControlServer(sock_dir / "c.sock", {"migrate": crash_in_migration}) as srv:
+        with pytest.raises(DaemonError, match="internal error"):
+            await call(srv.path, "migrate", {})
+    lines = [json.loads(line) for line in json_log.getvalue().splitlines()]
+    by_event = {line["event"]: line for line in lines}
+    assert by_event["stdlib line"]["migration_id"] == "m-42"
+    assert by_event["stdlib line"]["logger"] == "some.library"
+    crashed = by_event["control request crashed"]
+    assert crashed["level"] == "error" and crashed["op"] == "migrate"
+    assert "Traceback" in crashed["exception"] and "ZeroDivisionError: boom" in crashed["exception"]
+    assert all("timestamp" in line for line in lines)
+
+
+def test_log_format_auto_and_errors() -> None:
+    from relocd.logs import _resolve_format, configure_logging
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert _resolve_format("auto", io.StringIO()) == "json"  # journald
+    assert _resolve_format("auto", Tty()) == "console"
+    with pytest.raises(ValueError):
+        configure_logging("xml")
+    with pytest.raises(ValueError):
+        configure_logging("json", "chatty")
