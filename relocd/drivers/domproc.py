@@ -141,7 +141,7 @@ class ControlServer:
         with _addressable(tmp) as addr:
             self._listener.bind(addr)
         self._listener.listen(8)
-        self._listener.settimeout(0.2)
+        self._listener.settimeout(0.05)
         os.replace(tmp, path)
 
     def serve_until(self, stop: threading.Event) -> None:

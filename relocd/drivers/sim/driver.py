@@ -215,7 +215,7 @@ class SimDriver(Driver):
     async def capabilities(self) -> HostCaps:
         return await asyncio.to_thread(hostinfo.host_caps, self.name)
 
-    async def create(self, config: DomainConfig, *, start: bool = True) -> Domain:
+    async def create(self, config: DomainConfig, *, start: bool = True) -> SimDomain:
         if config.driver != self.name:
             raise DriverError(f"domain {config.name} wants driver {config.driver!r}, not {self.name!r}")
         spec = parse_workload(config.workload)

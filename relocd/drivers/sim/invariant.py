@@ -103,8 +103,9 @@ def stamp_pages(out: U64, index: U64, gen: U64) -> None:
 
 def page_checksums(words: U64) -> U64:
     """The checksum each page *should* carry, computed from what it actually holds."""
-    body_sum = words[:, BODY_START:CHECKSUM_WORD].sum(axis=1, dtype=np.uint64)
-    return (words[:, INDEX_WORD] * _CSUM_INDEX + words[:, GEN_WORD] * _CSUM_GEN + body_sum) ^ _CSUM_MAGIC
+    body_sum: U64 = words[:, BODY_START:CHECKSUM_WORD].sum(axis=1, dtype=np.uint64)
+    checksums: U64 = (words[:, INDEX_WORD] * _CSUM_INDEX + words[:, GEN_WORD] * _CSUM_GEN + body_sum) ^ _CSUM_MAGIC
+    return checksums
 
 
 def _describe_bad_page(page: int, words: U64, table_gen: int) -> str:

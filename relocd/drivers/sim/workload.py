@@ -74,7 +74,7 @@ def parse_workload(spec: str) -> WorkloadSpec:
     kind_text = kind_text.strip().lower()
     if kind_text not in KINDS:
         raise ConfigError(f"workload {spec!r}: unknown kind {kind_text!r} (known: {', '.join(KINDS)})")
-    kind: Kind = kind_text  # type: ignore[assignment]  # checked against KINDS just above
+    kind: Kind = kind_text
     values: dict[str, str] = {}
     if opts_text.strip() or ":" in text:
         for item in opts_text.split(","):
@@ -107,7 +107,7 @@ def parse_workload(spec: str) -> WorkloadSpec:
     fill_text = values.get("fill", "stamped").lower()
     if fill_text not in FILLS:
         raise ConfigError(f"workload {spec!r}: fill must be one of {', '.join(FILLS)}")
-    fill: Fill = fill_text  # type: ignore[assignment]  # checked against FILLS just above
+    fill: Fill = fill_text
     return WorkloadSpec(kind=kind, rate_bytes=rate, hot_bytes=hot, fill=fill)
 
 
