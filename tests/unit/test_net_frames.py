@@ -1,4 +1,5 @@
-"""Announce frames, byte for byte, with checksums verified independently."""
+"""Announce frames byte for byte (checksums verified independently), the
+announce schedule and its failure reporting, and vif naming."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import struct
 
 import pytest
 
+from relocd.net.announce import AnnounceConfig, announce
 from relocd.net.frames import (
     announce_frames,
     gratuitous_arp,
@@ -14,6 +16,7 @@ from relocd.net.frames import (
     mac_bytes,
     unsolicited_na,
 )
+from relocd.net.vif import base_domain_name, vif_names
 
 MAC = "52:54:00:12:34:56"
 
@@ -121,3 +124,52 @@ def test_bad_addresses_rejected() -> None:
     with pytest.raises(ValueError):
         unsolicited_na(MAC, "ff02::1")
     assert mac_bytes("52-54-00-12-34-56") == mac_bytes(MAC)
+
+
+# --- announce schedule and failure handling (no network needed) ---------------
+
+
+def test_default_schedule_is_qemus() -> None:
+    # QEMU announce: 5 rounds, first gap 50 ms, +100 ms per round
+    assert AnnounceConfig().offsets_ms() == [0, 50, 200, 450, 800]
+    assert AnnounceConfig(rounds=3, initial_ms=10, step_ms=0).offsets_ms() == [0, 10, 20]
+    assert AnnounceConfig(rounds=0).offsets_ms() == []
+
+
+def test_config_from_settings() -> None:
+    class S:
+        announce_rounds = 2
+        announce_initial_ms = 7
+        announce_step_ms = 3
+
+    assert AnnounceConfig.from_settings(S()) == AnnounceConfig(2, 7, 3)
+
+
+async def test_announce_reports_missing_interface_instead_of_raising() -> None:
+    result = await announce("relocd-nosuch0", MAC, ["10.0.0.1"], AnnounceConfig(rounds=2, initial_ms=1))
+    assert result.frames_sent == 0 and not result.ok
+    # as root: no such interface; unprivileged: no CAP_NET_RAW -- either way one line, not an exception
+    assert len(result.errors) == 1 and "relocd-nosuch0" in result.errors[0]
+    assert "\n" not in result.errors[0]
+
+
+async def test_announce_reports_missing_namespace_and_bad_input() -> None:
+    result = await announce("eth0", MAC, ["10.0.0.1"], netns="relocd-no-such-netns")
+    assert not result.ok and "relocd-no-such-netns" in result.errors[0]
+    bad = await announce("eth0", "not-a-mac", ["10.0.0.1"])
+    assert bad.frames_sent == 0 and "not a MAC" in bad.errors[0]
+    off = await announce("eth0", MAC, ["10.0.0.1"], AnnounceConfig(rounds=0))
+    assert off.ok and off.frames_sent == 0
+
+
+def test_vif_names_fit_and_differ_per_daemon() -> None:
+    netns_a, host_a, guest_a = vif_names("a-rather-long-domain-name", MAC, "hostA")
+    netns_b, host_b, guest_b = vif_names("a-rather-long-domain-name", MAC, "hostB")
+    assert len(host_a) <= 15 and len(guest_a) <= 15
+    assert host_a.startswith("a-rather-l") and host_a != host_b
+    assert netns_a == "hostA-a-rather-long-domain-name" and netns_a != netns_b
+    assert guest_a == guest_b == "v525400123456"
+    # the names a move gives a domain map to the same vif names
+    assert vif_names("web--incoming", MAC, "h") == vif_names("web", MAC, "h")
+    assert base_domain_name("web--migratedaway") == "web"
+    assert ":" not in vif_names("a:b", MAC, "h")[1]
