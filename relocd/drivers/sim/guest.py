@@ -22,6 +22,7 @@ returns no write can land.
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import threading
 import time
@@ -39,6 +40,8 @@ from relocd.drivers.sim.workload import (
     table_pages_of,
 )
 from relocd.units import PAGE_SIZE
+
+log = logging.getLogger(__name__)
 
 STATE_DRIVER = "sim"
 STATE_FORMAT = 1
@@ -195,6 +198,16 @@ class Guest:
     # ---------------------------------------------------------------- workload thread
 
     def _run(self) -> None:
+        try:
+            self._pace()
+        except Exception:  # the guest "crashes": it stops writing but still answers the daemon
+            log.exception("workload thread died")
+            with self.lock:
+                self.running = False
+                self.publish()
+
+    def _pace(self) -> None:
+        """Write at the spec's rate in ``TICK_S`` ticks, carrying fractional pages over."""
         credit = 0.0
         last = time.monotonic()
         while not self._stop.is_set():
