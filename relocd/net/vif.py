@@ -110,6 +110,16 @@ def _with_prefix(ip: str) -> str:
     return str(iface) if "/" in ip else f"{iface.ip}/{iface.ip.max_prefixlen}"
 
 
+def vif_handle(
+    domain_name: str, vif: Vif, *, netns_prefix: str, host_netns: str | None = None
+) -> VifHandle:
+    """The handle of a vif, made or not (a restarted daemon finds its vifs this way)."""
+    netns, host, guest = vif_names(domain_name, vif.mac, netns_prefix)
+    return VifHandle(
+        base_domain_name(domain_name), vif.mac, tuple(vif.ips), vif.bridge, netns, guest, host, host_netns
+    )
+
+
 def attach_vif(
     domain_name: str, vif: Vif, *, netns_prefix: str, up: bool = True, host_netns: str | None = None
 ) -> VifHandle:
@@ -118,10 +128,7 @@ def attach_vif(
     ``up=False`` is for a domain built paused (incoming migration, restore).
     ``host_netns`` puts the host end elsewhere than the daemon's namespace (tests).
     """
-    netns, host, guest = vif_names(domain_name, vif.mac, netns_prefix)
-    handle = VifHandle(
-        base_domain_name(domain_name), vif.mac, tuple(vif.ips), vif.bridge, netns, guest, host, host_netns
-    )
+    handle = vif_handle(domain_name, vif, netns_prefix=netns_prefix, host_netns=host_netns)
     if vif.bridge and _ip("link", "show", "dev", vif.bridge, netns=host_netns, check=False).returncode:
         raise DriverError(f"vif {vif.mac} of {domain_name}: no bridge {vif.bridge}", reason=Reason.NETWORK)
     detach_vif(handle)
