@@ -272,7 +272,7 @@ class SourceMigration:
                 pages_left=len(pfns),
                 dirty_rate=len(pfns) * PAGE_SIZE / dt if dt > 0 else 0.0,
                 bandwidth=bw,
-                expected_downtime_ms=(len(pfns) * PAGE_SIZE / bw * 1000) if bw else None,
+                expected_downtime_ms=self.opts.policy.expected_downtime_ms(stats),
             )
             self.log.info("precopy round", round=round_no, pages=pages, dirty=len(pfns), ms=round(dt * 1000, 1))
             if reason is not None:

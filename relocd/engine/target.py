@@ -357,9 +357,12 @@ class TargetSession:
         if self._reserved:
             self.ctx.reservations.release(self.mid)
             self._reserved = False
-        if self.mid and self.ctx.journal.get(self.mid) is not None:
-            entry = self.ctx.journal.get(self.mid)
-            if entry is not None and entry.outcome is None:
+        entry = self.ctx.journal.get(self.mid) if self.mid else None
+        if entry is not None and not entry.finished:
+            if entry.phase == Phase.RESUMED:
+                # The domain runs here; only the courtesy after it failed.
+                self.ctx.journal.finish(self.mid, "completed", f"after resume: {msg}")
+            elif entry.role == "target" and not (entry.phase == Phase.PREPARED and self.mid in self.ctx.in_doubt):
                 self.ctx.journal.set_phase(self.mid, Phase.ABORTED)
                 self.ctx.journal.finish(self.mid, "rolled-back", msg)
 

@@ -70,7 +70,11 @@ async def recover_unfinished(daemon: Daemon) -> None:
 async def _recover_source(daemon: Daemon, entry: JournalEntry, dom: Domain | None, lg: structlog.BoundLogger) -> None:
     journal = daemon.journal
     assert journal is not None
-    if entry.phase in (Phase.GO_SENT,):
+    if entry.phase == Phase.DONE:
+        # Crashed between DONE and finish(): the target runs it, ours is gone.
+        journal.finish(entry.migration_id, "completed")
+        return
+    if entry.phase == Phase.GO_SENT:
         if dom is None:
             lg.warning("GO was sent and the local copy is gone; nothing to do here")
             journal.finish(entry.migration_id, "completed", "local copy already gone at restart")
