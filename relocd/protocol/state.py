@@ -89,7 +89,7 @@ class ConversationState(enum.Enum):
     # recovery query
     QUERYING = "QUERYING"  # both HELLOs: QUERY next
     QUERY_SENT = "QUERY_SENT"
-    ANSWERED = "ANSWERED"  # GO, ABORT, or close
+    ANSWERED = "ANSWERED"  # GO, DONE, ABORT, or close
     # savefile stream
     SAVE_CONFIG = "SAVE_CONFIG"
     SAVE_PRECOPY = "SAVE_PRECOPY"
@@ -153,10 +153,11 @@ TRANSITIONS: Final[dict[tuple[ConversationState, Side, Step], ConversationState]
     (S.GO_SENT, R, Step.RESUMED_OK): S.RESUMED,
     (S.GO_SENT, R, Step.RESUMED_FAILED): S.RESUME_FAILED,
     (S.RESUMED, I, Step.DONE): S.DONE,
-    # recovery query: the answer, then GO (as above), ABORT, or close
+    # recovery query: the answer, then GO (as above), DONE, ABORT, or close
     (S.QUERYING, I, Step.QUERY): S.QUERY_SENT,
     (S.QUERY_SENT, R, Step.OUTCOME): S.ANSWERED,
     (S.ANSWERED, I, Step.GO): S.GO_SENT,
+    (S.ANSWERED, I, Step.DONE): S.DONE,  # after OUTCOME(RESUMED): source copy gone
     # savefile stream: no handshake, no handoff, DIGEST required
     (S.SAVE_CONFIG, I, Step.CONFIG): S.SAVE_PRECOPY,
     (S.SAVE_PRECOPY, I, Step.PAGES): S.SAVE_ROUND,

@@ -252,6 +252,15 @@ def test_recovery_query_then_abort() -> None:
     assert link.states() == (S.ABORTED, S.ABORTED)
 
 
+def test_recovery_query_finds_it_resumed_then_done() -> None:
+    link = Link(Role.QUERY)
+    link.hello()
+    link.send(link.src, Query(MID))
+    link.send(link.tgt, Outcome(MID, OutcomeState.RESUMED))
+    link.send(link.src, Done())
+    assert link.states() == (S.DONE, S.DONE)
+
+
 def test_query_conversation_cannot_migrate() -> None:
     link = Link(Role.QUERY)
     link.hello()
