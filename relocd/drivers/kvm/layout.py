@@ -122,8 +122,13 @@ def read_ctl(memory: memoryview) -> dict[str, int]:
 
 
 def write_boot_image(memory: memoryview, code: bytes, kind: WorkloadKind, batch: int,
-                     hot_pages: int, seed: int) -> GuestLayout:
-    """Write GDT, page tables, control page and code into zeroed guest memory."""
+                     hot_pages: int, seed: int, *, stamped: bool = False) -> GuestLayout:
+    """Write GDT, page tables, control page and code into zeroed guest memory.
+
+    ``stamped`` writes every data page at generation 1 (what a guest that
+    initialises its memory at boot would leave; done here with numpy because
+    the guest itself may run slowly under an emulating KVM).
+    """
     npages = len(memory) // PAGE_SIZE
     lay = GuestLayout.for_pages(npages)
     if len(code) > CODE_MAX:
@@ -150,8 +155,24 @@ def write_boot_image(memory: memoryview, code: bytes, kind: WorkloadKind, batch:
     ctl[CtlField.BATCH] = max(1, batch) if kind != WorkloadKind.IDLE else 0
     ctl[CtlField.HOT] = max(1, min(hot_pages, lay.ndata))
     ctl[CtlField.RNG] = seed or 0x2545F4914F6CDD1D
+    if stamped:
+        _stamp_all(memory, lay)
+        ctl[CtlField.WRITTEN] = lay.ndata
     struct.pack_into(f"<{len(ctl)}Q", memory, CTL_ADDR, *ctl)
     return lay
+
+
+def _stamp_all(memory: memoryview, lay: GuestLayout) -> None:
+    words = np.frombuffer(memory, dtype=np.uint64).reshape(lay.npages, WORDS_PER_PAGE)
+    pages = words[lay.data_start : lay.data_start + lay.ndata]
+    pfns = np.arange(lay.data_start, lay.data_start + lay.ndata, dtype=np.uint64)
+    ones = np.ones(lay.ndata, dtype=np.uint64)
+    c = checksum(pfns, ones)
+    pages[:, 0] = pfns
+    pages[:, 1] = ones
+    pages[:, 2] = c
+    pages[:, WORDS_PER_PAGE - 1] = c
+    np.frombuffer(memory, dtype=np.uint64, count=lay.ndata, offset=lay.gentab_addr)[:] = ones
 
 
 def check_invariant(memory: memoryview) -> str | None:

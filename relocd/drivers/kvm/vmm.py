@@ -1,0 +1,221 @@
+"""Main program of a KVM domain process (the micro-VMM): ``python -m relocd.drivers.kvm.vmm ...``.
+
+It owns the VM (KVM ties a VM to the process that created it), the guest
+memory memfd and a second memfd holding the dirty bitmap; both are passed to
+the daemon over the control socket (domproc.py), so memory and dirty logs
+never travel through the socket.  Started in its own session by the driver,
+it outlives daemon restarts and exits when told to (``shutdown``), on
+SIGTERM, or when setup fails (logged to stderr = ``<uuid>.log``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import ctypes
+import logging
+import mmap
+import os
+import signal
+import sys
+import threading
+import time
+import uuid as uuidlib
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from relocd.drivers.domproc import ControlServer, Message, Reply, RequestFailed
+from relocd.drivers.kvm import layout, state
+from relocd.drivers.kvm.runner import VcpuRunner, batch_pages, install_kick_handler
+from relocd.drivers.kvm.vm import GuestVm, KvmSystem
+from relocd.drivers.sim.workload import WorkloadSpec, parse_workload
+from relocd.errors import ConfigError
+from relocd.units import PAGE_SIZE
+
+log = logging.getLogger("relocd.kvm.vmm")
+
+PROTOCOL = 1
+GUEST_BINARY = Path(__file__).with_name("guest") / "guest.bin"
+DIRTY_MODES = ("get", "clear")  # KVM_GET_DIRTY_LOG alone, or with KVM_CLEAR_DIRTY_LOG
+DEFAULT_DIRTY_MODE = "clear"
+_KINDS = {
+    "idle": layout.WorkloadKind.IDLE,
+    "uniform": layout.WorkloadKind.UNIFORM,
+    "hotset": layout.WorkloadKind.HOTSET,
+    "sweep": layout.WorkloadKind.SWEEP,
+}
+
+
+def bitmap_bytes(npages: int) -> int:
+    """Size of a KVM dirty bitmap: one bit per page, in whole uint64 words."""
+    return (npages + 63) // 64 * 8
+
+
+def _memfd(name: str, size: int) -> tuple[int, mmap.mmap]:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        return fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class Vmm:
+    """One VM and the answers to the daemon's requests about it."""
+
+    def __init__(self, uuid: str, memory_bytes: int, nvcpus: int, spec: WorkloadSpec,
+                 dirty_mode: str, stop: threading.Event) -> None:
+        self.uuid = uuid
+        self.spec = spec
+        self.stop = stop
+        self.npages = memory_bytes // PAGE_SIZE
+        self.memory_fd, self._memory = _memfd(f"relocd-kvm-{uuid}", memory_bytes)
+        self.bitmap_fd, self._bitmap = _memfd(f"relocd-kvm-dirty-{uuid}", bitmap_bytes(self.npages))
+        self._bitmap_anchor = ctypes.c_char.from_buffer(self._bitmap)
+        self.bitmap_addr = ctypes.addressof(self._bitmap_anchor)
+        self.system = KvmSystem()
+        self.vm = GuestVm(self.system, self.memory_fd, memory_bytes, nvcpus,
+                          manual_protect=(dirty_mode == "clear"))
+        self.caps = state.VcpuCaps.probe(self.system)
+        self.runner = VcpuRunner(self.vm, spec.rate_bytes if spec.kind != "idle" else 0)
+        self.has_state = False  # booted or loaded: the vCPUs have something to run
+        self._lock = threading.Lock()
+
+    def boot(self) -> None:
+        """Write the guest image and put every vCPU at its entry point in long mode."""
+        code = GUEST_BINARY.read_bytes()
+        seed = (uuidlib.UUID(self.uuid).int & ((1 << 64) - 1)) | 1
+        layout.write_boot_image(
+            memoryview(self._memory), code, _KINDS[self.spec.kind], batch_pages(self.spec.rate_bytes),
+            self.spec.hot_bytes // PAGE_SIZE, seed, stamped=self.spec.fill == "stamped",
+        )
+        for vcpu in self.vm.vcpus:
+            vcpu.enter_long_mode()
+        self.has_state = True
+
+    def __call__(self, request: Message, fds: list[int]) -> Reply:
+        for fd in fds:
+            os.close(fd)
+        op = str(request.get("op"))
+        with self._lock:
+            try:
+                return self._handle(op, request)
+            except (OSError, state.StateError, RuntimeError) as exc:
+                raise RequestFailed(f"{op}: {exc}") from None
+
+    def _handle(self, op: str, request: Message) -> Reply:
+        runner = self.runner
+        if op == "hello":
+            return {
+                "protocol": PROTOCOL,
+                "driver": "kvm",
+                "pid": os.getpid(),
+                "uuid": self.uuid,
+                "npages": self.npages,
+                "bitmap_bytes": bitmap_bytes(self.npages),
+                "running": runner.running,
+                "dirty_mode": "clear" if self.vm.manual_protect else "get",
+            }, [self.memory_fd, self.bitmap_fd]
+        if op == "pause":
+            runner.pause()
+        elif op == "resume":
+            if not self.has_state:
+                raise RequestFailed("resume: no vCPU state loaded yet")
+            runner.resume()
+        elif op == "dirty_start":
+            self.vm.dirty_log_start(self.bitmap_addr)
+        elif op == "dirty_fetch":
+            t0 = time.perf_counter()
+            self.vm.dirty_log_fetch(self.bitmap_addr)
+            return {"fetch_us": round((time.perf_counter() - t0) * 1e6, 1)}, []
+        elif op == "dirty_stop":
+            self.vm.dirty_log_stop()
+        elif op == "save_state":
+            if runner.running:
+                raise RequestFailed("save_state: the domain must be paused")
+            blob = state.save_vm(self.vm, self.caps, runner.progress())
+            return {"blob": base64.b64encode(blob).decode()}, []
+        elif op == "load_state":
+            if runner.running:
+                raise RequestFailed("load_state: the domain must be paused")
+            try:
+                blob = base64.b64decode(str(request.get("blob", "")), validate=True)
+            except binascii.Error:
+                raise RequestFailed("load_state: blob is not base64") from None
+            runner.restore_progress(state.load_vm(self.vm, self.caps, blob))
+            self.has_state = True
+        elif op == "stats":
+            return {"running": runner.running, "crashed": runner.crashed,
+                    "logging": self.vm.logging, **runner.progress()}, []
+        elif op == "shutdown":
+            runner.pause()
+            self.stop.set()
+        else:
+            raise RequestFailed(f"unknown request {op!r}")
+        return {}, []
+
+    def close(self) -> None:
+        self.runner.stop()
+        self.vm.close()
+        self.system.close()
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="relocd.drivers.kvm.vmm")
+    parser.add_argument("--socket", required=True, type=Path)
+    parser.add_argument("--uuid", required=True)
+    parser.add_argument("--memory-bytes", required=True, type=int)
+    parser.add_argument("--vcpus", type=int, default=1)
+    parser.add_argument("--workload", default="idle")
+    parser.add_argument("--dirty-mode", choices=DIRTY_MODES, default=DEFAULT_DIRTY_MODE)
+    parser.add_argument("--paused", action="store_true",
+                        help="zero memory, no vCPU state: wait for pages and load_state")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s kvm[%(process)d] %(levelname)s %(message)s")
+    install_kick_handler()
+    stop = threading.Event()
+    try:
+        uuid = str(uuidlib.UUID(args.uuid))
+        spec = parse_workload(args.workload)
+        if args.memory_bytes <= 0 or args.memory_bytes % PAGE_SIZE:
+            raise ValueError(f"memory size {args.memory_bytes} is not a positive multiple of {PAGE_SIZE}")
+        layout.GuestLayout.for_pages(args.memory_bytes // PAGE_SIZE)
+        vmm = Vmm(uuid, args.memory_bytes, args.vcpus, spec, args.dirty_mode, stop)
+        if not args.paused:
+            vmm.boot()
+        vmm.runner.start_threads()
+        server = ControlServer(args.socket, vmm)
+    except (OSError, ValueError, ConfigError) as exc:
+        log.error("VM setup failed: %s", exc)
+        return 1
+    except Exception:
+        log.exception("VM setup failed")
+        return 1
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if not args.paused:
+        vmm.runner.resume()
+    log.info("VM %s up: %d pages, %d vCPUs, workload %s, dirty log %s, %s", uuid, vmm.npages,
+             args.vcpus, spec, "clear" if vmm.vm.manual_protect else "get",
+             "paused" if args.paused else "running")
+    server.serve_until(stop)
+    time.sleep(0.05)  # let the reply to 'shutdown' leave before the process goes
+    vmm.close()
+    log.info("VM %s stopped", uuid)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
