@@ -204,6 +204,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     ):
         if value is not None:
             overrides[key] = value
+    if ns.address is not None or ns.port is not None:
+        # Naming where to listen on the command line means "do listen", even
+        # when the config keeps xend's default (xend-relocation-server no).
+        overrides["relocation_server"] = True
     settings = load_settings(config, overrides or None)
     from relocd.server.daemon import run_daemon  # it sets up logging from settings
 

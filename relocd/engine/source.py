@@ -21,6 +21,7 @@ import structlog
 
 from relocd.config.domain import config_to_sxp
 from relocd.drivers.base import MIGRATED_AWAY_SUFFIX, Domain
+from relocd.engine.hooks import DomainHooks
 from relocd.engine.journal import Journal, Phase
 from relocd.engine.pages import (
     bitmap_to_pfns,
@@ -115,8 +116,10 @@ class SourceMigration:
         target: str,
         reconnect: Reconnect | None = None,
         progress: Progress = no_progress,
+        hooks: DomainHooks | None = None,
     ) -> None:
         self.domain = domain
+        self.hooks = hooks or DomainHooks()
         self.name = domain.name
         self.channel = channel
         self.opts = options
@@ -145,6 +148,7 @@ class SourceMigration:
         migration_id: str,
         target: str,
         reconnect: Reconnect,
+        hooks: DomainHooks | None = None,
     ) -> SourceMigration:
         """A migration found at GO_SENT after a daemon restart: only the ending is left."""
         self = cls(
@@ -155,6 +159,7 @@ class SourceMigration:
             migration_id=migration_id,
             target=target,
             reconnect=reconnect,
+            hooks=hooks,
         )
         self.name = original_name
         self._we_paused = True
@@ -287,6 +292,7 @@ class SourceMigration:
         self._paused_at = time.monotonic()
         await dom.pause()
         self._we_paused = True
+        await self.hooks.paused(dom)
         if self.opts.live:
             # Pages dirtied since the last fetch, plus the last round's dirty set.
             final = bitmap_to_pfns(await dom.dirty_log_fetch(), dom.npages)
@@ -345,6 +351,7 @@ class SourceMigration:
             await channel.close()
             return self.result.finish("rolled-back", f"target failed to resume: {answer.details.get('error', '?')}")
         await self.domain.destroy()
+        await self.hooks.destroyed(self.domain)
         try:
             await channel.send(Done())
         except (RelocdError, OSError):
@@ -404,6 +411,7 @@ class SourceMigration:
         if self._paused_at is not None:
             self.result.downtime_ms = (time.monotonic() - self._paused_at) * 1000
         await self.domain.destroy()
+        await self.hooks.destroyed(self.domain)
         try:
             await channel.send(Done())
         except (RelocdError, OSError, ProtocolError):
@@ -444,3 +452,4 @@ class SourceMigration:
         if self._we_paused:
             await dom.resume()
             self._we_paused = False
+            await self.hooks.resumed_here(dom)

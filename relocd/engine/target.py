@@ -12,12 +12,13 @@ import asyncio
 import dataclasses
 import socket
 import uuid as uuidlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 
 import structlog
 
 from relocd.config.domain import config_from_sxp
 from relocd.drivers.base import INCOMING_SUFFIX, Domain, DomainConfig, Driver
+from relocd.engine.hooks import DomainHooks
 from relocd.engine.journal import Journal, Phase
 from relocd.engine.pages import memory_digest
 from relocd.engine.reservation import ReservationRequest, ReservationTable, check_reservation
@@ -59,14 +60,6 @@ from relocd.protocol.records import (
 
 log = structlog.get_logger("relocd.target")
 
-#: Called after a successful resume (vif attach, ARP announce); returns details.
-OnResumed = Callable[[Domain], Awaitable[dict[str, object]]]
-
-
-async def _nothing_on_resume(_: Domain) -> dict[str, object]:
-    return {}
-
-
 @dataclasses.dataclass
 class TargetContext:
     """What the daemon lends each incoming session."""
@@ -75,7 +68,7 @@ class TargetContext:
     reservations: ReservationTable
     journal: Journal
     max_memory: int | None = None
-    on_resumed: OnResumed = _nothing_on_resume
+    hooks: DomainHooks = dataclasses.field(default_factory=DomainHooks)
     #: prepared domains whose source has not said GO or ABORT yet, by migration id
     in_doubt: dict[str, Domain] = dataclasses.field(default_factory=dict)
     #: domains being received, by migration id (for `relocd list`)
@@ -264,11 +257,13 @@ class TargetSession:
         details: dict[str, object] = {}
         try:
             await domain.rename(final_name)
+            await self.ctx.hooks.before_resume(domain)
             await domain.resume()
         except RelocdError as exc:
             # Could not resume: destroy ours so the source may resume its own.
             self.log.error("resume failed after GO", error=exc.message)
             await domain.destroy()
+            await self.ctx.hooks.destroyed(domain)
             self._forget(domain)
             self.ctx.journal.set_phase(self.mid, Phase.ABORTED)
             self.ctx.journal.finish(self.mid, "failed", exc.message)
@@ -278,8 +273,9 @@ class TargetSession:
         self._forget(domain)
         self.log.info("domain resumed", domain=final_name)
         try:
-            details = await self.ctx.on_resumed(domain)
+            details = await self.ctx.hooks.after_resume(domain)
         except Exception as exc:  # an announce failure never undoes a resume
+            self.log.exception("after-resume hook failed")
             details = {"announce_error": str(exc)}
         await channel.send(Resumed(True, details))
         try:
@@ -320,6 +316,7 @@ class TargetSession:
         if isinstance(decision, Abort):
             self.log.info("source aborted an in-doubt migration", error=decision.message)
             await domain.destroy()
+            await self.ctx.hooks.destroyed(domain)
             self.domain = None
             self.ctx.in_doubt.pop(mid, None)
             self.ctx.reservations.release(mid)
@@ -349,6 +346,7 @@ class TargetSession:
         if domain is not None:
             try:
                 await domain.destroy()
+                await self.ctx.hooks.destroyed(domain)
             except RelocdError as e:
                 self.log.error("could not destroy half-built domain", error=e.message)
             self.ctx.incoming.pop(self.mid, None)

@@ -32,6 +32,8 @@ from relocd.protocol.records import Role
 from relocd.protocol.state import Conversation
 from relocd.server.access import HostsAllow
 from relocd.server.control import ControlServer
+from relocd.net import AnnounceConfig
+from relocd.server.network import NetworkHooks, netns_prefix_for
 from relocd.server.listener import RelocationListener, bind_socket
 from relocd.server.operations import Operations
 from relocd.server.recovery import recover_unfinished
@@ -78,9 +80,9 @@ class Daemon:
             reservations=ReservationTable(s.reservation_timeout),
             journal=self.journal,
             max_memory=s.max_memory,
+            hooks=NetworkHooks(netns_prefix_for(self.state_dir), AnnounceConfig.from_settings(s)),
         )
         self.ops = Operations(self)
-        self.ctx.on_resumed = self.ops.on_resumed
         await recover_unfinished(self)
         if s.relocation_server:
             sock = bind_socket(s.relocation_address, s.relocation_port)

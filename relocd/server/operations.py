@@ -29,6 +29,7 @@ from relocd.engine.stream import RecordChannel
 from relocd.errors import ConfigError, DomainExists, DomainNotFound, DriverError, RelocdError
 from relocd.protocol.records import Role
 from relocd.protocol.state import Conversation
+from relocd.server.network import NetworkHooks
 from relocd.server.transport import connect
 from relocd.units import parse_rate
 
@@ -61,6 +62,13 @@ class Operations:
         #: uuid -> migration in flight (source side)
         self.outgoing: dict[str, SourceMigration] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def hooks(self) -> NetworkHooks:
+        assert self.d.ctx is not None
+        hooks = self.d.ctx.hooks
+        assert isinstance(hooks, NetworkHooks)
+        return hooks
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -99,10 +107,6 @@ class Operations:
             t.cancel()
         if pending:
             await asyncio.wait(pending, timeout=10)
-
-    async def on_resumed(self, domain: Domain) -> dict[str, object]:
-        """After a resume on this host: the network must learn where the domain is."""
-        return {}
 
     # -- ops -----------------------------------------------------------------------
 
@@ -159,6 +163,11 @@ class Operations:
         caps = await driver.capabilities()
         config = config.model_copy(update={"cpu_features": tuple(sorted(caps.cpu_features))})
         dom = await driver.create(config)
+        try:
+            await self.hooks.attach(dom, up=True)
+        except RelocdError:
+            await dom.destroy()
+            raise
         log.info("domain created", domain=name, memory_mib=config.memory_mib, driver=driver_name)
         return {"name": dom.name, "uuid": dom.config.uuid, "state": dom.state.value}
 
@@ -169,12 +178,14 @@ class Operations:
         if dom.name.endswith(INCOMING_SUFFIX):
             raise RelocdError(f"{dom.name} is an incoming migration; it is cleaned up if the migration fails")
         await dom.destroy()
+        await self.hooks.destroyed(dom)
         log.info("domain destroyed", domain=dom.name)
         return {"name": dom.name}
 
     async def pause(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
         dom = self.find(_arg(args, "name", str))
         await dom.pause()
+        await self.hooks.paused(dom)
         return {"name": dom.name, "state": dom.state.value}
 
     async def resume(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
@@ -182,6 +193,7 @@ class Operations:
         if dom.name.endswith((INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX)):
             raise RelocdError(f"{dom.name} is part of a migration; relocd decides when it runs")
         await dom.resume()
+        await self.hooks.resumed_here(dom)
         return {"name": dom.name, "state": dom.state.value}
 
     async def check(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
@@ -259,6 +271,7 @@ class Operations:
             target=target,
             reconnect=lambda: open_channel(Role.QUERY),
             progress=progress,
+            hooks=self.hooks,
         )
         self.outgoing[dom.config.uuid] = migration
         task = asyncio.get_running_loop().create_task(migration.run())

@@ -125,6 +125,7 @@ async def _resolve_in_doubt(daemon: Daemon, entry: JournalEntry, dom: Domain) ->
         migration_id=entry.migration_id,
         target=entry.peer,
         reconnect=lambda: _open(daemon, entry.peer),
+        hooks=daemon.ctx.hooks if daemon.ctx else None,
     )
     result = await migration.resolve()
     log.info("in-doubt migration resolved", migration_id=entry.migration_id, status=result.status, error=result.error)
