@@ -1,0 +1,413 @@
+"""Save, checkpoint, restore and inspect (`xm save`, `xm save -c`, `xm restore`).
+
+A save is a migration whose target is a file: the same record stream, behind
+a file header and closed by a digest trailer (``savefile_format``).  The file
+appears under its final name only by the last rename, after fsync; anything
+that fails before leaves no file and the domain as it was.  A restore checks
+the header, the trailer and the whole-file digest, and reserves memory and the
+domain's name, before it creates anything; if it fails midway it destroys
+what it built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import time
+import uuid as uuidlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from relocd import __version__
+from relocd.config.domain import config_from_sxp, config_to_sxp
+from relocd.drivers.base import INCOMING_SUFFIX, Domain, DomainState
+from relocd.engine.journal import Journal
+from relocd.engine.pages import bitmap_to_pfns, iter_batches, memory_digest, split_zero_pages
+from relocd.engine.policy import PrecopyPolicy
+from relocd.engine.reservation import ReservationRequest, check_reservation
+from relocd.engine.result import Progress, no_progress
+from relocd.engine.savefile_format import ChunkedDigest, FileHeader, Trailer
+from relocd.engine.savefile_io import FileWriter, OpenSavefile, WriteMode, image_digest, io_error
+from relocd.engine.source import SendOptions, SourceMigration
+from relocd.engine.stream import PeerGone, RecordChannel
+from relocd.engine.target import TargetContext
+from relocd.errors import ConfigError, ProtocolError, RelocdError, SaveFileError
+from relocd.protocol.codec import DEFAULT_MAX_LENGTH, HEADER_SIZE, PAGES_FIXED_SIZE
+from relocd.protocol.records import (
+    Commit,
+    Config,
+    Digest,
+    DigestAlgo,
+    EndRound,
+    PagesHeader,
+    Role,
+    Stop,
+    VcpuState,
+)
+from relocd.protocol.state import Conversation
+from relocd.units import PAGE_SIZE
+
+log = structlog.get_logger("relocd.savefile")
+
+Pfns = npt.NDArray[np.uint64]
+
+
+@dataclasses.dataclass
+class SaveResult:
+    """What `relocd save` reports."""
+
+    domain: str
+    file: str
+    checkpoint: bool
+    status: str = "failed"
+    bytes_written: int = 0
+    pages: int = 0
+    zero_pages: int = 0
+    iterations: int = 0
+    pause_ms: float = 0.0
+    total_ms: float = 0.0
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class RestoreResult:
+    domain: str
+    uuid: str
+    file: str
+    memory_mib: int
+    pages: int = 0
+    bytes_read: int = 0
+    verified_memory: bool = False
+    total_ms: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def temp_name(final: Path) -> Path:
+    """Where a save writes until it is complete: hidden, same directory, never final-looking."""
+    return final.with_name(f".{final.name}.{uuidlib.uuid4().hex[:8]}.partial")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _FileSender(SourceMigration):
+    """The precopy loop of a live migration, with a file for a target.
+
+    Reuses ``SourceMigration._precopy`` (rounds, policy, progress, report) and
+    overrides only how a batch of pages is sent, to note where each page's
+    latest copy lands in the file (for a checkpoint's image digest).
+    """
+
+    def __init__(self, domain: Domain, channel: RecordChannel, writer: FileWriter, policy: PrecopyPolicy,
+                 journal: Journal | None, progress: Progress, batch_pages: int) -> None:  # fmt: skip
+        super().__init__(
+            domain,
+            channel,
+            SendOptions(live=True, verify=False, policy=policy, batch_pages=batch_pages),
+            journal=journal,  # type: ignore[arg-type]  # the precopy loop never journals
+            migration_id=str(uuidlib.uuid4()),
+            target=writer.path,
+            progress=progress,
+        )
+        self.writer = writer
+        self.locations: npt.NDArray[np.int64] = np.full(domain.npages, -1, dtype=np.int64)
+
+    async def _send_pfns(self, round_no: int, pfns: np.ndarray) -> tuple[int, int]:  # type: ignore[type-arg]
+        memory = self.domain.memory()
+        pages = nbytes = 0
+        for batch in iter_batches(pfns, self.opts.batch_pages):
+            data, zero = split_zero_pages(memory, batch)
+            payload_at = self.writer.offset + HEADER_SIZE + PAGES_FIXED_SIZE + 8 * (len(data) + len(zero))
+            nbytes += await self.channel.send_pages(round_no, data, zero, memory)
+            self.locations[data.astype(np.intp)] = payload_at + PAGE_SIZE * np.arange(len(data), dtype=np.int64)
+            self.locations[zero.astype(np.intp)] = -1
+            pages += len(batch)
+            self.result.zero_pages += len(zero)
+        self.result.pages_sent += pages
+        self.result.bytes_sent += nbytes
+        return pages, nbytes
+
+
+async def save_domain(
+    domain: Domain,
+    path: str | Path,
+    *,
+    checkpoint: bool,
+    policy: PrecopyPolicy,
+    journal: Journal | None = None,
+    progress: Progress = no_progress,
+    batch_pages: int = 1024,
+) -> SaveResult:
+    """Write ``domain`` to ``path``; destroy it unless ``checkpoint``.  Raises RelocdError.
+
+    On failure the temporary file is gone and the domain runs (or stays
+    paused) as it did before.
+    """
+    t0 = time.monotonic()
+    final = Path(path).absolute()
+    result = SaveResult(domain=domain.name, file=str(final), checkpoint=checkpoint)
+    if not final.parent.is_dir():
+        raise SaveFileError(f"cannot save to {final}: no directory {final.parent}")
+    if final.is_dir():
+        raise SaveFileError(f"cannot save to {final}: it is a directory")
+    tmp = temp_name(final)
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise io_error(str(final), "create", exc) from None
+    digest = ChunkedDigest()
+    writer = FileWriter(fd, str(final), digest)
+    channel = RecordChannel(writer, Conversation(Role.SOURCE, savefile=True), max_frame=DEFAULT_MAX_LENGTH)
+    sender = _FileSender(domain, channel, writer, policy, journal, progress, batch_pages)
+    was_running = domain.state == DomainState.RUNNING
+    paused = False
+    logging = False
+    try:
+        cfg = domain.config
+        header = FileHeader(
+            name=cfg.name, uuid=cfg.uuid, memory_bytes=cfg.memory_bytes, vcpus=cfg.vcpus,
+            driver=cfg.driver, writer=__version__, created_ns=time.time_ns(), checkpoint=checkpoint,
+        )  # fmt: skip
+        await writer.write([header.pack()])
+        await channel.send(Config(config_to_sxp(cfg)))
+        if checkpoint and was_running:
+            writer.mode = WriteMode.COPY
+            await domain.dirty_log_start()
+            logging = True
+            await sender._precopy()
+            await progress(phase="stop-and-copy")
+            paused_at = time.monotonic()
+            await domain.pause()
+            paused = True
+            dirty = sender._pending
+            final_dirty = await domain.dirty_log_fetch()
+            pfns = np.union1d(dirty, bitmap_to_pfns(final_dirty, domain.npages)).astype(np.uint64)
+            round_no = sender.result.iterations + 1
+            writer.mode = WriteMode.DEFER  # copy while paused, write once running again
+            await channel.send(Stop(round_no))
+            await sender._send_pfns(round_no, pfns)
+            blob = await domain.save_state()
+            await domain.resume()
+            paused = False
+            result.pause_ms = round((time.monotonic() - paused_at) * 1000, 3)
+            await domain.dirty_log_stop()
+            logging = False
+            writer.mode = WriteMode.DIRECT
+            await writer.flush()
+            result.iterations = round_no
+            await channel.send(VcpuState(cfg.driver, blob))
+            await progress(phase="digest")
+            value = await asyncio.to_thread(image_digest, fd, sender.locations)
+        else:
+            # Stop-and-copy only: the domain stays paused, memory is stable,
+            # so pages go from guest memory to the file without a copy and
+            # the memory digest is computed alongside.
+            paused_at = time.monotonic()
+            if was_running:
+                await domain.pause()
+                paused = True
+            mem_digest = asyncio.ensure_future(asyncio.to_thread(memory_digest, domain.memory()))
+            try:
+                await progress(phase="stop-and-copy")
+                await channel.send(Stop(1))
+                await sender._send_pfns(1, np.arange(domain.npages, dtype=np.uint64))
+                blob = await domain.save_state()
+                await channel.send(VcpuState(cfg.driver, blob))
+            finally:
+                value = await mem_digest
+            result.iterations = 1
+        await channel.send(Digest(DigestAlgo.SHA256, value))
+        await channel.send(Commit())
+        await progress(phase="sync")
+        file_digest = await asyncio.to_thread(digest.finish)
+        trailer = Trailer(stream_end=writer.offset, digest=file_digest)
+        await writer.write([trailer.pack()])
+        await asyncio.to_thread(os.fsync, fd)
+        os.close(fd)
+        fd = -1
+        os.rename(tmp, final)
+        await asyncio.to_thread(_fsync_dir, final.parent)
+    except BaseException as exc:
+        await writer.settle()
+        digest.cancel()
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        await _put_back(domain, paused=paused and was_running, logging=logging)
+        if isinstance(exc, OSError):
+            raise io_error(str(final), "save to", exc) from None
+        raise
+    result.bytes_written = writer.offset
+    result.pages = sender.result.pages_sent
+    result.zero_pages = sender.result.zero_pages
+    if not checkpoint:
+        await domain.destroy()
+        result.pause_ms = round((time.monotonic() - paused_at) * 1000, 3)
+    result.status = "completed"
+    result.total_ms = round((time.monotonic() - t0) * 1000, 3)
+    log.info("domain saved", domain=domain.name, file=str(final), checkpoint=checkpoint,
+             bytes=result.bytes_written, pause_ms=result.pause_ms)  # fmt: skip
+    return result
+
+
+async def _put_back(domain: Domain, *, paused: bool, logging: bool) -> None:
+    """A save failed: the domain goes on as if it had never been asked."""
+    if logging:
+        try:
+            await domain.dirty_log_stop()
+        except RelocdError:
+            pass
+    if paused:
+        await domain.resume()
+
+
+# -- restore ---------------------------------------------------------------------
+
+
+def check_savefile(path: str) -> OpenSavefile:
+    """Open and fully verify a savefile (header, trailer, digest); the caller closes it."""
+    opened = OpenSavefile.open(path)
+    try:
+        opened.verify()
+    except BaseException:
+        opened.close()
+        raise
+    return opened
+
+
+async def inspect_savefile(path: str) -> dict[str, Any]:
+    """The header of a savefile and whether its digest holds; restores nothing."""
+    opened = OpenSavefile.open(path)
+    try:
+        info: dict[str, Any] = {"file": str(Path(path).absolute()), "size": opened.size}
+        info.update(opened.header.to_json())
+        try:
+            await asyncio.to_thread(opened.verify)
+            info["digest_ok"], info["problem"] = True, None
+        except SaveFileError as exc:
+            info["digest_ok"], info["problem"] = False, exc.message
+        return info
+    finally:
+        opened.close()
+
+
+async def restore_savefile(
+    path: str,
+    ctx: TargetContext,
+    *,
+    verify_memory: bool = False,
+    progress: Progress = no_progress,
+) -> RestoreResult:
+    """Bring a saved domain back, running, exactly where it stopped.  Raises RelocdError."""
+    t0 = time.monotonic()
+    await progress(phase="verify")
+    opened = await asyncio.to_thread(check_savefile, path)
+    rid = f"restore-{uuidlib.uuid4()}"
+    reserved = False
+    domain: Domain | None = None
+    try:
+        channel = opened.channel()
+        first = await channel.recv()
+        assert isinstance(first, Config)
+        try:
+            config = config_from_sxp(first.text)
+        except ConfigError as exc:
+            raise SaveFileError(f"{path}: bad domain config: {exc.message}") from None
+        h = opened.header
+        if (config.name, config.uuid, config.memory_bytes, config.driver) != (h.name, h.uuid, h.memory_bytes, h.driver):
+            raise SaveFileError(f"{path}: header and domain config disagree")
+        driver = ctx.drivers.get(config.driver)
+        if driver is None:
+            raise SaveFileError(f"{path}: domain {config.name} needs driver {config.driver!r}, not available here")
+        request = ReservationRequest.for_domain(config, live=False)
+        domains = ctx.all_domains()
+        check_reservation(
+            request,
+            await driver.capabilities(),
+            max_memory=ctx.max_memory,
+            reserved_bytes=ctx.reservations.reserved_bytes,
+            existing_names={d.name for d in domains} | ctx.reservations.names,
+            existing_uuids={d.config.uuid for d in domains} | ctx.reservations.uuids,
+        )
+        ctx.reservations.add(rid, request)
+        reserved = True
+        await progress(phase="restore")
+        domain = await driver.create(config.model_copy(update={"name": config.name + INCOMING_SUFFIX}), start=False)
+        ctx.incoming[rid] = domain
+        memory = domain.memory()
+        blob, expected, pages = await _read_stream(channel, memory, ctx, rid)
+        if verify_memory:
+            await progress(phase="verify-memory")
+            if await asyncio.to_thread(memory_digest, memory) != expected:
+                raise SaveFileError(f"{path}: restored memory does not match the saved digest")
+        await domain.load_state(blob)
+        await domain.rename(config.name)
+        await domain.resume()
+        ctx.incoming.pop(rid, None)
+        result = RestoreResult(
+            domain=config.name, uuid=config.uuid, file=str(Path(path).absolute()),
+            memory_mib=config.memory_mib, pages=pages, bytes_read=channel.bytes_received,
+            verified_memory=verify_memory,
+        )  # fmt: skip
+        domain = None
+    except PeerGone as exc:
+        raise SaveFileError(exc.message) from None
+    except ProtocolError as exc:
+        raise SaveFileError(f"{path}: corrupted record stream: {exc.message}") from None
+    finally:
+        opened.close()
+        if domain is not None:
+            ctx.incoming.pop(rid, None)
+            try:
+                await domain.destroy()
+            except RelocdError as exc:
+                log.error("could not destroy a half-restored domain", domain=domain.name, error=exc.message)
+        if reserved:
+            ctx.reservations.release(rid)
+    result.total_ms = round((time.monotonic() - t0) * 1000, 3)
+    log.info("domain restored", domain=result.domain, file=result.file, ms=result.total_ms)
+    return result
+
+
+async def _read_stream(
+    channel: RecordChannel, memory: memoryview, ctx: TargetContext, rid: str
+) -> tuple[bytes, bytes, int]:
+    """Pages into memory up to COMMIT; returns (vCPU blob, memory digest, pages)."""
+    blob: bytes | None = None
+    expected: bytes | None = None
+    pages = 0
+    while True:
+        record = await channel.recv()
+        ctx.reservations.touch(rid)
+        if isinstance(record, PagesHeader):
+            await channel.recv_pages_into(record, memory)
+            pages += len(record.data_pfns) + len(record.zero_pfns)
+        elif isinstance(record, VcpuState):
+            blob = record.blob
+        elif isinstance(record, Digest):
+            expected = record.value
+        elif isinstance(record, Commit):
+            break
+        elif not isinstance(record, EndRound | Stop):
+            raise ProtocolError(f"unexpected record {type(record).__name__}")
+    if blob is None or expected is None:
+        raise ProtocolError("stream ended without vCPU state or digest")
+    reader = channel.transport
+    if getattr(reader, "pos", None) != getattr(reader, "end", None):
+        raise ProtocolError("bytes after COMMIT")
+    return blob, expected, pages

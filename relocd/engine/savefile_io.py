@@ -1,0 +1,312 @@
+"""Savefiles as ByteTransports: the record stream goes to and comes from a file.
+
+``RecordChannel`` neither knows nor cares that its peer is a file.  Writing,
+page payload leaves guest memory as one ``os.writev`` per batch, off the event
+loop, while the file digest is computed on the digest pool.  Reading, small
+reads (record headers, pfn lists) come out of a readahead buffer and large
+ones (page runs) go straight into guest memory with ``os.preadv``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import hashlib
+import os
+import stat
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from relocd.engine.savefile_format import (
+    MAX_HEADER_SIZE,
+    TRAILER_SIZE,
+    ChunkedDigest,
+    FileHeader,
+    Trailer,
+    digest_file,
+    parse_header,
+    parse_trailer,
+)
+from relocd.engine.stream import PeerGone, RecordChannel
+from relocd.errors import SaveFileError
+from relocd.protocol.codec import DEFAULT_MAX_LENGTH
+from relocd.protocol.records import Role
+from relocd.protocol.state import Conversation
+from relocd.units import PAGE_SIZE
+
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+READAHEAD = 1 << 20
+#: Reads at least this big skip the readahead buffer and run off the loop.
+DIRECT_READ = 256 << 10
+
+
+def io_error(path: str, doing: str, exc: OSError) -> SaveFileError:
+    return SaveFileError(f"cannot {doing} {path}: {exc.strerror or exc}")
+
+
+class WriteMode(enum.Enum):
+    #: buffers stay unchanged until the digest is finished (a paused domain)
+    DIRECT = "direct"
+    #: guest memory may change under us: copy each write, write the copy
+    COPY = "copy"
+    #: copy now, write on ``flush`` (the last pages of a checkpoint, while paused)
+    DEFER = "defer"
+
+
+class FileWriter:
+    """ByteTransport onto a savefile being written (to its temporary name)."""
+
+    def __init__(self, fd: int, path: str, digest: ChunkedDigest) -> None:
+        self.fd = fd
+        self.path = path
+        self.digest = digest
+        self.mode = WriteMode.DIRECT
+        self.offset = 0  # bytes handed to write() so far, deferred ones included
+        self._deferred: list[bytes] = []
+        self._inflight: asyncio.Future[None] | None = None
+
+    async def read_exactly(self, n: int) -> bytes:
+        raise PeerGone("a savefile being written is not read")
+
+    async def read_into(self, view: memoryview) -> None:
+        raise PeerGone("a savefile being written is not read")
+
+    async def write(self, buffers: Sequence[bytes | memoryview]) -> None:
+        n = sum(memoryview(b).nbytes for b in buffers)
+        self.offset += n
+        if self.mode is WriteMode.DIRECT:
+            await self._write_off_loop(list(buffers))
+            return
+        copy = b"".join(buffers)
+        if self.mode is WriteMode.DEFER:
+            self._deferred.append(copy)
+        else:
+            await self._write_off_loop([copy])
+
+    async def flush(self) -> None:
+        """Write what DEFER mode held back."""
+        pending, self._deferred = self._deferred, []
+        if pending:
+            await self._write_off_loop(pending)
+
+    async def _write_off_loop(self, buffers: list[bytes | memoryview]) -> None:
+        # Shielded: a cancelled save must not close the fd under a running writev.
+        self._inflight = asyncio.ensure_future(asyncio.to_thread(self._write_sync, buffers))
+        await asyncio.shield(self._inflight)
+
+    async def settle(self) -> None:
+        """Wait for a write still running in its thread (after a failure or a cancel)."""
+        if self._inflight is not None and not self._inflight.done():
+            try:
+                await asyncio.wait([self._inflight])
+            except BaseException:
+                pass
+
+    def _write_sync(self, buffers: list[bytes | memoryview]) -> None:
+        views = [memoryview(b).cast("B") for b in buffers]
+        i = 0
+        try:
+            while i < len(views):
+                written = os.writev(self.fd, views[i : i + IOV_MAX])
+                while written and i < len(views):
+                    if written >= len(views[i]):
+                        written -= len(views[i])
+                        i += 1
+                    else:
+                        views[i] = views[i][written:]
+                        written = 0
+                while i < len(views) and not len(views[i]):
+                    i += 1
+        except OSError as exc:
+            raise io_error(self.path, "write", exc) from None
+        self.digest.update(buffers)
+
+    async def close(self) -> None:
+        pass  # the owner of the fd closes it
+
+
+class FileReader:
+    """ByteTransport over the record stream of an open savefile (``start`` to ``end``)."""
+
+    def __init__(self, fd: int, path: str, start: int, end: int) -> None:
+        self.fd = fd
+        self.path = path
+        self.pos = start
+        self.end = end
+        self._buf = b""
+        self._buf_at = start  # file offset of _buf[0]
+
+    def _need(self, n: int) -> None:
+        if self.pos + n > self.end:
+            raise PeerGone(f"{self.path}: the record stream ends in the middle of a record")
+
+    def _pread(self, n: int, at: int) -> bytes:
+        try:
+            data = os.pread(self.fd, n, at)
+        except OSError as exc:
+            raise io_error(self.path, "read", exc) from None
+        if len(data) != n:
+            raise PeerGone(f"{self.path}: file shrank while being read")
+        return data
+
+    async def read_exactly(self, n: int) -> bytes:
+        self._need(n)
+        if n >= DIRECT_READ:
+            buf = bytearray(n)
+            await self.read_into(memoryview(buf))
+            return bytes(buf)
+        lo = self.pos - self._buf_at
+        if lo + n > len(self._buf):
+            size = min(max(n, READAHEAD), self.end - self.pos)
+            self._buf, self._buf_at, lo = self._pread(size, self.pos), self.pos, 0
+        self.pos += n
+        return self._buf[lo : lo + n]
+
+    async def read_into(self, view: memoryview) -> None:
+        view = view.cast("B")
+        n = len(view)
+        self._need(n)
+        got = 0
+        lo = self.pos - self._buf_at
+        if 0 <= lo < len(self._buf):  # what the readahead already holds
+            got = min(n, len(self._buf) - lo)
+            view[:got] = self._buf[lo : lo + got]
+        if got < n:
+            rest = view[got:]
+            if len(rest) >= DIRECT_READ:
+                await asyncio.to_thread(self._preadv, rest, self.pos + got)
+            else:
+                self._preadv(rest, self.pos + got)
+        self.pos += n
+
+    def _preadv(self, view: memoryview, at: int) -> None:
+        done = 0
+        try:
+            while done < len(view):
+                k = os.preadv(self.fd, [view[done:]], at + done)
+                if k == 0:
+                    raise PeerGone(f"{self.path}: file shrank while being read")
+                done += k
+        except OSError as exc:
+            raise io_error(self.path, "read", exc) from None
+
+    async def write(self, buffers: Sequence[bytes | memoryview]) -> None:
+        raise SaveFileError("a savefile is read-only while restoring")
+
+    async def close(self) -> None:
+        pass
+
+
+@dataclasses.dataclass
+class OpenSavefile:
+    """A savefile whose header and trailer parsed; ``verify`` checks the digest.
+
+    One descriptor serves both passes (verify, then restore), so a file
+    renamed over this one in between cannot slip in unverified bytes.
+    """
+
+    path: str
+    fd: int
+    size: int
+    header: FileHeader
+    trailer: Trailer
+
+    @classmethod
+    def open(cls, path: str) -> OpenSavefile:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise io_error(path, "open", exc) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise SaveFileError(f"{path}: not a regular file")
+            head = os.pread(fd, min(st.st_size, MAX_HEADER_SIZE), 0)
+            header = parse_header(path, head)
+            if st.st_size < header.header_len + TRAILER_SIZE:
+                raise SaveFileError(f"{path}: truncated savefile (no record stream or trailer)")
+            trailer = parse_trailer(path, os.pread(fd, TRAILER_SIZE, st.st_size - TRAILER_SIZE), st.st_size)
+        except OSError as exc:
+            os.close(fd)
+            raise io_error(path, "read", exc) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, st.st_size, header, trailer)
+
+    def verify(self) -> None:
+        """Full read pass: the digest in the trailer must match every byte before it."""
+        try:
+            digest = digest_file(self.fd, self.trailer.stream_end)
+        except OSError as exc:
+            raise io_error(self.path, "read", exc) from None
+        if digest != self.trailer.digest:
+            raise SaveFileError(f"{self.path}: corrupted savefile (digest mismatch)")
+
+    def channel(self) -> RecordChannel:
+        """The record stream, read as a target reads a migration."""
+        reader = FileReader(self.fd, self.path, self.header.header_len, self.trailer.stream_end)
+        return RecordChannel(
+            reader,
+            Conversation(Role.TARGET, savefile=True),
+            max_frame=DEFAULT_MAX_LENGTH,
+            npages_limit=self.header.memory_bytes // PAGE_SIZE,
+        )
+
+    @property
+    def records_left(self) -> int:
+        return self.trailer.stream_end - self.header.header_len
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> OpenSavefile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def image_digest(fd: int, locations: npt.NDArray[np.int64]) -> bytes:
+    """SHA-256 of the memory image a savefile describes, read back from the file.
+
+    ``locations[pfn]`` is the file offset of the page's last copy, -1 for a
+    zero page.  This is the DIGEST record of a checkpoint, whose domain kept
+    running: its memory is no longer the image, the file is.
+    """
+    h = hashlib.sha256()
+    n = len(locations)
+    if n == 0:
+        return h.digest()
+    is_zero = locations < 0
+    follows = np.diff(locations) == PAGE_SIZE
+    same_run = np.where(is_zero[1:], is_zero[:-1], follows & ~is_zero[:-1])
+    breaks = np.flatnonzero(~same_run) + 1
+    starts = np.concatenate(([0], breaks)).tolist()
+    ends = np.concatenate((breaks, [n])).tolist()
+    zero = bytes(READAHEAD)
+    buf = bytearray(8 << 20)
+    view = memoryview(buf)
+    for s, e in zip(starts, ends):
+        left = (e - s) * PAGE_SIZE
+        if is_zero[s]:
+            while left:
+                k = min(left, len(zero))
+                h.update(zero[:k])
+                left -= k
+            continue
+        at = int(locations[s])
+        while left:
+            k = min(left, len(buf))
+            got = os.preadv(fd, [view[:k]], at)
+            if got != k:
+                raise SaveFileError("savefile shrank while its image digest was computed")
+            h.update(view[:k])
+            at += k
+            left -= k
+    return h.digest()

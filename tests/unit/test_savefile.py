@@ -1,0 +1,382 @@
+"""Savefile format and save/restore flows against an in-memory domain (no processes)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from relocd.drivers.base import Domain, DomainConfig, DomainState, Driver, HostCaps
+from relocd.engine import savefile_format as fmt
+from relocd.engine.pages import memory_digest, pfns_to_bitmap
+from relocd.engine.policy import XendPolicy
+from relocd.engine.reservation import ReservationTable
+from relocd.engine.savefile import inspect_savefile, restore_savefile, save_domain
+from relocd.engine.target import TargetContext
+from relocd.errors import RelocdError, SaveFileError
+from relocd.units import PAGE_SIZE
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "savefile.md"
+
+
+class FakeDomain(Domain):
+    """Memory is a bytearray; ``writes_per_fetch`` pages change at each dirty-log fetch while running."""
+
+    def __init__(self, config: DomainConfig, *, writes_per_fetch: int = 0, seed: int = 1) -> None:
+        self.config = config
+        self.mem = bytearray(config.memory_bytes)
+        self._state = DomainState.PAUSED
+        self.dirty: set[int] = set()
+        self.logging = False
+        self.writes_per_fetch = writes_per_fetch
+        self.rng = np.random.default_rng(seed)
+        self.blob = b"vcpu-state-" + config.uuid.encode()
+        self.loaded: bytes | None = None
+        self.snapshot_at_pause: bytes | None = None
+        self.destroyed = False
+        self.pauses = 0
+
+    @property
+    def state(self) -> DomainState:
+        return self._state
+
+    def memory(self) -> memoryview:
+        return memoryview(self.mem)
+
+    def fill(self, zero_every: int = 5) -> None:
+        pages = np.frombuffer(self.mem, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        pages[:] = self.rng.integers(0, 256, size=pages.shape, dtype=np.uint8)
+        pages[::zero_every] = 0
+
+    def scribble(self, n: int) -> None:
+        pages = np.frombuffer(self.mem, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        for pfn in self.rng.integers(0, len(pages), size=n).tolist():
+            pages[pfn, :16] = self.rng.integers(1, 256, size=16, dtype=np.uint8)
+            if self.logging:
+                self.dirty.add(pfn)
+
+    async def pause(self) -> None:
+        self._state = DomainState.PAUSED
+        self.pauses += 1
+        self.snapshot_at_pause = bytes(self.mem)
+
+    async def resume(self) -> None:
+        self._state = DomainState.RUNNING
+
+    async def destroy(self) -> None:
+        self.destroyed = True
+        self._state = DomainState.PAUSED
+
+    async def rename(self, new_name: str) -> None:
+        self.config = self.config.model_copy(update={"name": new_name})
+
+    async def dirty_log_start(self) -> None:
+        self.logging, self.dirty = True, set()
+
+    async def dirty_log_fetch(self) -> Any:
+        if self._state == DomainState.RUNNING and self.writes_per_fetch:
+            self.scribble(self.writes_per_fetch)
+        out = pfns_to_bitmap(sorted(self.dirty), self.npages)
+        self.dirty = set()
+        return out
+
+    async def dirty_log_stop(self) -> None:
+        self.logging = False
+
+    async def save_state(self) -> bytes:
+        assert self._state == DomainState.PAUSED
+        return self.blob
+
+    async def load_state(self, blob: bytes) -> None:
+        self.loaded = blob
+
+
+class FakeDriver(Driver):
+    name = "sim"
+
+    def __init__(self, free: int = 1 << 34) -> None:
+        super().__init__(Path("/nonexistent"))
+        self.doms: list[FakeDomain] = []
+        self.created = 0
+        self.free = free
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def domains(self) -> list[Domain]:
+        return [d for d in self.doms if not d.destroyed]
+
+    async def create(self, config: DomainConfig, *, start: bool = True) -> Domain:
+        self.created += 1
+        dom = FakeDomain(config)
+        self.doms.append(dom)
+        return dom
+
+    async def capabilities(self) -> HostCaps:
+        return HostCaps(driver="sim", free_memory_bytes=self.free, max_vcpus=64)
+
+
+def make_domain(mib: int = 8, **kw: Any) -> FakeDomain:
+    dom = FakeDomain(DomainConfig(name="web1", memory_mib=mib), **kw)
+    dom.fill()
+    dom._state = DomainState.RUNNING
+    return dom
+
+
+def context(driver: FakeDriver) -> TargetContext:
+    return TargetContext(drivers={"sim": driver}, reservations=ReservationTable(30), journal=None)  # type: ignore[arg-type]
+
+
+def listing(tmp: Path) -> list[str]:
+    return sorted(p.name for p in tmp.iterdir())
+
+
+# -- format -------------------------------------------------------------------
+
+
+def header() -> fmt.FileHeader:
+    return fmt.FileHeader(
+        name="web1", uuid="6f1c0e4e-1b2a-4c3d-9e8f-001122334455", memory_bytes=256 << 20,
+        vcpus=2, driver="sim", writer="0.1.0", created_ns=1_700_000_000_123_456_789,
+    )  # fmt: skip
+
+
+def test_header_round_trip_and_layout() -> None:
+    raw = header().pack()
+    assert raw[:8] == fmt.MAGIC
+    parsed = fmt.parse_header("f", raw + b"rest")
+    assert parsed.name == "web1" and parsed.memory_bytes == 256 << 20 and parsed.vcpus == 2
+    assert parsed.header_len == len(raw) == 64 + 4 + 3 + 5 + 4
+    assert parsed.created == "2023-11-14T22:13:20+00:00"
+    assert not parsed.checkpoint
+
+
+def test_header_refusals() -> None:
+    raw = bytearray(header().pack())
+    with pytest.raises(SaveFileError, match="not a relocd savefile"):
+        fmt.parse_header("f", b"\x7fELF" + bytes(100))
+    with pytest.raises(SaveFileError, match="line-ending"):
+        fmt.parse_header("f", fmt.MAGIC[:5] + b"\n" + bytes(100))
+    newer = bytearray(raw)
+    struct.pack_into("!H", newer, 8, fmt.FORMAT_MAJOR + 1)
+    with pytest.raises(SaveFileError, match=r"format 2\.0 is a newer major version"):
+        fmt.parse_header("f", bytes(newer))
+    for at in (12, 20, 33, 40, 65):  # length, page size, memory, uuid, name
+        flipped = bytearray(raw)
+        flipped[at] ^= 0x04
+        with pytest.raises(SaveFileError, match="corrupted header|page size"):
+            fmt.parse_header("f", bytes(flipped))
+    with pytest.raises(SaveFileError, match="truncated"):
+        fmt.parse_header("f", bytes(raw[:40]))
+
+
+def test_newer_minor_version_header_fields_are_skipped() -> None:
+    raw = bytearray(header().pack()[:-4])
+    struct.pack_into("!H", raw, 10, fmt.FORMAT_MINOR + 1)
+    extra = b"new-field"
+    struct.pack_into("!I", raw, 12, len(raw) + len(extra) + 4)
+    body = bytes(raw) + extra
+    parsed = fmt.parse_header("f", body + struct.pack("!I", __import__("zlib").crc32(body)))
+    assert parsed.minor == fmt.FORMAT_MINOR + 1 and parsed.name == "web1"
+
+
+def test_trailer_round_trip_and_refusals() -> None:
+    t = fmt.Trailer(stream_end=1000, digest=bytes(range(32)))
+    raw = t.pack()
+    assert len(raw) == fmt.TRAILER_SIZE and raw.endswith(fmt.TRAILER_END)
+    assert fmt.parse_trailer("f", raw, 1064) == t
+    with pytest.raises(SaveFileError, match="truncated or padded"):
+        fmt.parse_trailer("f", raw, 2000)
+    bad = bytearray(raw)
+    bad[30] ^= 1
+    with pytest.raises(SaveFileError, match="corrupted trailer"):
+        fmt.parse_trailer("f", bytes(bad), 1064)
+    with pytest.raises(SaveFileError, match="no trailer"):
+        fmt.parse_trailer("f", bytes(64), 1064)
+
+
+@pytest.mark.parametrize("sizes", [[1], [fmt.CHUNK_SIZE], [3, fmt.CHUNK_SIZE - 3, 7], [fmt.CHUNK_SIZE * 2 + 5, 1]])
+def test_chunked_digest_is_independent_of_write_sizes(sizes: list[int], tmp_path: Path) -> None:
+    data = np.random.default_rng(7).integers(0, 256, size=sum(sizes), dtype=np.uint8).tobytes()
+    d = fmt.ChunkedDigest(max_pending=1)
+    at = 0
+    for n in sizes:
+        d.update([memoryview(data)[at : at + n // 2], data[at + n // 2 : at + n]])
+        at += n
+    value = d.finish()
+    assert value == fmt.simple_digest(data)
+    path = tmp_path / "blob"
+    path.write_bytes(data + b"ignored")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert fmt.digest_file(fd, len(data)) == value
+    finally:
+        os.close(fd)
+    assert fmt.simple_digest(data[:-1] + bytes([data[-1] ^ 1])) != value
+
+
+def _doc_table(title: str) -> list[tuple[int, int, str]]:
+    """Rows (offset, size, field) of the table under a '### title' heading in docs/savefile.md."""
+    text = DOC.read_text()
+    section = text.split(f"### {title}", 1)[1].split("\n#", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        m = re.match(r"\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*`?(\w+)`?\s*\|", line)
+        if m:
+            rows.append((int(m.group(1)), int(m.group(2)), m.group(3)))
+    return rows
+
+
+def test_doc_tables_match_the_code() -> None:
+    head = _doc_table("File header")
+    assert [r[2] for r in head][:14] == [
+        "magic", "major", "minor", "header_len", "flags", "page_size", "created_ns",
+        "memory_bytes", "uuid", "vcpus", "name_len", "driver_len", "writer_len", "reserved",
+    ]  # fmt: skip
+    sizes = [r[1] for r in head[:14]]
+    assert struct.calcsize("!" + "".join({8: "Q", 4: "I", 2: "H", 1: "B", 16: "16s"}[s] for s in sizes)) == 64
+    assert all(a[0] + a[1] == b[0] for a, b in zip(head, head[1:14]))
+    trailer = _doc_table("Trailer")
+    assert [(r[0], r[1]) for r in trailer] == [(0, 8), (8, 8), (16, 1), (17, 1), (18, 6), (24, 32), (56, 4), (60, 4)]
+    raw = fmt.Trailer(stream_end=0x0102, digest=bytes(32)).pack()
+    assert raw[8:16] == (0x0102).to_bytes(8, "big") and raw[16] == fmt.DIGEST_SHA256_CHUNKED and raw[17] == 22
+    text = DOC.read_text()
+    assert fmt.MAGIC.hex(" ") in text and fmt.TRAILER_MAGIC.hex(" ") in text
+    example = re.search(r"```hex\n(.*?)```", text, re.S)
+    assert example, "docs/savefile.md has a ```hex example of a header"
+    doc_bytes = bytes.fromhex(re.sub(r"(?m)^\S+:|\s", "", example.group(1)))
+    assert doc_bytes == header().pack()
+
+
+# -- save and restore ------------------------------------------------------------------
+
+
+async def test_save_restore_round_trip_with_zero_pages(tmp_path: Path) -> None:
+    dom = make_domain(8)
+    image = bytes(dom.mem)
+    path = tmp_path / "web1.save"
+    result = await save_domain(dom, path, checkpoint=False, policy=XendPolicy())
+    assert result.status == "completed" and dom.destroyed
+    assert listing(tmp_path) == ["web1.save"]
+    npages = dom.npages
+    zero = len(range(0, npages, 5))
+    assert result.zero_pages == zero
+    assert path.stat().st_size < (npages - zero + 64) * PAGE_SIZE, "zero pages take no space"
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+    info = await inspect_savefile(str(path))
+    assert info["digest_ok"] and info["name"] == "web1" and info["memory_mib"] == 8
+
+    driver = FakeDriver()
+    restored = await restore_savefile(str(path), context(driver), verify_memory=True)
+    assert restored.domain == "web1" and restored.verified_memory
+    new = driver.doms[0]
+    assert bytes(new.mem) == image and new.loaded == dom.blob
+    assert new.name == "web1" and new.state == DomainState.RUNNING
+    # the file stays, and restores again once the first copy is gone
+    with pytest.raises(RelocdError, match="already exists"):
+        await restore_savefile(str(path), context(driver))
+    assert driver.created == 1
+    await new.destroy()
+    await restore_savefile(str(path), context(driver))
+    assert bytes(driver.doms[1].mem) == image
+
+
+async def test_checkpoint_is_the_image_at_the_pause(tmp_path: Path) -> None:
+    dom = make_domain(8, writes_per_fetch=40)
+    path = tmp_path / "cp.save"
+    result = await save_domain(dom, path, checkpoint=True, policy=XendPolicy(max_iterations=4))
+    assert result.status == "completed" and not dom.destroyed
+    assert dom.state == DomainState.RUNNING and dom.pauses == 1
+    assert result.iterations >= 2 and result.pause_ms >= 0
+    assert fmt.parse_header("f", path.read_bytes()[:200]).checkpoint
+    dom.scribble(50)  # it runs on after the checkpoint
+    driver = FakeDriver()
+    await dom.destroy()
+    await restore_savefile(str(path), context(driver), verify_memory=True)
+    assert bytes(driver.doms[0].mem) == dom.snapshot_at_pause
+    assert bytes(driver.doms[0].mem) != bytes(dom.mem)
+
+
+def _corrupt(path: Path, at: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+async def test_bad_files_are_refused_before_anything_is_created(tmp_path: Path) -> None:
+    dom = make_domain(4)
+    good = tmp_path / "good.save"
+    await save_domain(dom, good, checkpoint=False, policy=XendPolicy())
+    raw = good.read_bytes()
+    size = len(raw)
+    cases = {
+        "truncated-half": (raw[: size // 2], "truncated"),
+        "truncated-trailer": (raw[:-10], "truncated"),
+        "no-trailer": (raw[:-64], "truncated|no trailer"),
+        "foreign": (b"#!/bin/sh\n" + raw[10:], "not a relocd savefile"),
+        "empty": (b"", "truncated"),
+    }
+    for at, what in ((20, "corrupted header"), (size // 2, "digest mismatch"), (size - 40, "corrupted trailer")):
+        flipped = bytearray(raw)
+        flipped[at] ^= 0x10
+        cases[f"flip-{at}"] = (bytes(flipped), what)
+    newer = bytearray(raw)
+    struct.pack_into("!H", newer, 8, 9)
+    cases["newer"] = (bytes(newer), "newer major version")
+    driver = FakeDriver()
+    for name, (content, why) in cases.items():
+        bad = tmp_path / f"{name}.save"
+        bad.write_bytes(content)
+        with pytest.raises(SaveFileError, match=why) as info:
+            await restore_savefile(str(bad), context(driver))
+        assert "\n" not in info.value.message
+        info2 = None
+        try:
+            info2 = await inspect_savefile(str(bad))
+        except SaveFileError:
+            pass
+        assert info2 is None or not info2["digest_ok"]
+    assert driver.created == 0
+
+
+async def test_restore_refused_when_memory_is_short(tmp_path: Path) -> None:
+    dom = make_domain(8)
+    path = tmp_path / "big.save"
+    await save_domain(dom, path, checkpoint=False, policy=XendPolicy())
+    driver = FakeDriver(free=4 << 20)
+    with pytest.raises(RelocdError, match="not enough memory"):
+        await restore_savefile(str(path), context(driver))
+    assert driver.created == 0
+
+
+async def test_failed_write_leaves_no_file_and_the_domain_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dom = make_domain(8)
+    real = os.writev
+    calls = {"n": 0}
+
+    def failing(fd: int, bufs: Any) -> int:
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, bufs)
+
+    monkeypatch.setattr(os, "writev", failing)
+    with pytest.raises(SaveFileError, match="No space left on device"):
+        await save_domain(dom, tmp_path / "x.save", checkpoint=False, policy=XendPolicy())
+    assert listing(tmp_path) == []
+    assert dom.state == DomainState.RUNNING and not dom.destroyed
+
+
+async def test_save_into_missing_directory(tmp_path: Path) -> None:
+    dom = make_domain(4)
+    with pytest.raises(SaveFileError, match="no directory"):
+        await save_domain(dom, tmp_path / "nope" / "x.save", checkpoint=False, policy=XendPolicy())
+    assert dom.state == DomainState.RUNNING
