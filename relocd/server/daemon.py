@@ -74,6 +74,12 @@ class Daemon:
                 msg = exc.message if isinstance(exc, RelocdError) else str(exc)
                 log.info("driver not available", driver=name, reason=msg)
                 continue
+            except Exception:
+                if name == "sim":
+                    raise
+                # An optional driver with a bug must not keep the daemon down.
+                log.exception("driver failed to start", driver=name)
+                continue
             self.drivers[name] = driver
         self.ctx = TargetContext(
             drivers=self.drivers,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -83,12 +84,22 @@ class DaemonProc:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon {self.name} exited at startup:\n{self.log.read_text()[-3000:]}")
-            try:
-                asyncio.run(self.call("status"))
+            if self._ping():
                 return
-            except Exception:
-                time.sleep(0.1)
+            time.sleep(0.1)
         raise RuntimeError(f"daemon {self.name} did not start:\n{self.log.read_text()[-3000:]}")
+
+    def _ping(self) -> bool:
+        """A blocking status request (works inside and outside an event loop)."""
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(2)
+                s.connect(str(self.control))
+                s.sendall(json.dumps({"op": "status", "args": {}}).encode() + b"\n")
+                reply = s.makefile().readline()
+            return bool(json.loads(reply).get("ok"))
+        except (OSError, ValueError):
+            return False
 
     async def call(self, op: str, **args: Any) -> Any:
         return await call(self.control, op, args)
