@@ -90,6 +90,13 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):  # e.g. 1e400: JSON we could not send back
+        raise ValueError(f"number {text[:20]} out of range")
+    return value
+
+
 def encode_json(what: str, obj: object, limit: int) -> bytes:
     if not isinstance(obj, dict):
         raise local_error(what, f"expected a dict, got {type(obj).__name__}")
@@ -106,7 +113,12 @@ def encode_json(what: str, obj: object, limit: int) -> bytes:
 def decode_json(what: str, raw: memoryview, limit: int) -> dict[str, Any]:
     text = decode_text(what, raw, limit)
     try:
-        obj = json.loads(text, object_pairs_hook=_unique_object, parse_constant=_reject_constant)
+        obj = json.loads(
+            text,
+            object_pairs_hook=_unique_object,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+        )
     except (ValueError, RecursionError) as exc:
         problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise remote_error(what, f"invalid JSON ({problem})") from None

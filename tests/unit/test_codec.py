@@ -266,6 +266,7 @@ def test_byte_at_a_time() -> None:
         (RecordType.RESERVED, b"{'id': 1}", "JSON"),
         (RecordType.RESERVED, b'{"a": 1, "a": 2}', "duplicate"),
         (RecordType.RESERVE, b'{"x": NaN}', "JSON"),
+        (RecordType.RESERVE, b'{"x": -1e400}', "out of range"),
         (RecordType.RESERVE, b"\xef\xbb\xbf{}", "JSON"),  # BOM
         (RecordType.RESERVE, b'{"a":' * 5000 + b"1" + b"}" * 5000, "JSON"),
         (RecordType.RESUMED, b"\x02{}", "ok flag"),
