@@ -26,6 +26,7 @@ import structlog
 from relocd import __version__
 from relocd.config.domain import config_from_sxp, config_to_sxp
 from relocd.drivers.base import INCOMING_SUFFIX, Domain, DomainState
+from relocd.engine.hooks import DomainHooks
 from relocd.engine.journal import Journal
 from relocd.engine.pages import bitmap_to_pfns, iter_batches, memory_digest, split_zero_pages
 from relocd.engine.policy import PrecopyPolicy
@@ -87,6 +88,7 @@ class RestoreResult:
     bytes_read: int = 0
     verified_memory: bool = False
     total_ms: float = 0.0
+    details: dict[str, object] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -152,6 +154,7 @@ async def save_domain(
     journal: Journal | None = None,
     progress: Progress = no_progress,
     batch_pages: int = 1024,
+    hooks: DomainHooks | None = None,
 ) -> SaveResult:
     """Write ``domain`` to ``path``; destroy it unless ``checkpoint``.  Raises RelocdError.
 
@@ -159,6 +162,7 @@ async def save_domain(
     paused) as it did before.
     """
     t0 = time.monotonic()
+    hooks = hooks or DomainHooks()
     final = Path(path).absolute()
     result = SaveResult(domain=domain.name, file=str(final), checkpoint=checkpoint)
     if not final.parent.is_dir():
@@ -221,6 +225,7 @@ async def save_domain(
             if was_running:
                 await domain.pause()
                 paused = True
+                await hooks.paused(domain)
             mem_digest = asyncio.ensure_future(asyncio.to_thread(memory_digest, domain.memory()))
             try:
                 await progress(phase="stop-and-copy")
@@ -249,6 +254,8 @@ async def save_domain(
             os.close(fd)
         tmp.unlink(missing_ok=True)
         await _put_back(domain, paused=paused and was_running, logging=logging)
+        if paused and was_running and not checkpoint:
+            await hooks.resumed_here(domain)
         if isinstance(exc, OSError):
             raise io_error(str(final), "save to", exc) from None
         raise
@@ -257,6 +264,7 @@ async def save_domain(
     result.zero_pages = sender.result.zero_pages
     if not checkpoint:
         await domain.destroy()
+        await hooks.destroyed(domain)
         result.pause_ms = round((time.monotonic() - paused_at) * 1000, 3)
     result.status = "completed"
     result.total_ms = round((time.monotonic() - t0) * 1000, 3)
@@ -357,12 +365,14 @@ async def restore_savefile(
                 raise SaveFileError(f"{path}: restored memory does not match the saved digest")
         await domain.load_state(blob)
         await domain.rename(config.name)
+        await ctx.hooks.before_resume(domain)
         await domain.resume()
         ctx.incoming.pop(rid, None)
+        details = await ctx.hooks.after_resume(domain)
         result = RestoreResult(
             domain=config.name, uuid=config.uuid, file=str(Path(path).absolute()),
             memory_mib=config.memory_mib, pages=pages, bytes_read=channel.bytes_received,
-            verified_memory=verify_memory,
+            verified_memory=verify_memory, details=details,
         )  # fmt: skip
         domain = None
     except PeerGone as exc:
@@ -375,6 +385,7 @@ async def restore_savefile(
             ctx.incoming.pop(rid, None)
             try:
                 await domain.destroy()
+                await ctx.hooks.destroyed(domain)
             except RelocdError as exc:
                 log.error("could not destroy a half-restored domain", domain=domain.name, error=exc.message)
         if reserved:

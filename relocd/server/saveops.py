@@ -1,0 +1,179 @@
+"""Control-socket ops `save`, `restore`, `inspect` (xm save / xm restore).
+
+Handlers take the Daemon, the request args and a progress sink, like the
+ops in ``operations.py`` (which registers them).  A save or restore in
+flight leaves a small marker in ``<state-dir>/saves/``; should the daemon die
+mid-way, ``recover_interrupted`` (called at startup) resumes a domain that a
+save had paused, removes the partial file, and destroys a half-restored
+domain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid as uuidlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from relocd.drivers.base import INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX, Domain, DomainState
+from relocd.engine.policy import make_policy
+from relocd.engine.savefile import inspect_savefile, restore_savefile, save_domain
+from relocd.engine.savefile_format import FileHeader
+from relocd.engine.savefile_io import OpenSavefile
+from relocd.errors import ConfigError, DomainNotFound, RelocdError
+
+if TYPE_CHECKING:
+    from relocd.server.daemon import Daemon
+
+log = structlog.get_logger("relocd.saveops")
+
+#: The pause a checkpoint aims for unless the request says otherwise.
+CHECKPOINT_DOWNTIME_MS = 50
+
+
+def _arg(args: dict[str, Any], key: str, kind: type, default: Any = ...) -> Any:
+    value = args.get(key)
+    if value is None:
+        if default is ...:
+            raise ConfigError(f"missing argument: {key}")
+        return default
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+        raise ConfigError(f"argument {key}: expected {kind.__name__}")
+    return value
+
+
+def _progress(sink: Any) -> Any:
+    async def emit(**fields: Any) -> None:
+        try:
+            await sink.emit(**fields)
+        except Exception:  # a vanished terminal never stops a save
+            pass
+
+    return emit
+
+
+class _Marker:
+    """`<state-dir>/saves/<op>-<uuid>.json`: what to undo if the daemon dies mid-way."""
+
+    def __init__(self, daemon: Daemon, op: str, info: dict[str, Any]) -> None:
+        self.path = Path(daemon.settings.state_dir) / "saves" / f"{op}-{info['uuid']}.json"
+        self.info = dict(info, op=op)
+
+    def __enter__(self) -> _Marker:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.info))
+        tmp.replace(self.path)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+async def _run_to_end(daemon: Daemon, coro: Any) -> Any:
+    """Run in a task the daemon's shutdown waits for; a vanished client cancels nothing."""
+    task = asyncio.get_running_loop().create_task(coro)
+    tasks = daemon.ops.tasks if daemon.ops is not None else set()
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    return await asyncio.shield(task)
+
+
+def _find(daemon: Daemon, name: str) -> Domain:
+    for dom in daemon.all_domains():
+        if dom.name == name:
+            return dom
+    raise DomainNotFound(f"no domain named {name!r}")
+
+
+async def save(daemon: Daemon, args: dict[str, Any], sink: Any) -> dict[str, Any]:
+    """args: name, file, checkpoint (bool), downtime_ms (optional, checkpoint pause target)."""
+    name = _arg(args, "name", str)
+    file = _arg(args, "file", str)
+    checkpoint = bool(_arg(args, "checkpoint", bool, False))
+    s = daemon.settings
+    dom = _find(daemon, name)
+    if dom.name.endswith((INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX)):
+        raise RelocdError(f"{dom.name} is part of a migration")
+    busy = daemon.ops.outgoing if daemon.ops is not None else {}
+    if dom.config.uuid in busy:
+        raise RelocdError(f"{name} is being migrated or saved; wait for it to finish")
+    policy = make_policy(
+        "downtime",
+        downtime_ms=_arg(args, "downtime_ms", int, min(s.downtime_ms, CHECKPOINT_DOWNTIME_MS)),
+        max_iterations=s.max_iterations,
+        max_factor=s.max_factor,
+        dirty_threshold=s.dirty_threshold,
+    )
+    hooks = daemon.ctx.hooks if daemon.ctx is not None else None
+    info = {"name": name, "uuid": dom.config.uuid, "file": str(Path(file).absolute()),
+            "was_running": dom.state == DomainState.RUNNING}  # fmt: skip
+    busy[dom.config.uuid] = "save"  # type: ignore[assignment]  # migrate/destroy refuse meanwhile
+    try:
+        with _Marker(daemon, "save", info):
+            result = await _run_to_end(
+                daemon,
+                save_domain(dom, file, checkpoint=checkpoint, policy=policy, journal=daemon.journal,
+                            progress=_progress(sink), hooks=hooks),  # fmt: skip
+            )
+    finally:
+        busy.pop(dom.config.uuid, None)
+    return result.to_json()
+
+
+async def restore(daemon: Daemon, args: dict[str, Any], sink: Any) -> dict[str, Any]:
+    """args: file, verify (bool, optional: also check the memory digest after loading)."""
+    file = _arg(args, "file", str)
+    verify = bool(_arg(args, "verify", bool, False))
+    if daemon.ctx is None:
+        raise RelocdError("the daemon is not ready")
+    # Read the header first so the marker names the domain; restore_savefile
+    # checks everything again (trailer, digest) before it creates anything.
+    header = _peek(file)
+    with _Marker(daemon, "restore", {"name": header.name, "uuid": header.uuid, "file": file}):
+        result = await _run_to_end(
+            daemon, restore_savefile(file, daemon.ctx, verify_memory=verify, progress=_progress(sink))
+        )
+    return result.to_json()
+
+
+def _peek(file: str) -> FileHeader:
+    with OpenSavefile.open(file) as opened:
+        return opened.header
+
+
+async def inspect(daemon: Daemon, args: dict[str, Any], sink: Any) -> dict[str, Any]:
+    """args: file.  The header, and whether the digest holds (``digest_ok``, ``problem``)."""
+    return await inspect_savefile(_arg(args, "file", str))
+
+
+async def recover_interrupted(daemon: Daemon) -> None:
+    """Startup: undo what a dead daemon's save or restore left half-done."""
+    folder = Path(daemon.settings.state_dir) / "saves"
+    if not folder.is_dir():
+        return
+    for marker in sorted(folder.glob("*.json")):
+        try:
+            info = json.loads(marker.read_text())
+            await _undo(daemon, info)
+        except (OSError, ValueError, KeyError, RelocdError) as exc:
+            log.error("could not undo an interrupted save/restore", marker=str(marker), error=str(exc))
+        marker.unlink(missing_ok=True)
+
+
+async def _undo(daemon: Daemon, info: dict[str, Any]) -> None:
+    uuid = str(uuidlib.UUID(info["uuid"]))
+    dom = next((d for d in daemon.all_domains() if d.config.uuid == uuid), None)
+    if info["op"] == "save":
+        final = Path(info["file"])
+        for partial in final.parent.glob(f".{final.name}.*.partial"):
+            partial.unlink(missing_ok=True)
+        if dom is not None and info.get("was_running") and dom.state == DomainState.PAUSED:
+            await dom.resume()
+            log.warning("save interrupted by a daemon restart: domain resumed", domain=dom.name)
+    elif info["op"] == "restore" and dom is not None and dom.name.endswith(INCOMING_SUFFIX):
+        await dom.destroy()
+        log.warning("restore interrupted by a daemon restart: half-restored domain destroyed", domain=dom.name)
