@@ -10,6 +10,7 @@ itself, and a dirty-log fetch copies only the bitmap (32 KiB per GiB).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -119,14 +120,10 @@ class KvmDomain(Domain):
 
     async def save_state(self) -> bytes:
         reply = await self._call("save_state")
-        return str(reply["blob"]).encode("ascii")
+        return base64.b64decode(str(reply["blob"]))  # state.py's binary format, magic first
 
     async def load_state(self, blob: bytes) -> None:
-        try:
-            text = blob.decode("ascii")
-        except UnicodeDecodeError:
-            raise DriverError("state blob was not saved by the kvm driver") from None
-        await self._call("load_state", blob=text)
+        await self._call("load_state", blob=base64.b64encode(blob).decode("ascii"))
 
     async def stats(self) -> dict[str, Any]:
         """The guest's own counters (read from its control page) and the VMM's."""

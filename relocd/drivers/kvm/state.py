@@ -108,11 +108,17 @@ def save_vcpu(vcpu: Vcpu, caps: VcpuCaps) -> list[tuple[bytes, bytes]]:
 def save_vm(vm: GuestVm, caps: VcpuCaps, progress: dict[str, Any]) -> bytes:
     """The blob for every vCPU of a paused VM plus the VMM's workload progress."""
     meta = {"vcpus": len(vm.vcpus), "xsave_size": caps.xsave_size, "progress": progress}
-    sections: list[tuple[bytes, int, bytes]] = [(b"META", 0, json.dumps(meta).encode())]
+    sections: list[tuple[bytes, int, bytes]] = []
     for vcpu in vm.vcpus:
         sections += [(tag, vcpu.index, payload) for tag, payload in save_vcpu(vcpu, caps)]
-    body = b"".join(_SECTION.pack(tag, idx, 0, len(p)) + p for tag, idx, p in sections)
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(sections), len(body), zlib.crc32(body), 0)
+    return pack(meta, sections)
+
+
+def pack(meta: dict[str, Any], sections: list[tuple[bytes, int, bytes]]) -> bytes:
+    """Header + META + (tag, vcpu, payload) sections, CRC over the body."""
+    allsec = [(b"META", 0, json.dumps(meta).encode()), *sections]
+    body = b"".join(_SECTION.pack(tag, idx, 0, len(p)) + p for tag, idx, p in allsec)
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(allsec), len(body), zlib.crc32(body), 0)
     return header + body
 
 
@@ -145,7 +151,10 @@ def parse(blob: bytes) -> tuple[dict[str, Any], dict[int, dict[bytes, bytes]]]:
             raise StateError("state blob section truncated")
         off += size
         if tag == b"META":
-            meta = json.loads(payload)
+            try:
+                meta = json.loads(payload)
+            except ValueError:
+                raise StateError("state blob META section is not JSON") from None
         else:
             vcpus.setdefault(idx, {})[tag] = payload
     if meta is None or not isinstance(meta, dict):
