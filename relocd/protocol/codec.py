@@ -153,7 +153,7 @@ def pages_descriptor_size(header: RecordHeader, fixed: bytes | bytearray | memor
     _, n_data, n_zero, reserved = _PAGES_FIXED.unpack_from(fixed)
     if reserved:
         raise ProtocolError("PAGES: reserved field is not zero")
-    descriptor = PAGES_FIXED_SIZE + 8 * (n_data + n_zero)
+    descriptor: int = PAGES_FIXED_SIZE + 8 * (n_data + n_zero)
     if descriptor + n_data * PAGE_SIZE != header.length:
         raise ProtocolError(
             f"PAGES: {n_data} data + {n_zero} zero pages do not add up to "

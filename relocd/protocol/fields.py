@@ -8,7 +8,6 @@ every helper that checks what we are about to send raises
 from __future__ import annotations
 
 import json
-import struct
 import unicodedata
 from typing import Any, Final
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Self, TypeVar
 
 import numpy as np
-import numpy.typing as npt
 
 from relocd.errors import Reason
 from relocd.protocol.codes import DIGEST_SIZES as DIGEST_SIZES
@@ -37,7 +36,6 @@ from relocd.protocol.fields import (
     MAX_MESSAGE_BYTES,
     MAX_NODE_BYTES,
     MAX_VCPU_BLOB_BYTES,
-    NO_MIGRATION_ID,
     PFN_WIRE,
     PfnArray,
     check_id,
@@ -53,6 +51,8 @@ from relocd.protocol.fields import (
     remote_error,
     wire_pfns,
 )
+from relocd.protocol.fields import MIGRATION_ID_SIZE as MIGRATION_ID_SIZE
+from relocd.protocol.fields import NO_MIGRATION_ID as NO_MIGRATION_ID
 from relocd.units import PAGE_SIZE as PAGE_SIZE
 
 

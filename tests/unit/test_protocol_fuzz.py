@@ -61,8 +61,8 @@ u16 = st.integers(0, 0xFFFF)
 u32 = st.integers(0, 0xFFFFFFFF)
 u64 = st.integers(0, 0xFFFFFFFFFFFFFFFF)
 ids = st.binary(min_size=16, max_size=16)
-text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=200)
-one_line = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=60)
+text = st.text(st.characters(codec="utf-8"), max_size=200)
+one_line = st.text(st.characters(codec="utf-8", exclude_categories=["Cc"]), max_size=60)
 json_scalars = (
     st.none()
     | st.booleans()
@@ -92,7 +92,7 @@ records: st.SearchStrategy[Record] = st.one_of(
     st.builds(Reserve, json_objects),
     st.builds(Reserved, json_objects),
     st.builds(Refuse, st.sampled_from(Reason), text),
-    st.builds(Config, st.text(st.characters(blacklist_categories=("Cs",)), max_size=2000)),
+    st.builds(Config, st.text(st.characters(codec="utf-8"), max_size=2000)),
     st.builds(EndRound, u32, u64, u64),
     st.builds(Stop, u32),
     st.builds(

@@ -156,9 +156,9 @@ def test_state_table_matches_transitions() -> None:
     assert abort_line
     abortable = {ConversationState(s.strip()) for s in abort_line.group(1).split(",")}
     assert abortable == ABORTABLE
-    for state in abortable:
+    for abortable_state in abortable:
         for side in Side:
-            documented[(state, side, Step.ABORT)] = ConversationState.ABORTED
+            documented[(abortable_state, side, Step.ABORT)] = ConversationState.ABORTED
     assert documented == TRANSITIONS
 
 

@@ -11,7 +11,6 @@ import pytest
 from relocd.errors import ProtocolError, Reason
 from relocd.protocol.codec import (
     END_OF_STREAM,
-    NEED_DATA,
     PREAMBLE,
     FrameDecoder,
     Pages,
@@ -281,7 +280,7 @@ def test_outcome_must_answer_the_queried_id() -> None:
 def test_savefile_stream() -> None:
     writer = Conversation(Role.SOURCE, savefile=True)
     reader = Conversation(Role.TARGET, savefile=True)
-    assert writer.state is S.SAVE_CONFIG
+    assert Conversation(Role.TARGET, savefile=True).state is S.SAVE_CONFIG
     file = bytearray(PREAMBLE)
     records: list[Record] = [
         Config("(domain)"),
@@ -305,8 +304,8 @@ def test_savefile_stream() -> None:
     decoder.receive_data(bytes(file))
     decoder.receive_data(b"")
     while (event := decoder.next_event()) is not END_OF_STREAM:
-        assert event is not NEED_DATA
-        reader.receive(event.header if isinstance(event, Pages) else event)  # type: ignore[arg-type]
+        assert isinstance(event, Pages | Record)
+        reader.receive(event.header if isinstance(event, Pages) else event)
     assert reader.state is S.SAVED and reader.done and not reader.aborted
 
 
