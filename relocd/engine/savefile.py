@@ -129,7 +129,7 @@ class _FileSender(SourceMigration):
         self.writer = writer
         self.locations: npt.NDArray[np.int64] = np.full(domain.npages, -1, dtype=np.int64)
 
-    async def _send_pfns(self, round_no: int, pfns: np.ndarray) -> tuple[int, int]:  # type: ignore[type-arg]
+    async def _send_pfns(self, round_no: int, pfns: np.ndarray) -> tuple[int, int]:
         memory = self.domain.memory()
         pages = nbytes = 0
         for batch in iter_batches(pfns, self.opts.batch_pages):

@@ -92,7 +92,7 @@ class FileWriter:
         if pending:
             await self._write_off_loop(pending)
 
-    async def _write_off_loop(self, buffers: list[bytes | memoryview]) -> None:
+    async def _write_off_loop(self, buffers: Sequence[bytes | memoryview]) -> None:
         # Shielded: a cancelled save must not close the fd under a running writev.
         self._inflight = asyncio.ensure_future(asyncio.to_thread(self._write_sync, buffers))
         await asyncio.shield(self._inflight)
@@ -105,7 +105,7 @@ class FileWriter:
             except BaseException:
                 pass
 
-    def _write_sync(self, buffers: list[bytes | memoryview]) -> None:
+    def _write_sync(self, buffers: Sequence[bytes | memoryview]) -> None:
         views = [memoryview(b).cast("B") for b in buffers]
         i = 0
         try:

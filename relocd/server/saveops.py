@@ -121,7 +121,8 @@ async def save(daemon: Daemon, args: dict[str, Any], sink: Any) -> dict[str, Any
             )
     finally:
         busy.pop(dom.config.uuid, None)
-    return result.to_json()
+    out: dict[str, Any] = result.to_json()
+    return out
 
 
 async def restore(daemon: Daemon, args: dict[str, Any], sink: Any) -> dict[str, Any]:
@@ -137,7 +138,8 @@ async def restore(daemon: Daemon, args: dict[str, Any], sink: Any) -> dict[str, 
         result = await _run_to_end(
             daemon, restore_savefile(file, daemon.ctx, verify_memory=verify, progress=_progress(sink))
         )
-    return result.to_json()
+    out: dict[str, Any] = result.to_json()
+    return out
 
 
 def _peek(file: str) -> FileHeader:
