@@ -56,6 +56,8 @@ class ReservationRequest(BaseModel):
     cpu_features: tuple[Token, ...] = Field(default=(), max_length=MAX_FEATURES)
     bridges: tuple[Token, ...] = Field(default=(), max_length=MAX_BRIDGES)
     live: StrictBool = False
+    #: the source will send a DIGEST: the target hashes its copy as soon as it is complete
+    verify: StrictBool = False
     source_port: StrictInt | None = Field(default=None, ge=1, le=65535)
 
     @field_validator("uuid")

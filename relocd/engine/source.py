@@ -212,6 +212,7 @@ class SourceMigration:
             "cpu_features": list(cfg.cpu_features),
             "bridges": sorted({v.bridge for v in cfg.vifs if v.bridge}),
             "live": self.opts.live,
+            "verify": self.opts.verify,
             "source_port": self.opts.source_port,
         }
         await self.progress(phase="reserve")

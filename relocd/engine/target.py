@@ -151,6 +151,7 @@ class TargetSession:
         memory = domain.memory()
         state_blob: bytes | None = None
         digest: bytes | None = None
+        digest_task: asyncio.Future[bytes] | None = None
         while True:
             record = await ch.recv()
             self.ctx.reservations.touch(self.mid)
@@ -164,6 +165,10 @@ class TargetSession:
                 if record.driver != domain.config.driver:
                     raise ProtocolError(f"vCPU state for driver {record.driver!r}, domain uses {domain.config.driver!r}")
                 state_blob = record.blob
+                # Every page is here now: hash ours while the source hashes its
+                # own, instead of after its DIGEST arrives (halves --verify's cost).
+                if self.request is not None and self.request.verify:
+                    digest_task = asyncio.ensure_future(asyncio.to_thread(memory_digest, memory))
             elif isinstance(record, Digest):
                 digest = record.value
             elif isinstance(record, Commit):
@@ -173,7 +178,7 @@ class TargetSession:
         if state_blob is None:
             raise ProtocolError("stream ended without vCPU state")
         if digest is not None:
-            mine = await asyncio.to_thread(memory_digest, memory)
+            mine = await digest_task if digest_task is not None else await asyncio.to_thread(memory_digest, memory)
             if mine != digest:
                 raise MigrationAborted("memory digest mismatch at the stop point", reason=Reason.VERIFY)
         await domain.load_state(state_blob)
