@@ -154,7 +154,7 @@ def _guest_write(mem: memoryview, pfn: int) -> None:
     table = np.frombuffer(mem, dtype=np.uint64, count=ctl["ndata"], offset=ctl["gentab"])
     words = np.frombuffer(mem, dtype=np.uint64, count=512, offset=pfn * PAGE_SIZE)
     g = table[idx] + np.uint64(1)
-    c = layout.checksum(np.uint64(pfn), g)
+    c = layout.checksum(np.array([pfn], dtype=np.uint64), np.array([g], dtype=np.uint64))[0]
     words[0], words[1], words[2], words[511] = pfn, g, c, c
     table[idx] = g
     ctl_words = np.frombuffer(mem, dtype=np.uint64, count=len(layout.CtlField), offset=layout.CTL_ADDR)

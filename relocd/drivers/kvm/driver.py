@@ -137,6 +137,7 @@ class KvmDomain(Domain):
             "running": self._running,
             "crashed": vmm.get("crashed"),
             "dirty_logging": vmm.get("logging"),
+            "dirty_mode": vmm.get("dirty_mode"),
             "vmm_exits": vmm.get("exits"),
             "vmm_batches": vmm.get("batches"),
             "vmm_pages": vmm.get("pages"),

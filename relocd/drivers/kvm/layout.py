@@ -22,6 +22,7 @@ import enum
 import struct
 
 import numpy as np
+import numpy.typing as npt
 
 from relocd.units import PAGE_SIZE
 
@@ -47,6 +48,7 @@ PORT_IDLE = 0x11
 PORT_AP_IDLE = 0x12
 
 WORDS_PER_PAGE = PAGE_SIZE // 8
+U64 = npt.NDArray[np.uint64]
 MAX_MEMORY_GIB = 512  # one PML4 entry
 _CHECK_CHUNK = 8192  # pages per vectorised comparison (4 MiB of bools)
 
@@ -109,10 +111,11 @@ class GuestLayout:
         )
 
 
-def checksum(pfn: np.ndarray, gen: np.ndarray) -> np.ndarray:
+def checksum(pfn: U64, gen: U64) -> U64:
     """c(pfn, g) = ((pfn * K1) ^ g) * K2 mod 2^64, vectorised."""
     with np.errstate(over="ignore"):
-        return ((pfn * np.uint64(K1)) ^ gen) * np.uint64(K2)
+        out: U64 = ((pfn * np.uint64(K1)) ^ gen) * np.uint64(K2)
+    return out
 
 
 def read_ctl(memory: memoryview) -> dict[str, int]:

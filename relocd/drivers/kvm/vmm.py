@@ -148,8 +148,8 @@ class Vmm:
             runner.restore_progress(state.load_vm(self.vm, self.caps, blob))
             self.has_state = True
         elif op == "stats":
-            return {"running": runner.running, "crashed": runner.crashed,
-                    "logging": self.vm.logging, **runner.progress()}, []
+            return {"running": runner.running, "crashed": runner.crashed, "logging": self.vm.logging,
+                    "dirty_mode": "clear" if self.vm.manual_protect else "get", **runner.progress()}, []
         elif op == "shutdown":
             runner.pause()
             self.stop.set()
