@@ -32,7 +32,7 @@ from relocd.engine.pages import (
 from relocd.engine.policy import PrecopyPolicy, RateLimiter, RoundStats
 from relocd.engine.result import MigrationResult, Progress, RoundReport, no_progress
 from relocd.engine.stream import PeerGone, RecordChannel
-from relocd.errors import MigrationAborted, ProtocolError, Reason, RelocdError, ReservationRefused
+from relocd.errors import MigrationAborted, Reason, RelocdError, ReservationRefused
 from relocd.protocol.records import (
     PROTOCOL_MAJOR,
     PROTOCOL_MINOR,
@@ -79,6 +79,11 @@ class SendOptions:
 Reconnect = Callable[[], Awaitable[RecordChannel]]
 
 
+def node_name() -> str:
+    """This host's name for HELLO: at most 255 bytes of UTF-8, cut on a character boundary."""
+    return socket.gethostname().encode()[:255].decode("utf-8", errors="ignore")
+
+
 def new_migration_id() -> str:
     return str(uuidlib.uuid4())
 
@@ -93,7 +98,7 @@ async def hello(channel: RecordChannel, role: Role, migration_id: str) -> Hello:
             FEATURES,
             role,
             uuidlib.UUID(migration_id).bytes,
-            socket.gethostname()[:255],
+            node_name(),
         )
     )
     await channel.recv_preamble()
@@ -415,7 +420,7 @@ class SourceMigration:
         await self.hooks.destroyed(self.domain)
         try:
             await channel.send(Done())
-        except (RelocdError, OSError, ProtocolError):
+        except (RelocdError, OSError):
             pass
         await channel.close()
         self.journal.set_phase(self.mid, Phase.DONE)

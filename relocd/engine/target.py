@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import socket
 import uuid as uuidlib
 from collections.abc import Mapping
 
@@ -23,7 +22,7 @@ from relocd.engine.journal import Journal, Phase
 from relocd.engine.pages import memory_digest
 from relocd.engine.reservation import ReservationRequest, ReservationTable, check_reservation
 from relocd.engine.result import Progress, no_progress
-from relocd.engine.source import FEATURES
+from relocd.engine.source import FEATURES, node_name
 from relocd.engine.stream import PeerGone, RecordChannel
 from relocd.errors import (
     ConfigError,
@@ -85,7 +84,7 @@ async def answer_hello(channel: RecordChannel) -> Hello:
     assert isinstance(peer, Hello)
     await channel.send_preamble()
     await channel.send(
-        Hello(PROTOCOL_MAJOR, PROTOCOL_MINOR, FEATURES, Role.TARGET, bytes(16), socket.gethostname()[:255])
+        Hello(PROTOCOL_MAJOR, PROTOCOL_MINOR, FEATURES, Role.TARGET, bytes(16), node_name())
     )
     return peer
 

@@ -36,6 +36,7 @@ from relocd.net import AnnounceConfig
 from relocd.server.network import NetworkHooks, netns_prefix_for
 from relocd.server.listener import RelocationListener, bind_socket
 from relocd.server.operations import Operations
+from relocd.server import saveops
 from relocd.server.recovery import recover_unfinished
 from relocd.server.sdnotify import notify
 from relocd.server.transport import SocketTransport
@@ -90,6 +91,7 @@ class Daemon:
         )
         self.ops = Operations(self)
         await recover_unfinished(self)
+        await saveops.recover_interrupted(self)
         if s.relocation_server:
             sock = bind_socket(s.relocation_address, s.relocation_port)
             listener = RelocationListener(

@@ -29,6 +29,7 @@ from relocd.engine.stream import RecordChannel
 from relocd.errors import ConfigError, DomainExists, DomainNotFound, DriverError, RelocdError
 from relocd.protocol.records import Role
 from relocd.protocol.state import Conversation
+from relocd.server import saveops
 from relocd.server.network import NetworkHooks
 from relocd.server.transport import connect
 from relocd.units import parse_rate
@@ -81,6 +82,9 @@ class Operations:
             "stats": self.stats,
             "pause": self.pause,
             "resume": self.resume,
+            "save": lambda args, sink: saveops.save(self.d, args, sink),
+            "restore": lambda args, sink: saveops.restore(self.d, args, sink),
+            "inspect": lambda args, sink: saveops.inspect(self.d, args, sink),
         }
 
     # -- helpers ------------------------------------------------------------------

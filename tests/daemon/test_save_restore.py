@@ -6,8 +6,6 @@ import asyncio
 import os
 import shutil
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,56 +15,18 @@ from harness import DaemonProc
 
 HOTSET = "hotset:size=16MiB,rate=50MB/s"
 
-#: Boots a daemon whose op table has save/restore/inspect even before
-#: operations.py registers them (it only adds what is missing).
-BOOT = """
-import sys
-from relocd.server import operations, saveops
-_handlers = operations.Operations.handlers
-def handlers(self):
-    table = _handlers(self)
-    for op in ("save", "restore", "inspect"):
-        fn = getattr(saveops, op)
-        table.setdefault(op, lambda args, sink, fn=fn, d=self.d: fn(d, args, sink))
-    return table
-operations.Operations.handlers = handlers
-from relocd.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-class SaveDaemon(DaemonProc):
-    def start(self, timeout: float = 30.0) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", BOOT, "serve", "--config", str(self.config)],
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env,
-            )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon {self.name} exited at startup:\n{self.log_text()[-3000:]}")
-            try:
-                asyncio.run(self.call("status"))
-                return
-            except Exception:
-                time.sleep(0.1)
-        raise RuntimeError(f"daemon {self.name} did not start:\n{self.log_text()[-3000:]}")
-
-
 @pytest.fixture
-def host(tmp_path: Path, daemons: list[DaemonProc]) -> SaveDaemon:
-    d = SaveDaemon(tmp_path, "hostA", "127.0.0.1")
+def host(tmp_path: Path, daemons: list[DaemonProc]) -> DaemonProc:
+    d = DaemonProc(tmp_path, "hostA", "127.0.0.1")
     daemons.append(d)
     d.start()
     return d
 
 
 @pytest.fixture
-def two_hosts(tmp_path: Path, daemons: list[DaemonProc]) -> tuple[SaveDaemon, SaveDaemon]:
-    a = SaveDaemon(tmp_path, "hostA", "127.0.0.1")
-    b = SaveDaemon(tmp_path, "hostB", "127.0.0.2")
+def two_hosts(tmp_path: Path, daemons: list[DaemonProc]) -> tuple[DaemonProc, DaemonProc]:
+    a = DaemonProc(tmp_path, "hostA", "127.0.0.1")
+    b = DaemonProc(tmp_path, "hostB", "127.0.0.2")
     daemons.extend([a, b])
     a.start()
     b.start()
@@ -94,7 +54,7 @@ async def running_domain(d: DaemonProc, name: str = "web1", memory: int = 64) ->
     return stats
 
 
-async def test_save_then_restore_twice(host: SaveDaemon, tmp_path: Path) -> None:
+async def test_save_then_restore_twice(host: DaemonProc, tmp_path: Path) -> None:
     before = await running_domain(host)
     file = tmp_path / "web1.save"
     result = await host.call("save", name="web1", file=str(file), checkpoint=False)
@@ -118,7 +78,7 @@ async def test_save_then_restore_twice(host: SaveDaemon, tmp_path: Path) -> None
     assert check["ok"], check["problem"]
 
 
-async def test_checkpoint_keeps_running_and_restores(host: SaveDaemon, tmp_path: Path) -> None:
+async def test_checkpoint_keeps_running_and_restores(host: DaemonProc, tmp_path: Path) -> None:
     await running_domain(host)
     file = tmp_path / "cp.save"
     result = await host.call("save", name="web1", file=str(file), checkpoint=True)
@@ -136,7 +96,7 @@ async def test_checkpoint_keeps_running_and_restores(host: SaveDaemon, tmp_path:
     assert check["ok"], check["problem"]
 
 
-async def test_bad_files_are_refused_and_leave_nothing(host: SaveDaemon, tmp_path: Path) -> None:
+async def test_bad_files_are_refused_and_leave_nothing(host: DaemonProc, tmp_path: Path) -> None:
     await running_domain(host, memory=32)
     good = tmp_path / "good.save"
     await host.call("save", name="web1", file=str(good), checkpoint=False)
@@ -165,7 +125,7 @@ def _flip(raw: bytes, at: int) -> bytes:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
-async def test_save_onto_a_full_filesystem_fails_cleanly(host: SaveDaemon, tmp_path: Path) -> None:
+async def test_save_onto_a_full_filesystem_fails_cleanly(host: DaemonProc, tmp_path: Path) -> None:
     small = tmp_path / "small"
     small.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)], capture_output=True)
@@ -184,7 +144,7 @@ async def test_save_onto_a_full_filesystem_fails_cleanly(host: SaveDaemon, tmp_p
         subprocess.run(["umount", "-l", str(small)], check=False)
 
 
-async def test_cold_migration_between_two_daemons(two_hosts: tuple[SaveDaemon, SaveDaemon], tmp_path: Path) -> None:
+async def test_cold_migration_between_two_daemons(two_hosts: tuple[DaemonProc, DaemonProc], tmp_path: Path) -> None:
     a, b = two_hosts
     await running_domain(a, "db1")
     on_a = tmp_path / "a-disk" / "db1.save"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pytest
 
 from relocd.drivers.base import Vif
-from relocd.net.announce import AnnounceConfig, AnnounceResult
+from relocd.net.announce import AnnounceResult
 from relocd.net.vif import VifHandle, announce_vif, attach_vif, detach_vif, set_link
 from tests.lab.netlab import Frame, NetLab
 

@@ -14,7 +14,7 @@ import pytest
 
 from relocd.drivers.base import Domain, DomainConfig, DomainState, Driver, HostCaps
 from relocd.engine import savefile_format as fmt
-from relocd.engine.pages import memory_digest, pfns_to_bitmap
+from relocd.engine.pages import pfns_to_bitmap
 from relocd.engine.policy import XendPolicy
 from relocd.engine.reservation import ReservationTable
 from relocd.engine.savefile import inspect_savefile, restore_savefile, save_domain
