@@ -26,14 +26,20 @@ from pydantic import ValidationError
 
 import relocd
 from relocd.drivers import domproc
-from relocd.drivers.base import DirtyBitmap, Domain, DomainConfig, DomainState, Driver, HostCaps
+from relocd.drivers.base import (
+    DirtyBitmap,
+    Domain,
+    DomainConfig,
+    DomainState,
+    Driver,
+    HostCaps,
+)
 from relocd.drivers.kvm import cpufeatures, layout
 from relocd.drivers.kvm.vm import KVM_DEVICE, KvmSystem
 from relocd.drivers.kvm.vmm import DEFAULT_DIRTY_MODE, DIRTY_MODES, bitmap_bytes
 from relocd.drivers.sim.hostinfo import bridges, mem_available
 from relocd.drivers.sim.workload import parse_workload
 from relocd.errors import ConfigError, DomainExists, DriverError
-from relocd.units import PAGE_SIZE
 
 log = logging.getLogger(__name__)
 

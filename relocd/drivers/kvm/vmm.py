@@ -24,7 +24,6 @@ import time
 import uuid as uuidlib
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from relocd.drivers.domproc import ControlServer, Message, Reply, RequestFailed
 from relocd.drivers.kvm import layout, state
