@@ -21,6 +21,7 @@ import structlog
 
 from relocd.config.domain import config_to_sxp
 from relocd.drivers.base import MIGRATED_AWAY_SUFFIX, Domain
+from relocd.engine.faults import fault_point
 from relocd.engine.hooks import DomainHooks
 from relocd.engine.journal import Journal, Phase
 from relocd.engine.pages import (
@@ -181,11 +182,14 @@ class SourceMigration:
         journaled = False
         try:
             await hello(self.channel, Role.SOURCE, self.mid)
+            await fault_point("source", "hello")
             await self._reserve()
+            await fault_point("source", "reserve")
             self.journal.begin(self.mid, "source", self.name, self.domain.config.uuid, self.target, self.opts.live)
             journaled = True
             self.journal.set_phase(self.mid, Phase.RESERVED)
             await self.channel.send(Config(config_to_sxp(self.domain.config)))
+            await fault_point("source", "config")
             if self.opts.live:
                 self.journal.set_phase(self.mid, Phase.STREAMING)
                 await self._precopy()
@@ -257,6 +261,8 @@ class SourceMigration:
             t0 = time.monotonic()
             await self.progress(phase="precopy", round=round_no, pages_left=len(pfns))
             pages, nbytes = await self._send_pfns(round_no, pfns)
+            if round_no <= 2:
+                await fault_point("source", f"precopy-{round_no}")
             bitmap = await dom.dirty_log_fetch()
             pfns = bitmap_to_pfns(bitmap, npages)
             dt = time.monotonic() - t0
@@ -310,6 +316,7 @@ class SourceMigration:
         self.journal.set_phase(self.mid, Phase.STOPPED)
         await self.channel.send(Stop(round_no))
         await self._send_pfns(round_no, pfns)
+        await fault_point("source", "stop-and-copy")
         self.result.iterations = round_no
         blob = await dom.save_state()
         await self.channel.send(VcpuState(dom.config.driver, blob))
@@ -327,6 +334,7 @@ class SourceMigration:
         if isinstance(answer, Abort):
             raise MigrationAborted(f"target aborted: {answer.message}", reason=answer.reason)
         assert isinstance(answer, Prepared)
+        await fault_point("source", "prepared")
         if self.opts.verify:
             self.result.verified = True
         self.journal.set_phase(self.mid, Phase.PREPARED)
@@ -339,11 +347,13 @@ class SourceMigration:
         self.journal.set_phase(self.mid, Phase.GO_SENT)
         try:
             await self.channel.send(Go())
+            await fault_point("source", "go")
             answer = await self.channel.recv()
         except (RelocdError, OSError) as exc:
             self.log.warning("link lost after GO; asking the target", error=str(exc))
             return await self._recover_after_go()
         assert isinstance(answer, Resumed)
+        await fault_point("source", "resumed")
         return await self._conclude(answer, self.channel)
 
     async def _conclude(self, answer: Resumed, channel: RecordChannel) -> MigrationResult:

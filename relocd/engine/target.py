@@ -17,6 +17,7 @@ import structlog
 
 from relocd.config.domain import config_from_sxp
 from relocd.drivers.base import INCOMING_SUFFIX, Domain, DomainConfig, Driver
+from relocd.engine.faults import fault_point
 from relocd.engine.hooks import DomainHooks
 from relocd.engine.journal import Journal, Phase
 from relocd.engine.pages import memory_digest
@@ -120,6 +121,7 @@ class TargetSession:
     async def run(self) -> None:
         try:
             hello = await answer_hello(self.channel)
+            await fault_point("target", "hello")
             # Authenticated and speaking our protocol: lift the pre-auth limits.
             self.channel.max_frame = self.max_frame
             self.channel.read_timeout = self.idle_timeout
@@ -144,9 +146,11 @@ class TargetSession:
         record = await ch.recv()
         assert isinstance(record, Reserve)
         await self._reserve(record)
+        await fault_point("target", "reserve")
         config_rec = await ch.recv()
         assert isinstance(config_rec, Config)
         domain = await self._build(config_rec.text)
+        await fault_point("target", "config")
         memory = domain.memory()
         state_blob: bytes | None = None
         digest: bytes | None = None
@@ -157,8 +161,11 @@ class TargetSession:
             if isinstance(record, PagesHeader):
                 await ch.recv_pages_into(record, memory)
             elif isinstance(record, EndRound):
+                if record.round <= 2:
+                    await fault_point("target", f"precopy-{record.round}")
                 await self.progress(phase="precopy", round=record.round, dirty=record.dirty_next)
             elif isinstance(record, Stop):
+                await fault_point("target", "stop-and-copy")
                 await self.progress(phase="stop-and-copy")
             elif isinstance(record, VcpuState):
                 if record.driver != domain.config.driver:
@@ -185,6 +192,7 @@ class TargetSession:
         self._prepared = True
         self.ctx.in_doubt[self.mid] = domain
         await ch.send(Prepared())
+        await fault_point("target", "prepared")
         await self.progress(phase="prepared")
         try:
             decision = await ch.recv()
@@ -196,6 +204,7 @@ class TargetSession:
         if isinstance(decision, Abort):
             raise MigrationAborted(f"source aborted: {decision.message}", reason=decision.reason)
         assert isinstance(decision, Go)
+        await fault_point("target", "go")
         await self._go(domain, ch)
 
     async def _reserve(self, record: Reserve) -> None:
@@ -282,6 +291,7 @@ class TargetSession:
             self.log.exception("after-resume hook failed")
             details = {"announce_error": str(exc)}
         await channel.send(Resumed(True, details))
+        await fault_point("target", "resumed")
         try:
             done = await channel.recv()
             assert isinstance(done, Done)
