@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from relocd.errors import DriverError
 from relocd.units import PAGE_SIZE
 
 DirtyBitmap = npt.NDArray[np.uint64]
@@ -147,6 +148,24 @@ class Domain(abc.ABC):
     @abc.abstractmethod
     async def load_state(self, blob: bytes) -> None:
         """Load state saved by ``save_state`` (same driver) into a paused, not yet started domain."""
+
+    async def configure(self, config: DomainConfig) -> None:
+        """Adopt the full config of a domain built with ``start=False`` before it runs.
+
+        A target builds the incoming domain when it grants the reservation
+        (so the memory is really set aside before the source commits to
+        anything) but learns the domain's full configuration only from the
+        CONFIG record after that.  Identity and size never change here.
+        """
+        old = self.config
+        if (config.uuid, config.memory_mib, config.vcpus, config.driver) != (
+            old.uuid,
+            old.memory_mib,
+            old.vcpus,
+            old.driver,
+        ):
+            raise DriverError(f"configure cannot change the identity or size of {old.name}")
+        self.config = config.model_copy(update={"name": old.name})
 
     async def stats(self) -> dict[str, Any]:
         """Guest progress counters (workload ticks, pages written); driver-specific."""

@@ -149,7 +149,7 @@ class TargetSession:
         await fault_point("target", "reserve")
         config_rec = await ch.recv()
         assert isinstance(config_rec, Config)
-        domain = await self._build(config_rec.text)
+        domain = await self._configure(config_rec.text)
         await fault_point("target", "config")
         memory = domain.memory()
         state_blob: bytes | None = None
@@ -232,23 +232,47 @@ class TargetSession:
             self.log.warning("reservation refused", reason=exc.reason.name, error=exc.message)
             await self.channel.send(Refuse(exc.reason, exc.message))
             raise
-        res = ctx.reservations.add(self.mid, req)
+        ctx.reservations.add(self.mid, req)
         self.request = req
         self._reserved = True
         ctx.journal.begin(self.mid, "target", req.name, req.uuid, self.peer, req.live)
+        try:
+            # Set the memory aside for real: build the domain, paused and
+            # empty, before the source commits to anything.
+            await self._build(req, driver)
+        except RelocdError as exc:
+            self.log.warning("could not build the incoming domain", error=exc.message)
+            await self.channel.send(Refuse(Reason.DRIVER_ERROR, f"target could not build the domain: {exc.message}"))
+            raise ReservationRefused(exc.message, reason=Reason.DRIVER_ERROR) from None
         self.log.info("reservation granted", domain=req.name, memory=req.memory_bytes)
         await self.channel.send(
             Reserved({"reservation": self.mid, "expires_ms": int(ctx.reservations.timeout_s * 1000)})
         )
-        del res
 
-    async def _build(self, sxp_text: str) -> Domain:
+    async def _build(self, req: ReservationRequest, driver: Driver) -> Domain:
+        if req.memory_bytes % (1 << 20):
+            raise ReservationRefused("domain memory must be a whole number of MiB", reason=Reason.LIMIT)
+        provisional = DomainConfig(
+            name=req.name + INCOMING_SUFFIX,
+            uuid=req.uuid,
+            memory_mib=req.memory_bytes >> 20,
+            vcpus=req.vcpus,
+            driver=req.driver,
+            cpu_features=req.cpu_features,
+        )
+        self.domain = await driver.create(provisional, start=False)
+        self.ctx.incoming[self.mid] = self.domain
+        return self.domain
+
+    async def _configure(self, sxp_text: str) -> Domain:
+        """CONFIG: the full domain config, which must match what was reserved."""
         try:
             config = config_from_sxp(sxp_text)
         except ConfigError as exc:
             raise ProtocolError(f"bad domain config: {exc.message}") from None
         req = self.request
-        assert req is not None
+        domain = self.domain
+        assert req is not None and domain is not None
         if (config.name, config.uuid, config.memory_bytes, config.vcpus, config.driver) != (
             req.name,
             req.uuid,
@@ -257,11 +281,8 @@ class TargetSession:
             req.driver,
         ):
             raise ProtocolError("domain config does not match the reservation")
-        incoming: DomainConfig = config.model_copy(update={"name": config.name + INCOMING_SUFFIX})
-        driver = self.ctx.drivers[config.driver]
-        self.domain = await driver.create(incoming, start=False)
-        self.ctx.incoming[self.mid] = self.domain
-        return self.domain
+        await domain.configure(config)
+        return domain
 
     async def _go(self, domain: Domain, channel: RecordChannel) -> None:
         """GO received: become the one running copy."""

@@ -109,6 +109,17 @@ class KvmDomain(Domain):
     async def rename(self, new_name: str) -> None:
         await self._driver.rename_domain(self, new_name)
 
+    async def configure(self, config: DomainConfig) -> None:
+        previous = self.config
+        await super().configure(config)
+        if self.config.workload != previous.workload:
+            try:
+                await self._call("configure", workload=self.config.workload)
+            except BaseException:
+                self.config = previous
+                raise
+        await asyncio.to_thread(self._driver._write_record, self.config, self.pid)
+
     async def dirty_log_start(self) -> None:
         await self._call("dirty_start")
 
@@ -282,7 +293,7 @@ class KvmDriver(Driver):
             popen = domproc.spawn(argv, socket_path=sock_path, log_path=log_path,
                                   timeout=30.0 + 10.0 * (config.memory_bytes / (1 << 30)), env=env)
             self._write_record(config, popen.pid)
-            domain = self._attach(config, popen)
+            domain = self._attach(config, popen, populate=not start)
         except BaseException:
             if popen is not None:
                 domproc.stop_process(popen.pid, marker=config.uuid, popen=popen, grace=0.0)
@@ -293,7 +304,7 @@ class KvmDriver(Driver):
         log.info("created kvm domain %s (%s), pid %d", config.name, config.uuid, domain.pid)
         return domain
 
-    def _attach(self, config: DomainConfig, popen: Any = None) -> KvmDomain:
+    def _attach(self, config: DomainConfig, popen: Any = None, *, populate: bool = False) -> KvmDomain:
         """Connect to a VMM, map guest memory and the dirty bitmap it shares."""
         client = domproc.DomainProcessClient(self._paths(config.uuid)[1])
         try:
@@ -309,7 +320,10 @@ class KvmDriver(Driver):
             size = bitmap_bytes(config.npages)
             if os.fstat(memory_fd).st_size != config.memory_bytes or os.fstat(bitmap_fd).st_size != size:
                 raise DriverError(f"VMM for {config.uuid} shared memory of the wrong size")
-            memory = mmap.mmap(memory_fd, config.memory_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            # An incoming VM's memory is about to be written end to end: map
+            # every page now rather than fault them in inside the receive path.
+            flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+            memory = mmap.mmap(memory_fd, config.memory_bytes, flags, mmap.PROT_READ | mmap.PROT_WRITE)
             bitmap = mmap.mmap(bitmap_fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
         except BaseException:
             client.close()

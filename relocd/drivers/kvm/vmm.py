@@ -27,7 +27,7 @@ from types import FrameType
 
 from relocd.drivers.domproc import ControlServer, Message, Reply, RequestFailed
 from relocd.drivers.kvm import layout, state
-from relocd.drivers.kvm.runner import VcpuRunner, batch_pages, install_kick_handler
+from relocd.drivers.kvm.runner import Pacer, VcpuRunner, batch_pages, install_kick_handler
 from relocd.drivers.kvm.vm import GuestVm, KvmSystem
 from relocd.drivers.sim.workload import WorkloadSpec, parse_workload
 from relocd.errors import ConfigError
@@ -149,6 +149,16 @@ class Vmm:
         elif op == "stats":
             return {"running": runner.running, "crashed": runner.crashed, "logging": self.vm.logging,
                     "dirty_mode": "clear" if self.vm.manual_protect else "get", **runner.progress()}, []
+        elif op == "configure":
+            # An incoming VM learns its workload after it was built: the
+            # guest's own parameters travel in its memory, the pacing is ours.
+            if runner.running:
+                raise RequestFailed("configure: the domain has already started")
+            try:
+                self.spec = parse_workload(str(request.get("workload", "")))
+            except ConfigError as exc:
+                raise RequestFailed(f"configure: {exc.message}") from None
+            runner.pacer = Pacer(self.spec.rate_bytes if self.spec.kind != "idle" else 0)
         elif op == "shutdown":
             runner.pause()
             self.stop.set()

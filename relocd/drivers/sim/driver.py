@@ -116,6 +116,17 @@ class SimDomain(Domain):
     async def rename(self, new_name: str) -> None:
         await self._driver.rename_domain(self, new_name)
 
+    async def configure(self, config: DomainConfig) -> None:
+        previous = self.config
+        await super().configure(config)
+        if self.config.workload != previous.workload:
+            try:
+                await self._call("configure", workload=self.config.workload)
+            except BaseException:
+                self.config = previous
+                raise
+        await asyncio.to_thread(self._driver._write_record, self.config, self.pid)
+
     async def dirty_log_start(self) -> None:
         await self._call("dirty_start")
 
@@ -260,7 +271,7 @@ class SimDriver(Driver):
                 env=env,
             )
             self._write_record(config, popen.pid)
-            domain = self._attach(config, popen)
+            domain = self._attach(config, popen, populate=not start)
         except BaseException:
             if popen is not None:
                 domproc.stop_process(popen.pid, marker=config.uuid, popen=popen, grace=0.0)
@@ -271,7 +282,7 @@ class SimDriver(Driver):
         log.info("created sim domain %s (%s), pid %d", config.name, config.uuid, domain.pid)
         return domain
 
-    def _attach(self, config: DomainConfig, popen: Any = None) -> SimDomain:
+    def _attach(self, config: DomainConfig, popen: Any = None, *, populate: bool = False) -> SimDomain:
         """Connect to a domain process, map its memory and status area."""
         client = domproc.DomainProcessClient(self._paths(config.uuid)[1])
         try:
@@ -286,7 +297,11 @@ class SimDriver(Driver):
             status_size = status_area.area_size(config.npages)
             if os.fstat(memory_fd).st_size != config.memory_bytes or os.fstat(status_fd).st_size != status_size:
                 raise DriverError(f"domain process for {config.uuid} shared memory of the wrong size")
-            memory = mmap.mmap(memory_fd, config.memory_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            # An incoming domain's memory is about to be written end to end:
+            # map every page now (the reservation) rather than fault them in
+            # one by one inside the receive path.
+            flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+            memory = mmap.mmap(memory_fd, config.memory_bytes, flags, mmap.PROT_READ | mmap.PROT_WRITE)
             status = mmap.mmap(status_fd, status_size, mmap.MAP_SHARED, mmap.PROT_READ)
         except BaseException:
             client.close()

@@ -94,6 +94,14 @@ class Guest:
         if self._thread.is_alive():
             self._thread.join(timeout=5.0)
 
+    def configure(self, spec: WorkloadSpec) -> None:
+        """Take the workload of an incoming domain (its config arrives after the build)."""
+        with self.lock:
+            if self.running:
+                raise GuestError("configure needs a domain that has not started")
+            self.spec = spec
+            self.picker = PagePicker(spec, self.writer)
+
     def pause(self) -> None:
         with self.lock:
             self.running = False

@@ -81,6 +81,14 @@ class SimRequests:
             if not isinstance(blob, str):
                 raise RequestFailed("load_state needs a 'blob' string")
             guest.load_state(blob)
+        elif op == "configure":
+            workload = request.get("workload")
+            if not isinstance(workload, str):
+                raise RequestFailed("configure needs a 'workload' string")
+            try:
+                guest.configure(parse_workload(workload))
+            except ConfigError as exc:
+                raise RequestFailed(exc.message) from None
         elif op == "shutdown":
             guest.pause()
             self.stop.set()
