@@ -26,7 +26,7 @@ from relocd.drivers.base import Domain, Driver
 from relocd.engine.journal import Journal
 from relocd.engine.reservation import ReservationTable
 from relocd.engine.target import TargetContext, TargetSession
-from relocd.engine.stream import RecordChannel
+from relocd.engine.stream import ByteTransport, PeerGone, RecordChannel
 from relocd.errors import DriverError, RelocdError
 from relocd.protocol.records import Role
 from relocd.protocol.state import Conversation
@@ -39,6 +39,7 @@ from relocd.server.operations import Operations
 from relocd.server import saveops
 from relocd.server.recovery import recover_unfinished
 from relocd.server.sdnotify import notify
+from relocd.server.tls import accept_tls, server_context
 from relocd.server.transport import SocketTransport
 
 log = structlog.get_logger("relocd.daemon")
@@ -104,10 +105,43 @@ class Daemon:
             listener.start()
             self.listeners.append(listener)
             log.info("relocation server listening", address=listener.address[0], port=listener.address[1])
+        if s.relocation_ssl_server:
+            self._start_tls_listener()
         self.control = ControlServer(Path(s.control_socket), self.ops.handlers())
         await self.control.start()
         log.info("relocd started", version=__version__, control=str(s.control_socket), drivers=sorted(self.drivers))
         notify(READY=1, STATUS=f"serving; {len(self.all_domains())} domains")
+
+    def _start_tls_listener(self) -> None:
+        """xend-relocation-ssl-server: the same service on its own port, TLS first."""
+        s = self.settings
+        ctx = server_context(s)  # ConfigError (bad key, cert or CA file) keeps the daemon down
+
+        async def serve_tls_peer(sock: socket.socket, peer: str) -> None:
+            try:
+                transport = await accept_tls(sock, ctx, timeout=s.handshake_timeout, peer=peer)
+            except PeerGone as exc:
+                log.warning("connection refused: TLS handshake failed", peer=peer, error=exc.message)
+                return
+            await self._serve_transport(transport, peer)
+
+        sock = bind_socket(s.relocation_address, s.relocation_ssl_port)
+        listener = RelocationListener(
+            sock,
+            serve_tls_peer,
+            hosts_allow=HostsAllow(s.hosts_allow),
+            dns_timeout=s.dns_timeout,
+            max_connections=max(16, 4 * s.max_incoming),
+            name="relocation-ssl",
+        )
+        listener.start()
+        self.listeners.append(listener)
+        log.info(
+            "TLS relocation server listening",
+            address=listener.address[0],
+            port=listener.address[1],
+            client_certificates="required" if s.ssl_ca_file is not None else "not requested",
+        )
 
     def all_domains(self) -> list[Domain]:
         return [d for drv in self.drivers.values() for d in drv.domains()]
@@ -121,10 +155,13 @@ class Daemon:
     # -- incoming peers ----------------------------------------------------------------
 
     async def _serve_peer(self, sock: socket.socket, peer: str) -> None:
+        await self._serve_transport(SocketTransport(sock), peer)
+
+    async def _serve_transport(self, transport: ByteTransport, peer: str) -> None:
         assert self.ctx is not None
         s = self.settings
         channel = RecordChannel(
-            SocketTransport(sock),
+            transport,
             Conversation(Role.TARGET),
             max_frame=PREAUTH_MAX_FRAME,
             read_timeout=s.handshake_timeout,
