@@ -182,8 +182,11 @@ def _handshake_error(exc: BaseException, where: str, timeout: float) -> PeerGone
 class StreamTransport:
     """A TLS connection (asyncio streams) as a ByteTransport."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, client: bool = False
+    ) -> None:
         self.reader = reader
+        self.client = client
         self.writer = writer
         self._closed = False
         self._received = 0
@@ -208,19 +211,11 @@ class StreamTransport:
         try:
             data = await self.reader.readexactly(n)
         except asyncio.IncompleteReadError:
-            if self._received == 0:
-                # With TLS 1.3 a server that rejects our certificate (or our lack
-                # of one) does so after the client's handshake is done; the alert
-                # often does not arrive before the close.
-                raise TlsRefused(
-                    "TLS: peer closed the connection without a word after the handshake "
-                    "(does it require a client certificate from a CA we are not signed by?)"
-                ) from None
-            raise PeerGone("peer closed the connection") from None
+            raise self._lost("peer closed the connection") from None
         except ssl.SSLError as exc:
             raise TlsRefused(describe_tls_error(exc)) from None
         except (ConnectionError, OSError) as exc:
-            raise PeerGone(f"connection lost: {exc.strerror or exc}") from None
+            raise self._lost(f"connection lost: {exc.strerror or exc}") from None
         self._received += n
         return data
 
@@ -244,7 +239,18 @@ class StreamTransport:
         except ssl.SSLError as exc:
             raise TlsRefused(describe_tls_error(exc)) from None
         except (ConnectionError, OSError) as exc:
-            raise PeerGone(f"connection lost: {exc.strerror or exc}") from None
+            raise self._lost(f"connection lost: {exc.strerror or exc}") from None
+
+    def _lost(self, what: str) -> PeerGone:
+        if self.client and self._received == 0:
+            # With TLS 1.3 a server that rejects our certificate (or our lack of
+            # one) does so after our side of the handshake is done, and its alert
+            # rarely arrives before the close: say what is the likely cause.
+            return TlsRefused(
+                f"TLS: {what} right after the handshake "
+                "(does the peer require a client certificate from a CA that did not sign ours?)"
+            )
+        return PeerGone(what)
 
     async def close(self) -> None:
         if self._closed:
@@ -306,4 +312,4 @@ async def connect_tls(host: str, port: int, ctx: ssl.SSLContext, timeout: float)
     except Exception as exc:
         sock.close()
         raise _handshake_error(exc, where, timeout) from None
-    return StreamTransport(reader, writer)
+    return StreamTransport(reader, writer, client=True)
