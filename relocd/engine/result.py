@@ -44,7 +44,12 @@ class MigrationResult:
     target: str | None = None
     rounds: list[RoundReport] = dataclasses.field(default_factory=list)
     target_details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: milestones, ms since the start: reserved, streaming, paused, committed, prepared, resumed, done
+    timeline_ms: dict[str, float] = dataclasses.field(default_factory=dict)
     _t0: float = dataclasses.field(default_factory=time.monotonic, repr=False)
+
+    def mark(self, milestone: str) -> None:
+        self.timeline_ms[milestone] = round((time.monotonic() - self._t0) * 1000, 3)
 
     def finish(self, status: str, error: str | None = None) -> MigrationResult:
         self.status = status

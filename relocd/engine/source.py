@@ -188,6 +188,7 @@ class SourceMigration:
             self.journal.begin(self.mid, "source", self.name, self.domain.config.uuid, self.target, self.opts.live)
             journaled = True
             self.journal.set_phase(self.mid, Phase.RESERVED)
+            self.result.mark("reserved")
             await self.channel.send(Config(config_to_sxp(self.domain.config)))
             await fault_point("source", "config")
             if self.opts.live:
@@ -304,6 +305,7 @@ class SourceMigration:
         self._paused_at = time.monotonic()
         await dom.pause()
         self._we_paused = True
+        self.result.mark("paused")
         await self.hooks.paused(dom)
         if self.opts.live:
             # Pages dirtied since the last fetch, plus the last round's dirty set.
@@ -324,6 +326,7 @@ class SourceMigration:
             digest = await asyncio.to_thread(memory_digest, dom.memory())
             await self.channel.send(Digest(1, digest))
         await self.channel.send(Commit())
+        self.result.mark("committed")
         if self._logging_dirty:
             await dom.dirty_log_stop()
             self._logging_dirty = False
@@ -334,6 +337,7 @@ class SourceMigration:
         if isinstance(answer, Abort):
             raise MigrationAborted(f"target aborted: {answer.message}", reason=answer.reason)
         assert isinstance(answer, Prepared)
+        self.result.mark("prepared")
         await fault_point("source", "prepared")
         if self.opts.verify:
             self.result.verified = True
@@ -357,6 +361,7 @@ class SourceMigration:
         return await self._conclude(answer, self.channel)
 
     async def _conclude(self, answer: Resumed, channel: RecordChannel) -> MigrationResult:
+        self.result.mark("resumed")
         self.result.target_details = dict(answer.details)
         if self._paused_at is not None:
             self.result.downtime_ms = (time.monotonic() - self._paused_at) * 1000
