@@ -71,7 +71,8 @@ class SendOptions:
     verify: bool
     policy: PrecopyPolicy
     max_bandwidth: int | None = None
-    batch_pages: int = 1024
+    #: pages per PAGES record: 8 MiB, half the default max frame
+    batch_pages: int = 2048
     source_port: int | None = None
     #: how long to keep asking the target after a lost link post-GO
     recovery_s: float = 30.0

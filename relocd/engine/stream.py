@@ -88,9 +88,18 @@ class RecordChannel:
         self.max_frame = max_frame
         self.read_timeout = read_timeout
         self.npages_limit = npages_limit
-        self._staging = memoryview(bytearray(staging_pages * PAGE_SIZE))
+        self._staging_pages = staging_pages
+        self._staging_buf: memoryview | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
+
+    @property
+    def _staging(self) -> memoryview:
+        """The bounce buffer for scattered pages, allocated on first use only
+        (a non-live stream or round 1 is all contiguous runs and never needs it)."""
+        if self._staging_buf is None:
+            self._staging_buf = memoryview(bytearray(self._staging_pages * PAGE_SIZE))
+        return self._staging_buf
 
     # -- preamble -----------------------------------------------------------
 
