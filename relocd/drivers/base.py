@@ -33,6 +33,8 @@ DirtyBitmap = npt.NDArray[np.uint64]
 #: Names the daemon gives a domain while it moves (as xend did).
 INCOMING_SUFFIX = "--incoming"
 MIGRATED_AWAY_SUFFIX = "--migratedaway"
+#: longest domain name an operator may give
+MAX_NAME = 64
 
 
 class DomainState(str, enum.Enum):
@@ -58,7 +60,9 @@ class DomainConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    #: an operator's names are at most MAX_NAME long; the extra room is for
+    #: the ``--incoming`` / ``--migratedaway`` marks a move adds
+    name: str = Field(min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_.:-]+$")
     uuid: str = Field(default_factory=lambda: str(uuidlib.uuid4()))
     memory_mib: int = Field(ge=1, le=1 << 22)
     vcpus: int = Field(default=1, ge=1, le=512)

@@ -17,6 +17,7 @@ from relocd import __version__
 from relocd.config.domain import parse_vif_spec
 from relocd.drivers.base import (
     INCOMING_SUFFIX,
+    MAX_NAME,
     MIGRATED_AWAY_SUFFIX,
     Domain,
     DomainConfig,
@@ -146,6 +147,10 @@ class Operations:
 
     async def create(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
         name = _arg(args, "name", str)
+        if len(name) > MAX_NAME:
+            raise ConfigError(f"domain name longer than {MAX_NAME} characters")
+        if name.endswith((INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX)):
+            raise ConfigError(f"domain names may not end in {INCOMING_SUFFIX} or {MIGRATED_AWAY_SUFFIX}")
         driver_name = _arg(args, "driver", str, self.d.settings.default_driver)
         driver = self.d.drivers.get(driver_name)
         if driver is None:
