@@ -1,0 +1,259 @@
+"""The nested Xen lab, host side: build the image, boot Xen under QEMU, drive dom0.
+
+Xen 4.17 (Debian's hypervisor package) boots under QEMU as a multiboot kernel
+with Debian's kernel as a PV dom0; its first serial port is QEMU's stdio, and
+dom0's console (hvc0) reaches it through Xen.  dom0 runs a plain shell on that
+console (``dom0-init.sh``), which ``XenLab.run`` drives by writing a command
+and reading up to a marker that carries the exit status.
+
+A second, read-only virtio disk (the payload) is made afresh for every boot
+from the working tree: relocd's package and this directory's dom0 scripts, so
+editing relocd needs no image rebuild.
+
+    python tests/xenlab/lab.py run 'xl info' 'xl list'     # boot, run, power off
+    python tests/xenlab/lab.py shell                       # commands from stdin
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+
+#: Xen's own command line: console on the first serial port, a fixed-size dom0.
+XEN_ARGS = "cet=0 console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=2 loglvl=warning guest_loglvl=warning"
+#: dom0's command line (no commas: QEMU's multiboot -initrd splits on them).
+DOM0_ARGS = "console=hvc0 earlyprintk=xen root=/dev/vda rw rootfstype=ext4 init=/sbin/xenlab-boot loglevel=3"
+
+#: Console output after which nothing useful follows.
+FATAL = re.compile(rb"KVM internal error|Panic on CPU \d+|Kernel panic - not syncing")
+
+
+class LabUnavailable(Exception):
+    """The lab cannot run on this host (missing tools or packages); the reason is the message."""
+
+
+class LabCommandFailed(Exception):
+    """A dom0 command exited non-zero."""
+
+
+def missing_tools() -> list[str]:
+    tools = ["qemu-system-x86_64", "debootstrap", "mkfs.ext4", "cpio", "gzip"]
+    missing = [t for t in tools if shutil.which(t) is None]
+    if not Path("/bin/busybox").exists():
+        missing.append("busybox-static")
+    return missing
+
+
+def build_image(timeout: float = 1800.0) -> Path:
+    """The cached image directory, built first if needed (see build-image.sh)."""
+    missing = missing_tools()
+    if missing:
+        raise LabUnavailable(f"missing on this host: {', '.join(missing)}")
+    if os.geteuid() != 0:
+        raise LabUnavailable("building the Xen lab image needs root")
+    proc = subprocess.run(
+        [str(HERE / "build-image.sh")], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if proc.returncode == 3:
+        raise LabUnavailable(proc.stderr.strip() or "build-image.sh: prerequisites missing")
+    if proc.returncode != 0:
+        raise LabUnavailable(f"image build failed (mirror unreachable?): {proc.stderr.strip()[-400:]}")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def build_payload(dest: Path) -> Path:
+    """An ext4 image with relocd's package and the dom0 scripts, from the working tree."""
+    stage = dest / "payload"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(REPO / "relocd", stage / "relocd", ignore=ignore)
+    shutil.copytree(HERE, stage / "xenlab", ignore=ignore)
+    image = dest / "payload.img"
+    image.unlink(missing_ok=True)
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-L", "xenlab-payload", "-d", str(stage), str(image), "64M"],
+        check=True,
+        capture_output=True,
+    )
+    shutil.rmtree(stage)
+    return image
+
+
+def pick_accel() -> str:
+    """TCG unless RELOCD_XENLAB_ACCEL=kvm.
+
+    Under this machine's (itself nested) KVM, Xen 4.17 dies before its first
+    console line: KVM fails to emulate a CET instruction (``rdsspq``, a NOP
+    without CET) early in Xen's boot, whatever Xen's ``cet=`` option says.
+    """
+    return "kvm" if os.environ.get("RELOCD_XENLAB_ACCEL") == "kvm" else "tcg"
+
+
+class XenLab:
+    """One booted lab: QEMU running Xen, dom0 waiting on its console."""
+
+    def __init__(self, image: Path, workdir: Path, *, accel: str | None = None, memory_mib: int = 3072) -> None:
+        self.image = image
+        self.workdir = workdir
+        self.accel = accel or pick_accel()
+        self.memory_mib = memory_mib
+        self.log_path = workdir / "serial.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._buf = bytearray()
+        self._cursor = 0
+        self._cond = threading.Condition()
+        self._reader: threading.Thread | None = None
+        self._token = 0
+        self.boot_s = 0.0
+
+    # -- life ----------------------------------------------------------------
+
+    def qemu_argv(self, payload: Path) -> list[str]:
+        cpu = "host" if self.accel == "kvm" else "Haswell-noTSX"
+        return [
+            "qemu-system-x86_64",
+            "-accel", self.accel, "-cpu", cpu, "-smp", "2", "-m", str(self.memory_mib),
+            "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
+            "-kernel", str(self.image / "xen"), "-append", XEN_ARGS,
+            "-initrd", f"{self.image / 'vmlinuz'} {DOM0_ARGS},{self.image / 'initrd.img'}",
+            "-drive", f"file={self.image / 'root.img'},if=virtio,format=raw,snapshot=on",
+            "-drive", f"file={payload},if=virtio,format=raw,readonly=on",
+            "-nic", "none",
+        ]  # fmt: skip
+
+    def start(self, boot_timeout: float = 600.0) -> None:
+        payload = build_payload(self.workdir)
+        t0 = time.monotonic()
+        self._proc = subprocess.Popen(
+            self.qemu_argv(payload), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        self._reader = threading.Thread(target=self._read, name="xenlab-serial", daemon=True)
+        self._reader.start()
+        self.expect(rb"XENLAB-READY", boot_timeout)
+        self.boot_s = time.monotonic() - t0
+
+    def close(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                self.send("echo o >/proc/sysrq-trigger\n")
+                proc.wait(timeout=20)
+            except (OSError, subprocess.TimeoutExpired):
+                proc.kill()
+                proc.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        self._proc = None
+
+    def __enter__(self) -> XenLab:
+        self.start()
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- the serial line -----------------------------------------------------
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        out = self._proc.stdout
+        with open(self.log_path, "ab") as log:
+            while True:
+                chunk = os.read(out.fileno(), 65536)
+                if not chunk:
+                    break
+                log.write(chunk)
+                log.flush()
+                with self._cond:
+                    self._buf += chunk
+                    self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def send(self, text: str) -> None:
+        """Type text into dom0's console, slowly enough for Xen's serial receive ring."""
+        assert self._proc is not None and self._proc.stdin is not None
+        data = text.encode()
+        for i in range(0, len(data), 32):
+            self._proc.stdin.write(data[i : i + 32])
+            self._proc.stdin.flush()
+            time.sleep(0.01)
+
+    def expect(self, pattern: bytes | re.Pattern[bytes], timeout: float) -> re.Match[bytes]:
+        """Wait for pattern in the output after the last match; the cursor moves past it."""
+        regex = re.compile(pattern) if isinstance(pattern, bytes) else pattern
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                m = regex.search(self._buf, self._cursor)
+                if m is not None:
+                    self._cursor = m.end()
+                    return m
+                fatal = FATAL.search(self._buf, max(0, self._cursor - 200))
+                if fatal is not None:
+                    raise LabUnavailable(f"lab crashed ({fatal.group().decode()}); see {self.log_path}")
+                if self._proc is None or self._proc.poll() is not None:
+                    raise LabUnavailable(f"QEMU exited (status {self._proc and self._proc.returncode}); see {self.log_path}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    tail = bytes(self._buf[-1500:]).decode(errors="replace")
+                    raise TimeoutError(f"no {regex.pattern!r} within {timeout:.0f}s; console tail:\n{tail}")
+                self._cond.wait(min(left, 1.0))
+
+    def run(self, command: str, timeout: float = 120.0, check: bool = True) -> str:
+        """Run a shell command in dom0; returns its output (stdout and stderr)."""
+        self._token += 1
+        token = f"t{self._token}x{os.getpid()}"
+        with self._cond:
+            start = self._cursor = len(self._buf)
+        self.send(f"{command}\necho @@$?@@{token}@@\n")
+        regex = re.compile(rb"@@(\d+)@@" + token.encode() + rb"@@")
+        m = self.expect(regex, timeout)
+        output = bytes(self._buf[start : m.start()]).decode(errors="replace").replace("\r", "")
+        rc = int(m.group(1))
+        if check and rc != 0:
+            raise LabCommandFailed(f"dom0: {command!r} exited {rc}:\n{output[-2000:]}")
+        return output
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("run", "shell"):
+        print(__doc__)
+        return 2
+    image = build_image()
+    with tempfile.TemporaryDirectory(prefix="xenlab-") as tmp:
+        lab = XenLab(image, Path(tmp))
+        print(f"booting ({lab.accel}) from {image}", file=sys.stderr)
+        try:
+            lab.start()
+            print(f"dom0 ready after {lab.boot_s:.1f}s", file=sys.stderr)
+            commands = argv[1:] if argv[0] == "run" else (line.rstrip("\n") for line in sys.stdin)
+            for command in commands:
+                t0 = time.monotonic()
+                print(f"### {command}", flush=True)
+                out = lab.run(command, timeout=600, check=False)
+                print(out, end="" if out.endswith("\n") or not out else "\n")
+                print(f"### ({time.monotonic() - t0:.1f}s)", flush=True)
+        finally:
+            lab.close()
+            shutil.copy(lab.log_path, "/tmp/xenlab-serial.log")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
