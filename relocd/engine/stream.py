@@ -138,6 +138,8 @@ class RecordChannel:
         """The next record; for PAGES a PagesHeader whose payload must be taken next."""
         raw = await self._read_exactly(HEADER_SIZE)
         header = parse_header(raw, self.max_frame)
+        # Out of turn? Refuse on the header, before buffering any body.
+        self.conversation.check_incoming_type(RecordType(header.type))
         record: object
         if header.type == RecordType.PAGES:
             fixed = await self._read_exactly(PAGES_FIXED_SIZE)

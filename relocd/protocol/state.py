@@ -229,6 +229,27 @@ class Conversation:
             raise ProtocolError(f"receive() needs a record, got {record!r}", remote=False)
         return self._advance(self.peer_side, record, remote=True)
 
+    def check_incoming_type(self, rtype: RecordType) -> None:
+        """Refuse a record from its header alone, before its body is read.
+
+        A record type the peer may not send now is a protocol error whatever
+        its body says, so a reader can stop before buffering a single body
+        byte (receive() still checks the whole record afterwards).
+        """
+        if rtype is RecordType.HELLO:
+            candidates = list(_HELLO_STEPS.values())
+        elif rtype is RecordType.RESUMED:
+            candidates = [Step.RESUMED_OK, Step.RESUMED_FAILED]
+        else:
+            candidates = [_PLAIN_STEPS[rtype]]
+        if not any((self.state, self.peer_side, step) in TRANSITIONS for step in candidates):
+            expected = " or ".join(s.value for s in allowed_steps(self.state, self.peer_side))
+            raise ProtocolError(
+                f"peer may not send {rtype.name} in state {self.state.value}"
+                f" (expected {expected or 'nothing'})",
+                remote=True,
+            )
+
     def _advance(
         self, sender: Side, item: Record | RecordType | type[Record], *, remote: bool
     ) -> ConversationState:

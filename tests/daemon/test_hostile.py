@@ -253,12 +253,6 @@ async def test_records_out_of_order_get_an_abort(hosts: tuple[DaemonProc, Daemon
     await still_serving(a, b)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RecordChannel.recv reads a record's body (for PAGES: a descriptor of up to "
-    "relocd-max-frame, allocated up front) before asking the conversation whether the "
-    "record type may come now (engine/stream.py)",
-)
 async def test_pages_out_of_order_is_refused_on_its_header(hosts: tuple[DaemonProc, DaemonProc]) -> None:
     _, b = hosts
     n_zero = ((16 << 20) - 32) // 8

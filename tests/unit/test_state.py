@@ -490,3 +490,19 @@ def test_every_step_inside_the_table_is_accepted(state: ConversationState, savef
             continue  # the initiator already said it is a source
         convs = drive([*path, (sender, step)], savefile=savefile)
         assert {conv.state for conv in convs.values()} == {nxt}
+
+
+def test_out_of_turn_type_is_refused_from_the_header_alone() -> None:
+    from relocd.errors import ProtocolError
+    from relocd.protocol.records import RecordType, Role
+    from relocd.protocol.state import Conversation
+
+    target = Conversation(Role.TARGET)
+    target.check_incoming_type(RecordType.HELLO)  # the one thing a source may send first
+    for rtype in (RecordType.PAGES, RecordType.GO, RecordType.COMMIT, RecordType.CONFIG):
+        try:
+            target.check_incoming_type(rtype)
+        except ProtocolError as exc:
+            assert exc.remote
+        else:
+            raise AssertionError(f"{rtype.name} accepted before HELLO")
