@@ -10,11 +10,13 @@ have to reconnect and ask).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import socket
 import time
 import uuid as uuidlib
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import numpy as np
 import structlog
@@ -41,6 +43,7 @@ from relocd.protocol.records import (
     Commit,
     Config,
     Digest,
+    DigestAlgo,
     Done,
     EndRound,
     Feature,
@@ -50,6 +53,7 @@ from relocd.protocol.records import (
     OutcomeState,
     Prepared,
     Query,
+    Record,
     Refuse,
     Reserve,
     Reserved,
@@ -79,6 +83,10 @@ class SendOptions:
 
 
 Reconnect = Callable[[], Awaitable[RecordChannel]]
+_T = TypeVar("_T")
+
+#: Background tasks telling a target to drop a prepared copy (kept referenced).
+_FOLLOW_UPS: set[asyncio.Task[bool]] = set()
 
 
 def node_name() -> str:
@@ -107,6 +115,44 @@ async def hello(channel: RecordChannel, role: Role, migration_id: str) -> Hello:
     peer = await channel.recv()
     assert isinstance(peer, Hello)
     return peer
+
+
+async def drop_prepared_copy(reconnect: Reconnect, migration_id: str, message: str, within_s: float) -> bool:
+    """We gave up before GO: see that the target drops any prepared copy it holds.
+
+    Asks (QUERY) until the target holds none (ABORTED, UNKNOWN) or holds a
+    prepared one and gets our ABORT, or ``within_s`` runs out; a target still
+    RECEIVING is asked again, as it may yet reach PREPARED.  True once resolved.
+    """
+    lg = log.bind(migration_id=migration_id)
+    deadline = time.monotonic() + within_s
+    delay = 0.5  # let an ABORT sent on the old connection land first
+    while True:
+        await asyncio.sleep(delay)
+        try:
+            channel = await reconnect()
+            try:
+                await hello(channel, Role.QUERY, migration_id)
+                await channel.send(Query(uuidlib.UUID(migration_id).bytes))
+                outcome = await channel.recv()
+                assert isinstance(outcome, Outcome)
+                if outcome.state == OutcomeState.PREPARED:
+                    await channel.send(Abort(Reason.CANCELLED, message[:200]))
+                    with contextlib.suppress(RelocdError, OSError, TimeoutError, AssertionError):
+                        async with asyncio.timeout(2):
+                            await channel.recv()  # the target closes once it has dropped it
+                    lg.info("target told to drop its prepared copy")
+                    return True
+                if outcome.state in (OutcomeState.ABORTED, OutcomeState.UNKNOWN):
+                    return True
+            finally:
+                await channel.close()
+        except (RelocdError, OSError) as exc:
+            lg.info("cannot reach the target yet to drop its prepared copy", error=str(exc))
+        if time.monotonic() + delay > deadline:
+            lg.error("target may still hold a prepared copy of a rolled-back migration")
+            return False
+        delay = min(delay * 2, 5.0)
 
 
 class SourceMigration:
@@ -143,6 +189,7 @@ class SourceMigration:
         self._renamed = False
         self._logging_dirty = False
         self._pending = np.empty(0, dtype=np.uint64)
+        self._committed = False
 
     @classmethod
     def in_doubt(
@@ -190,7 +237,7 @@ class SourceMigration:
             journaled = True
             self.journal.set_phase(self.mid, Phase.RESERVED)
             self.result.mark("reserved")
-            await self.channel.send(Config(config_to_sxp(self.domain.config)))
+            await self._send(Config(config_to_sxp(self.domain.config)))
             await fault_point("source", "config")
             if self.opts.live:
                 self.journal.set_phase(self.mid, Phase.STREAMING)
@@ -210,6 +257,26 @@ class SourceMigration:
             raise
         return await self._handoff()
 
+    # -- sending ---------------------------------------------------------------
+
+    async def _unless_stuck(self, sending: Awaitable[_T]) -> _T:
+        """A send that makes no progress for the idle timeout means the peer is gone.
+
+        Without this a peer (or a network) that stops reading leaves us blocked
+        on a full socket buffer forever, the domain paused if it happens after STOP.
+        """
+        timeout = getattr(self.channel, "read_timeout", None)
+        if timeout is None:
+            return await sending
+        try:
+            async with asyncio.timeout(timeout):
+                return await sending
+        except TimeoutError:
+            raise PeerGone(f"peer took no data for {timeout:g} s", reason=Reason.TIMEOUT) from None
+
+    async def _send(self, record: Record) -> None:
+        await self._unless_stuck(self.channel.send(record))
+
     # -- phases --------------------------------------------------------------
 
     async def _reserve(self) -> None:
@@ -227,10 +294,12 @@ class SourceMigration:
             "source_port": self.opts.source_port,
         }
         await self.progress(phase="reserve")
-        await self.channel.send(Reserve(request))
+        await self._send(Reserve(request))
         answer = await self.channel.recv()
         if isinstance(answer, Refuse):
             raise ReservationRefused(f"target refused: {answer.message}", reason=answer.reason)
+        if isinstance(answer, Abort):  # e.g. our RESERVE arrived corrupted
+            raise MigrationAborted(f"target aborted: {answer.message}", reason=answer.reason)
         assert isinstance(answer, Reserved)
 
     async def _send_pfns(self, round_no: int, pfns: np.ndarray) -> tuple[int, int]:
@@ -240,7 +309,7 @@ class SourceMigration:
         nbytes = 0
         for batch in iter_batches(pfns, self.opts.batch_pages):
             data, zero = split_zero_pages(memory, batch)
-            n = await self.channel.send_pages(round_no, data, zero, memory)
+            n = await self._unless_stuck(self.channel.send_pages(round_no, data, zero, memory))
             pages += len(batch)
             nbytes += n
             self.result.zero_pages += len(zero)
@@ -269,7 +338,7 @@ class SourceMigration:
             pfns = bitmap_to_pfns(bitmap, npages)
             dt = time.monotonic() - t0
             total_bytes += nbytes
-            await self.channel.send(EndRound(round_no, pages, len(pfns)))
+            await self._send(EndRound(round_no, pages, len(pfns)))
             self.result.iterations = round_no
             self.result.rounds.append(
                 RoundReport(round_no, pages, nbytes, round(dt * 1000, 3), len(pfns))
@@ -317,16 +386,17 @@ class SourceMigration:
             pfns = np.arange(dom.npages, dtype=np.uint64)
             round_no = 1
         self.journal.set_phase(self.mid, Phase.STOPPED)
-        await self.channel.send(Stop(round_no))
+        await self._send(Stop(round_no))
         await self._send_pfns(round_no, pfns)
         await fault_point("source", "stop-and-copy")
         self.result.iterations = round_no
         blob = await dom.save_state()
-        await self.channel.send(VcpuState(dom.config.driver, blob))
+        await self._send(VcpuState(dom.config.driver, blob))
         if self.opts.verify:
             digest = await asyncio.to_thread(memory_digest, dom.memory())
-            await self.channel.send(Digest(1, digest))
-        await self.channel.send(Commit())
+            await self._send(Digest(DigestAlgo.SHA256, digest))
+        self._committed = True  # from here the target may build a prepared copy
+        await self._send(Commit())
         self.result.mark("committed")
         if self._logging_dirty:
             await dom.dirty_log_stop()
@@ -351,7 +421,7 @@ class SourceMigration:
         self._renamed = True
         self.journal.set_phase(self.mid, Phase.GO_SENT)
         try:
-            await self.channel.send(Go())
+            await self._send(Go())
             await fault_point("source", "go")
             answer = await self.channel.recv()
         except (RelocdError, OSError) as exc:
@@ -459,6 +529,14 @@ class SourceMigration:
         await self._restore_local()
         if journaled:
             self.journal.finish(self.mid, "rolled-back", msg)
+        if self._committed and self.reconnect is not None:
+            # The target may hold a prepared copy and wait for GO or ABORT that
+            # the dead link will never carry: tell it on a new connection.
+            task = asyncio.get_running_loop().create_task(
+                drop_prepared_copy(self.reconnect, self.mid, f"source gave up: {msg}", self.opts.recovery_s)
+            )
+            _FOLLOW_UPS.add(task)
+            task.add_done_callback(_FOLLOW_UPS.discard)
 
     async def _restore_local(self) -> None:
         dom = self.domain

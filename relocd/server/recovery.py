@@ -13,18 +13,22 @@ Target side:
 
 from __future__ import annotations
 
-import uuid as uuidlib
 from typing import TYPE_CHECKING
 
 import structlog
 
-from relocd.drivers.base import INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX, Domain, DomainState
+from relocd.drivers.base import (
+    INCOMING_SUFFIX,
+    MIGRATED_AWAY_SUFFIX,
+    Domain,
+    DomainState,
+)
 from relocd.engine.journal import JournalEntry, Phase
-from relocd.engine.source import SendOptions, SourceMigration, hello
 from relocd.engine.policy import XendPolicy
+from relocd.engine.source import SendOptions, SourceMigration, drop_prepared_copy
 from relocd.engine.stream import RecordChannel
-from relocd.errors import Reason, RelocdError
-from relocd.protocol.records import Abort, Outcome, OutcomeState, Query, Role
+from relocd.errors import RelocdError
+from relocd.protocol.records import Role
 from relocd.protocol.state import Conversation
 from relocd.server.transport import connect
 
@@ -35,6 +39,8 @@ log = structlog.get_logger("relocd.recovery")
 
 #: a restarted source keeps asking a silent target for this long
 IN_DOUBT_RETRY_S = 7 * 24 * 3600.0
+#: a restarted source keeps telling an unreachable target to drop a prepared copy this long
+ROLLBACK_RETRY_S = 3600.0
 
 
 def split_host_port(text: str) -> tuple[str, int]:
@@ -102,18 +108,10 @@ async def _open(daemon: Daemon, peer: str) -> RecordChannel:
 
 
 async def _tell_target_abort(daemon: Daemon, entry: JournalEntry) -> None:
-    """Best effort: a target holding a prepared copy may drop it now."""
-    try:
-        channel = await _open(daemon, entry.peer)
-        await hello(channel, Role.QUERY, entry.migration_id)
-        await channel.send(Query(uuidlib.UUID(entry.migration_id).bytes))
-        outcome = await channel.recv()
-        assert isinstance(outcome, Outcome)
-        if outcome.state == OutcomeState.PREPARED:
-            await channel.send(Abort(Reason.SHUTDOWN, "source restarted before GO"))
-        await channel.close()
-    except (RelocdError, OSError) as exc:
-        log.info("could not tell the target about the rollback", error=str(exc), peer=entry.peer)
+    """A target holding a prepared copy must drop it now; keep asking while it is unreachable."""
+    await drop_prepared_copy(
+        lambda: _open(daemon, entry.peer), entry.migration_id, "source restarted before GO", ROLLBACK_RETRY_S
+    )
 
 
 async def _resolve_in_doubt(daemon: Daemon, entry: JournalEntry, dom: Domain) -> None:
