@@ -21,7 +21,11 @@ from relocd.engine.faults import fault_point
 from relocd.engine.hooks import DomainHooks
 from relocd.engine.journal import Journal, Phase
 from relocd.engine.pages import memory_digest
-from relocd.engine.reservation import ReservationRequest, ReservationTable, check_reservation
+from relocd.engine.reservation import (
+    ReservationRequest,
+    ReservationTable,
+    check_reservation,
+)
 from relocd.engine.result import Progress, no_progress
 from relocd.engine.source import FEATURES, node_name
 from relocd.engine.stream import PeerGone, RecordChannel
@@ -354,6 +358,7 @@ class TargetSession:
             await self.ctx.hooks.destroyed(domain)
             self.domain = None
             self.ctx.in_doubt.pop(mid, None)
+            self.ctx.incoming.pop(mid, None)
             self.ctx.reservations.release(mid)
             self.ctx.journal.set_phase(mid, Phase.ABORTED)
             self.ctx.journal.finish(mid, "rolled-back", decision.message)
