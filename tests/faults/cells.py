@@ -36,14 +36,15 @@ KILL_SOURCE = "kill-source"
 KILL_TARGET = "kill-target"
 FAULTS = (KILL_SOURCE, KILL_TARGET, Action.CUT.value, Action.CORRUPT.value, Action.STALL.value)
 
-#: Small timeouts so a silent peer is noticed in seconds, not minutes.
-FAST_CONFIG = """
-(relocd-handshake-timeout 3)
-(relocd-idle-timeout 3)
-(relocd-reservation-timeout 5)
-(relocd-precopy-policy xend)
-(relocd-max-iterations 4)
-"""
+#: Small timeouts so a silent peer is noticed in seconds, not minutes; xend's
+#: precopy rules with a hotset so there always is a second round.
+FAST_OPTIONS = {
+    "relocd-handshake-timeout": "3",
+    "relocd-idle-timeout": "3",
+    "relocd-reservation-timeout": "5",
+    "relocd-precopy-policy": "xend",
+    "relocd-max-iterations": "4",
+}
 WORKLOAD = "hotset:size=8MiB,rate=40MB/s"
 DOMAIN = "web"
 #: How long a cell may take from the fault to a settled invariant.
@@ -75,6 +76,17 @@ class FaultyDaemon(DaemonProc):
 
     fault_spec: str | None = None
 
+    def __init__(self, root: Path, name: str, address: str) -> None:
+        super().__init__(root, name, address)
+        # The harness writes its own timeouts first, and the first occurrence
+        # of an option wins: replace those lines rather than append ours.
+        lines = [
+            line for line in self.config.read_text().splitlines()
+            if not any(line.startswith(f"({opt} ") for opt in FAST_OPTIONS)
+        ]  # fmt: skip
+        lines += [f"({opt} {value})" for opt, value in FAST_OPTIONS.items()]
+        self.config.write_text("\n".join(lines) + "\n")
+
     def start(self, timeout: float = 30.0) -> None:
         spec, self.fault_spec = self.fault_spec, None
         old = os.environ.pop("RELOCD_FAULT", None)
@@ -90,8 +102,8 @@ class FaultyDaemon(DaemonProc):
 
 @contextlib.contextmanager
 def daemon_pair(root: Path) -> Iterator[tuple[FaultyDaemon, FaultyDaemon]]:
-    a = FaultyDaemon(root, "hostA", "127.0.0.1", extra_config=FAST_CONFIG)
-    b = FaultyDaemon(root, "hostB", "127.0.0.2", extra_config=FAST_CONFIG)
+    a = FaultyDaemon(root, "hostA", "127.0.0.1")
+    b = FaultyDaemon(root, "hostB", "127.0.0.2")
     try:
         yield a, b
     finally:
