@@ -24,4 +24,10 @@ def load_driver(name: str, state_dir: Path) -> Driver:
         except ImportError as exc:  # pragma: no cover - depends on the build
             raise DriverError(f"kvm driver unavailable: {exc}") from exc
         return KvmDriver(state_dir)
+    if name == "xen":
+        # Lazy: the bindings load libxenctrl only in start(), which raises
+        # DriverError on a host that is not a Xen dom0.
+        from relocd.drivers.xen import XenDriver
+
+        return XenDriver(state_dir)
     raise DriverError(f"unknown or unavailable driver {name!r} (known: {', '.join(DRIVER_NAMES)})")

@@ -1,0 +1,258 @@
+"""The xen driver: Xen domains of this dom0, seen through libxenctrl, xenstore and xl.
+
+What works: listing (every domain but dom0, refreshed from the hypervisor on
+each call, so domains made with ``xl create`` show up), reading a domain's
+libxl configuration, pause/resume, destroy, rename, creating a booted PV
+domain, and host capabilities (free memory from Xen, Xen's PV CPU featureset).
+
+What does not, yet: moving a Xen domain.  The engine's seam hands a driver's
+guest memory out as one flat writable view and its vCPU state as one blob;
+a PV guest's memory holds page tables full of machine frame numbers that only
+Xen's save/restore code (libxenguest) can translate, so the memory, dirty-log
+and state methods refuse with a DriverError that says so (docs/xen.md says
+what the seam needs for Xen).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from relocd.drivers.base import DirtyBitmap, Domain, DomainConfig, DomainState, Driver, HostCaps
+from relocd.drivers.sim.hostinfo import bridges
+from relocd.drivers.xen import config as xencfg
+from relocd.drivers.xen import features, libxc, xl
+from relocd.errors import DomainExists, DriverError
+
+log = logging.getLogger(__name__)
+
+NOT_MOVABLE = (
+    "xen driver: Xen domains cannot be moved by relocd yet "
+    "(their memory and state only travel through Xen's own save/restore; see docs/xen.md)"
+)
+#: domains whose name relocd cannot carry are left out of the list
+_DOM0 = 0
+
+
+class XenDomain(Domain):
+    """One domU, by domid; its config is refreshed from xenstore on every listing."""
+
+    def __init__(self, driver: XenDriver, domid: int, config: DomainConfig) -> None:
+        self._driver = driver
+        self.domid = domid
+        self.config = config
+        self.destroyed = False
+
+    def __repr__(self) -> str:
+        return f"<XenDomain {self.name} domid={self.domid}>"
+
+    def _info(self) -> libxc.DomInfo:
+        info = self._driver.ctrl.domain(self.domid)
+        if info is None or info.uuid != self.config.uuid:
+            raise DriverError(f"xen driver: domain {self.name} (domid {self.domid}) is gone")
+        return info
+
+    @property
+    def state(self) -> DomainState:
+        return DomainState.PAUSED if self._info().paused else DomainState.RUNNING
+
+    async def pause(self) -> None:
+        await asyncio.to_thread(self._driver.ctrl.pause, self.domid)
+
+    async def resume(self) -> None:
+        await asyncio.to_thread(self._driver.ctrl.unpause, self.domid)
+
+    async def destroy(self) -> None:
+        if self.destroyed:
+            return
+        if await asyncio.to_thread(self._driver.ctrl.domain, self.domid) is not None:
+            await xl.destroy(self.domid)
+        self.destroyed = True
+        self._driver.forget(self)
+
+    async def rename(self, new_name: str) -> None:
+        try:
+            renamed = self.config.model_copy(update={"name": new_name})
+            DomainConfig.model_validate(renamed.model_dump())
+        except ValidationError:
+            raise DriverError(f"xen driver: bad domain name {new_name!r}") from None
+        await xl.rename(self.domid, new_name)
+        self.config = renamed
+
+    async def libxl_config(self) -> dict[str, Any]:
+        """libxl's full configuration of this domain (``xl list -l``)."""
+        return await xl.domain_config_json(self.domid)
+
+    async def read_config(self) -> DomainConfig:
+        """The domain's configuration as libxl has it (vifs, boot triple), kept as ``config``."""
+        cfg = xencfg.from_libxl_json(await self.libxl_config())
+        if cfg.uuid != self.config.uuid:
+            raise DriverError(f"xen driver: domain {self.name} (domid {self.domid}) is gone")
+        self.config = cfg
+        return cfg
+
+    async def stats(self) -> dict[str, Any]:
+        info = await asyncio.to_thread(self._info)
+        return {
+            "domid": self.domid,
+            "cpu_time_s": info.cpu_time_ns / 1e9,
+            "tot_pages": info.tot_pages,
+            "paused": info.paused,
+            "shutdown": info.shutdown,
+        }
+
+    # -- what the engine's memory seam would need (docs/xen.md) ----------------
+
+    def memory(self) -> memoryview:
+        raise DriverError(NOT_MOVABLE)
+
+    async def dirty_log_start(self) -> None:
+        raise DriverError(NOT_MOVABLE)
+
+    async def dirty_log_fetch(self) -> DirtyBitmap:
+        raise DriverError(NOT_MOVABLE)
+
+    async def dirty_log_stop(self) -> None:
+        raise DriverError(NOT_MOVABLE)
+
+    async def save_state(self) -> bytes:
+        raise DriverError(NOT_MOVABLE)
+
+    async def load_state(self, blob: bytes) -> None:
+        raise DriverError(NOT_MOVABLE)
+
+
+class XenDriver(Driver):
+    """The domUs of the dom0 this daemon runs in."""
+
+    name = "xen"
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir)
+        self._ctrl: libxc.XenCtrl | None = None
+        self._store: libxc.XenStore | None = None
+        self._domains: dict[int, XenDomain] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def ctrl(self) -> libxc.XenCtrl:
+        if self._ctrl is None:
+            raise DriverError("xen driver: not started")
+        return self._ctrl
+
+    async def start(self) -> None:
+        def open_handles() -> None:
+            self._ctrl = libxc.XenCtrl()
+            try:
+                self._store = libxc.XenStore()
+            except DriverError:
+                self._ctrl.close()
+                self._ctrl = None
+                raise
+
+        await asyncio.to_thread(open_handles)
+        found = self.domains()
+        log.info("xen driver: %d domain(s): %s", len(found), ", ".join(d.name for d in found))
+
+    async def close(self) -> None:
+        with self._lock:
+            self._domains = {}
+        for handle in (self._store, self._ctrl):
+            if handle is not None:
+                handle.close()
+        self._store = self._ctrl = None
+
+    def _config_of(self, info: libxc.DomInfo) -> DomainConfig | None:
+        """Name, memory and vCPUs from xenstore and the hypervisor (cheap: no xl run)."""
+        assert self._store is not None
+        base = f"/local/domain/{info.domid}"
+        name = self._store.read(f"{base}/name")
+        if name is None:
+            return None  # still being built (or torn down) by the toolstack
+        static_max_kb = self._store.read(f"{base}/memory/static-max")
+        memory_mib = int(static_max_kb) // 1024 if static_max_kb else info.max_pages >> 8
+        try:
+            return DomainConfig(
+                name=name,
+                uuid=info.uuid,
+                memory_mib=max(1, memory_mib),
+                vcpus=info.max_vcpu_id + 1,
+                driver=self.name,
+                extra={xencfg.TYPE: "hvm" if info.hvm else "pv"},
+            )
+        except ValidationError:
+            log.warning("xen driver: leaving out domain %d: relocd cannot carry its name %r", info.domid, name)
+            return None
+
+    def domains(self) -> list[Domain]:
+        if self._ctrl is None:
+            return []
+        infos = [i for i in self.ctrl.domains() if i.domid != _DOM0 and not i.dying]
+        with self._lock:
+            current: dict[int, XenDomain] = {}
+            for info in infos:
+                config = self._config_of(info)
+                if config is None:
+                    continue
+                known = self._domains.get(info.domid)
+                if known is not None and known.config.uuid == info.uuid:
+                    if known.config.name != config.name or known.config.memory_mib != config.memory_mib:
+                        known.config = known.config.model_copy(
+                            update={"name": config.name, "memory_mib": config.memory_mib}
+                        )
+                    current[info.domid] = known
+                else:
+                    current[info.domid] = XenDomain(self, info.domid, config)
+            self._domains = current
+            return list(current.values())
+
+    def forget(self, domain: XenDomain) -> None:
+        with self._lock:
+            if self._domains.get(domain.domid) is domain:
+                del self._domains[domain.domid]
+
+    async def create(self, config: DomainConfig, *, start: bool = True) -> XenDomain:
+        if config.driver != self.name:
+            raise DriverError(f"domain {config.name} wants driver {config.driver!r}, not {self.name!r}")
+        if not start:
+            raise DriverError(NOT_MOVABLE)
+        for d in self.domains():
+            if d.name == config.name or d.config.uuid == config.uuid:
+                raise DomainExists(f"domain {d.name} ({d.config.uuid}) already exists")
+        text = xencfg.to_xl_config(config)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix=f"{config.name}.", suffix=".cfg", dir=self.state_dir)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            await xl.create(path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        for d in self.domains():
+            if d.config.uuid == config.uuid:
+                assert isinstance(d, XenDomain)
+                return d
+        raise DriverError(f"xen driver: xl created {config.name} but it is not listed")
+
+    async def capabilities(self) -> HostCaps:
+        def read() -> HostCaps:
+            info = self.ctrl.physinfo()
+            words = self.ctrl.featureset(libxc.FEATURESET_PV_MAX)
+            return HostCaps(
+                driver=self.name,
+                free_memory_bytes=int(info.free_pages) << libxc.PAGE_SHIFT,
+                max_vcpus=max(1, int(info.nr_cpus)),
+                cpu_features=features.featureset_names(words),
+                bridges=bridges(),
+            )
+
+        return await asyncio.to_thread(read)
