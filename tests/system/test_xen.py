@@ -1,0 +1,197 @@
+"""The xen driver against real Xen: Xen 4.17 nested under QEMU (tests/xenlab/).
+
+Two parts:
+
+* host-only checks (no Xen needed): the ctypes layouts against Xen's headers
+  where ``libxen-dev`` and a C compiler are present, featureset naming, the
+  libxl-JSON/xl-config conversions, and the clear refusal on a host without Xen;
+* lab checks (marked ``system``): boot the lab once per module (about a
+  minute under TCG once the image is cached; building the image from Debian's
+  packages takes about five more), then drive relocd's xen driver inside dom0
+  against a running PV domU, and run ``xl migrate`` to localhost, the
+  reference a relocd migration will be compared with.
+
+The lab checks skip, with the reason, when RELOCD_XENLAB=0, without root,
+without QEMU/debootstrap/busybox-static/cpio, or when the image cannot be
+built (no Debian mirror).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relocd.drivers import load_driver
+from relocd.drivers.base import DomainConfig, Vif
+from relocd.drivers.xen import config as xencfg
+from relocd.drivers.xen import libxc
+from relocd.drivers.xen.features import featureset_names
+from relocd.errors import DriverError
+from tests.xenlab.lab import LabUnavailable, XenLab, build_image
+
+# -- host-only ------------------------------------------------------------------
+
+LAYOUT_PROGRAM = r"""
+#include <stdio.h>
+#include <stddef.h>
+#include <xenctrl.h>
+int main(void) {
+    printf("%zu %zu %zu %zu %zu %zu %zu\n", sizeof(xc_domaininfo_t), sizeof(xc_physinfo_t),
+           offsetof(xc_domaininfo_t, cpu_time), offsetof(xc_domaininfo_t, handle),
+           offsetof(xc_domaininfo_t, arch_config), offsetof(xc_physinfo_t, free_pages),
+           offsetof(xc_physinfo_t, hw_cap));
+    return 0;
+}
+"""
+
+
+def test_ctypes_layouts_match_xen_headers(tmp_path: Path) -> None:
+    if shutil.which("cc") is None or not Path("/usr/include/xenctrl.h").exists():
+        pytest.skip("needs a C compiler and libxen-dev's headers")
+    src = tmp_path / "layout.c"
+    src.write_text(LAYOUT_PROGRAM)
+    subprocess.run(["cc", "-o", str(tmp_path / "layout"), str(src)], check=True, capture_output=True)
+    c_view = [int(x) for x in subprocess.check_output([str(tmp_path / "layout")]).split()]
+    ours = [
+        ctypes.sizeof(libxc.DomctlDomainInfo),
+        ctypes.sizeof(libxc.PhysInfo),
+        libxc.DomctlDomainInfo.cpu_time.offset,
+        libxc.DomctlDomainInfo.handle.offset,
+        libxc.DomctlDomainInfo.arch_config.offset,
+        libxc.PhysInfo.free_pages.offset,
+        libxc.PhysInfo.hw_cap.offset,
+    ]
+    assert ours == c_view
+
+
+def test_featureset_words_name_cpuid_bits() -> None:
+    words = [0] * 12
+    words[0] = 1 << 26  # 1.edx: sse2
+    words[1] = 1 << 20  # 1.ecx: sse4_2
+    words[2] = 1 << 29  # e1.edx: lm
+    words[5] = 1 << 5  # 7.ebx: avx2
+    words[4] = 0xFFFFFFFF  # 0xd:1.eax: not named, must not leak in
+    assert featureset_names(words) == frozenset({"sse2", "sse4_2", "lm", "avx2"})
+
+
+LIBXL_JSON = {
+    "c_info": {"type": "pv", "name": "web1", "uuid": "3cd56214-e8ae-4f94-87f4-c921f90b19d6"},
+    "b_info": {
+        "max_vcpus": 2,
+        "max_memkb": 262144,
+        "target_memkb": 262144,
+        "type.pv": {"kernel": "/boot/vmlinuz", "ramdisk": "/boot/initrd", "cmdline": "console=hvc0"},
+    },
+    "nics": [{"devid": 0, "mac": "00:16:3e:01:02:03", "bridge": "xenbr0", "ip": "10.0.0.5"}],
+}
+
+
+def test_libxl_json_to_config_and_back_to_xl() -> None:
+    cfg = xencfg.from_libxl_json(LIBXL_JSON)
+    assert (cfg.name, cfg.memory_mib, cfg.vcpus, cfg.driver) == ("web1", 256, 2, "xen")
+    assert cfg.vifs == (Vif(mac="00:16:3e:01:02:03", ips=("10.0.0.5",), bridge="xenbr0"),)
+    text = xencfg.to_xl_config(cfg)
+    assert 'kernel = "/boot/vmlinuz"' in text and 'extra = "console=hvc0"' in text
+    assert 'vif = ["mac=00:16:3e:01:02:03,bridge=xenbr0,ip=10.0.0.5"]' in text
+    assert "memory = 256" in text and f'uuid = "{cfg.uuid}"' in text
+
+
+def test_xl_config_text_keeps_its_lines_but_not_identity() -> None:
+    given = 'name = "old"\nmemory = 64\nkernel = "/k"\non_crash = "preserve"\n'
+    cfg = DomainConfig(name="new", memory_mib=128, driver="xen", extra={xencfg.XL_CONFIG: given})
+    text = xencfg.to_xl_config(cfg)
+    assert 'name = "old"' not in text and "memory = 64" not in text
+    assert 'kernel = "/k"' in text and 'on_crash = "preserve"' in text and 'name = "new"' in text
+
+
+def test_config_without_kernel_is_refused() -> None:
+    with pytest.raises(DriverError, match="no xl config and no kernel"):
+        xencfg.to_xl_config(DomainConfig(name="x", memory_mib=64, driver="xen"))
+
+
+@pytest.mark.skipif(Path("/proc/xen/capabilities").exists(), reason="this host is a Xen domain")
+async def test_driver_refuses_clearly_without_xen(tmp_path: Path) -> None:
+    driver = load_driver("xen", tmp_path)  # lazy: loading never touches Xen
+    assert driver.domains() == []
+    with pytest.raises(DriverError) as refused:
+        await driver.start()
+    assert refused.value.message.startswith("xen driver: ") and "\n" not in refused.value.message
+
+
+# -- the lab --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XenLab]:
+    if os.environ.get("RELOCD_XENLAB", "1") == "0":
+        pytest.skip("RELOCD_XENLAB=0")
+    try:
+        image = build_image()
+    except LabUnavailable as exc:
+        pytest.skip(f"Xen lab unavailable: {exc}")
+    workdir = tmp_path_factory.mktemp("xenlab")
+    lab = XenLab(image, workdir)
+    try:
+        lab.start(boot_timeout=600)
+        lab.run("xl create -q /lab/xenlab/domu.cfg", timeout=180)
+        # The domU's kernel boots in a few seconds of TCG time; wait for its counter.
+        lab.run("until grep -q '^count 3' /var/log/xen/console/guest-domu.log; do sleep 1; done", timeout=180)
+        yield lab
+    finally:
+        lab.close()
+
+
+def last_count(lab: XenLab) -> int:
+    out = lab.run("grep '^count ' /var/log/xen/console/guest-domu.log | tail -1")
+    m = re.search(r"count (\d+)", out)
+    assert m, out
+    return int(m.group(1))
+
+
+def domu_copies(lab: XenLab) -> list[str]:
+    return [line.split()[0] for line in lab.run("xl list").splitlines() if line.startswith("domu")]
+
+
+@pytest.mark.system
+def test_driver_operations_in_the_lab(lab: XenLab) -> None:
+    out = lab.run("cd /tmp && timeout 400 python3 /lab/xenlab/check_driver.py", timeout=450)
+    m = re.search(r"^XENCHECK (.*)$", out, re.MULTILINE)
+    assert m, out
+    r = json.loads(m.group(1))
+    # Capabilities come from Xen: dom0 is fixed at 1 GiB of the lab's 3 GiB.
+    assert 1200 < r["caps"]["free_memory_mib"] < 2100
+    assert r["caps"]["has_sse2"] and r["caps"]["max_vcpus"] == 2
+    assert r["listed"] == [["domu", 128, 1, "running"]]
+    assert r["config"]["extra"]["xen_kernel"] == "/var/lib/xen/domu-vmlinuz"
+    assert r["config"]["extra"]["xen_type"] == "pv"
+    assert r["paused_state"] == "paused" and r["resumed_state"] == "running"
+    frozen_from, frozen_to = r["count_while_paused"]
+    assert frozen_from == frozen_to, "the counter moved while the domain was paused"
+    assert r["count_after_resume"] > frozen_to, "the counter did not go on after resume"
+    assert "cannot be moved by relocd yet" in r["memory"]
+    assert "domu-renamed" in r["after_rename"]
+    name, domid, running, listed = r["created"]
+    assert name == "domu2" and domid > 0 and running and listed == ["domu", "domu2"]
+    assert r["after_destroy"] == ["Domain-0", "domu"]
+
+
+@pytest.mark.system
+def test_xl_migrate_to_localhost_reference(lab: XenLab) -> None:
+    """Xen's own live migration in the lab: the reference relocd is compared with."""
+    before = last_count(lab)
+    lab.run("xl migrate -s '' domu 'xl migrate-receive' >/tmp/xl-migrate.log 2>&1", timeout=300)
+    assert domu_copies(lab) == ["domu"]
+    lab.run("sleep 4")
+    after = last_count(lab)
+    assert after > before + 1, f"console stopped counting: {before} -> {after}"
+    restarted = lab.run("grep -c '^count 1$' /var/log/xen/console/guest-domu.log || true")
+    assert restarted.strip() == "1", "the guest rebooted instead of moving"
+
