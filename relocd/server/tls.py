@@ -282,7 +282,7 @@ async def accept_tls(
             )
     except asyncio.CancelledError:
         raise
-    except Exception as exc:
+    except OSError as exc:  # ssl.SSLError, ConnectionError and TimeoutError are OSErrors
         raise _handshake_error(exc, peer, timeout) from None
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
     return StreamTransport(reader, writer)
@@ -309,7 +309,7 @@ async def connect_tls(host: str, port: int, ctx: ssl.SSLContext, timeout: float)
     except asyncio.CancelledError:
         sock.close()
         raise
-    except Exception as exc:
+    except OSError as exc:  # ssl.SSLError, ConnectionError and TimeoutError are OSErrors
         sock.close()
         raise _handshake_error(exc, where, timeout) from None
     return StreamTransport(reader, writer, client=True)

@@ -29,7 +29,7 @@ from typing import Any
 
 from relocd.errors import RelocdError
 
-__all__ = ["CertFiles", "make_ca", "make_host_cert", "main"]
+__all__ = ["CertFiles", "main", "make_ca", "make_host_cert"]
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
@@ -87,7 +87,7 @@ def _key_pem(c: dict[str, ModuleType], key: Any) -> bytes:
 
 
 def _validity(days: int) -> tuple[datetime.datetime, datetime.datetime]:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     start = now - datetime.timedelta(minutes=5)  # small clock skew between lab hosts
     return start, start + datetime.timedelta(days=days)
 
@@ -111,12 +111,18 @@ def make_ca(directory: Path, *, name: str = "relocd lab CA", days: int = DEFAULT
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
-        )  # fmt: skip
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, c["hashes"].SHA256())
     )

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from harness import DaemonProc
+
 from relocd.config.domain import config_to_sxp
 from relocd.drivers.base import DomainConfig
 from relocd.errors import Reason
@@ -65,7 +65,7 @@ class RawPeer:
         try:
             while chunk := self.sock.recv(65536):
                 out += chunk
-        except (ConnectionError, socket.timeout):
+        except (TimeoutError, ConnectionError):
             pass
         return bytes(out)
 
@@ -259,7 +259,7 @@ async def test_pages_out_of_order_is_refused_on_its_header(hosts: tuple[DaemonPr
     fixed = struct.pack("!IIII", 1, 0, n_zero, 0)
     header = frame(RecordType.PAGES, fixed, length=16 + 8 * n_zero)[:12]
     loop = asyncio.get_running_loop()
-    got, took = await loop.run_in_executor(None, closes_after, b, PREAMBLE + hello() + header + fixed)
+    _, took = await loop.run_in_executor(None, closes_after, b, PREAMBLE + hello() + header + fixed)
     assert took < IDLE_S / 2, f"the daemon waited {took:.1f} s for a descriptor it should not read"
 
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from harness import DaemonProc, free_port
+
 from relocd.config.settings import Settings
 from relocd.engine.stream import PeerGone
 from relocd.errors import ConfigError
@@ -35,7 +35,7 @@ from relocd.server.tls import (
 )
 
 pytest.importorskip("cryptography")
-from relocd.tools.certs import CertFiles, make_ca, make_host_cert  # noqa: E402
+from relocd.tools.certs import CertFiles, make_ca, make_host_cert
 
 HOTSET = "hotset:size=8MiB,rate=20MB/s"
 
@@ -368,3 +368,31 @@ def test_contexts_refuse_old_tls_and_bad_files(lab: Lab, tmp_path: Path) -> None
         client_context(Settings(ssl_ca_file=bad))
     with pytest.raises(ConfigError, match="cannot load"):
         server_context(Settings(ssl_key_file=lab.hosts["hostB"].key, ssl_cert_file=files.cert))
+    # An encrypted key fails to load instead of prompting on the daemon's terminal.
+    from cryptography.hazmat.primitives import serialization as ser
+
+    key = ser.load_pem_private_key(files.key.read_bytes(), None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.BestAvailableEncryption(b"pw"))
+    )
+    with pytest.raises(ConfigError, match="the key file is encrypted"):
+        server_context(Settings(ssl_key_file=encrypted, ssl_cert_file=files.cert))
+
+
+def test_cert_tool_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from relocd.tools.certs import main
+
+    assert main([str(tmp_path), "--host", "h"]) == 1  # no CA yet
+    assert "make the CA first" in capsys.readouterr().err
+    assert main([str(tmp_path), "--ca"]) == 0
+    assert main([str(tmp_path), "--host", "h", "--ip", "192.0.2.1", "--dns", "h.example"]) == 0
+    assert main([str(tmp_path), "--host", "h"]) == 1  # exists
+    assert main([str(tmp_path), "--host", "h", "--ip", "not-an-ip", "--force"]) == 1
+    assert (tmp_path / "h.key").stat().st_mode & 0o777 == 0o600
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate((tmp_path / "h.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["h", "h.example"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["192.0.2.1"]

@@ -3,7 +3,8 @@
 
 Input layout: byte 0 picks the decoder's options and the chunking, the rest
 is the byte stream.  Anything but ProtocolError escaping is a crash, and so is
-a record that re-encodes into bytes decoding to a different record.
+a record that re-encodes into bytes decoding to a different record.  A
+RESERVE's request also goes through the target's validation.
 
     python tests/fuzz/fuzz_codec.py -max_total_time=60 WORKDIR tests/fuzz/corpus/codec
 """
@@ -16,17 +17,39 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fuzzlib import instrumented, main  # noqa: E402
+from fuzzlib import instrumented, main
 
 with instrumented():
+    from relocd.engine.reservation import ReservationRequest
     from relocd.errors import ProtocolError
-    from relocd.protocol.codec import FrameDecoder, NeedData, EndOfStream, Pages, decode_body, encode, parse_header
+    from relocd.protocol.codec import (
+        EndOfStream,
+        FrameDecoder,
+        NeedData,
+        Pages,
+        decode_body,
+        encode,
+        parse_header,
+    )
     from relocd.protocol.codes import OutcomeState, Role
     from relocd.protocol.records import (
-        Commit, Config, Done, Go, Hello, Outcome, PagesHeader, Prepared, Query, Record, Reserve,
-        Reserved, Resumed, Stop, VcpuState,
+        Commit,
+        Config,
+        Done,
+        Go,
+        Hello,
+        Outcome,
+        PagesHeader,
+        Prepared,
+        Query,
+        Record,
+        Reserve,
+        Reserved,
+        Resumed,
+        Stop,
+        VcpuState,
     )  # fmt: skip
-    from relocd.protocol.state import Conversation, Side, Step, allowed_steps
+    from relocd.protocol.state import Conversation, Step, allowed_steps
 
 MAX_LENGTH = 1 << 20
 NPAGES = 4096
@@ -114,6 +137,11 @@ def _drain(decoder: FrameDecoder, conversation: Conversation, said: set[Step]) -
         else:
             record = event
         _check_round_trip(record)
+        if isinstance(record, Reserve):
+            try:  # a peer's reservation request: malformed is a ProtocolError, nothing else
+                ReservationRequest.from_wire(record.request)
+            except ProtocolError:
+                pass
         try:
             conversation.receive(record)
         except ProtocolError as exc:

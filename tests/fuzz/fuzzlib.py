@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 try:
-    import atheris
+    import atheris  # type: ignore[import-untyped]
 except ImportError:  # pragma: no cover - depends on the machine
     atheris = None
 
@@ -37,7 +37,8 @@ def instrumented() -> contextlib.AbstractContextManager[Any]:
     """Import the code under test inside this block so atheris can trace its coverage."""
     if atheris is None or "--fallback" in sys.argv or not _running_a_harness():
         return contextlib.nullcontext()  # e.g. imported by the pytest run over the corpus
-    return atheris.instrument_imports(include=["relocd"])
+    manager: contextlib.AbstractContextManager[Any] = atheris.instrument_imports(include=["relocd"])
+    return manager
 
 
 def _running_a_harness() -> bool:
