@@ -14,10 +14,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 
+import blake3
 import numpy as np
 import numpy.typing as npt
 
 from relocd.errors import ProtocolError
+from relocd.protocol.codes import DigestAlgo
 from relocd.units import PAGE_SIZE
 
 Pfns = npt.NDArray[np.uint64]
@@ -274,9 +276,16 @@ def zero_pages(memory: memoryview, pfns: Pfns) -> None:
         pages[pfn_array.astype(np.intp)] = 0
 
 
-def memory_digest(memory: memoryview) -> bytes:
-    """SHA-256 of all guest memory (``--verify``); slow, so callers run it in a thread."""
+def memory_digest(memory: memoryview, algo: DigestAlgo = DigestAlgo.BLAKE3) -> bytes:
+    """Digest of all guest memory (``--verify``): BLAKE3 by default, SHA-256 for old peers.
+
+    Both hash libraries drop the GIL while hashing; callers run this in a thread.
+    """
     flat = memory.cast("B") if memory.format != "B" or memory.ndim != 1 else memory
+    if algo == DigestAlgo.BLAKE3:
+        return blake3.blake3(flat).digest()
+    if algo != DigestAlgo.SHA256:
+        raise ValueError(f"unknown digest algorithm {algo!r}")
     digest = hashlib.sha256()
     for off in range(0, len(flat), DIGEST_CHUNK_BYTES):
         digest.update(flat[off : off + DIGEST_CHUNK_BYTES])

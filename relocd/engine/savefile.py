@@ -226,7 +226,7 @@ async def save_domain(
                 await domain.pause()
                 paused = True
                 await hooks.paused(domain)
-            mem_digest = asyncio.ensure_future(asyncio.to_thread(memory_digest, domain.memory()))
+            mem_digest = asyncio.ensure_future(asyncio.to_thread(memory_digest, domain.memory(), DigestAlgo.BLAKE3))
             try:
                 await progress(phase="stop-and-copy")
                 await channel.send(Stop(1))
@@ -236,7 +236,7 @@ async def save_domain(
             finally:
                 value = await mem_digest
             result.iterations = 1
-        await channel.send(Digest(DigestAlgo.SHA256, value))
+        await channel.send(Digest(DigestAlgo.BLAKE3, value))
         await channel.send(Commit())
         await progress(phase="sync")
         file_digest = await asyncio.to_thread(digest.finish)
@@ -361,7 +361,7 @@ async def restore_savefile(
         blob, expected, pages = await _read_stream(channel, memory, ctx, rid)
         if verify_memory:
             await progress(phase="verify-memory")
-            if await asyncio.to_thread(memory_digest, memory) != expected:
+            if await asyncio.to_thread(memory_digest, memory, expected.algo) != expected.value:
                 raise SaveFileError(f"{path}: restored memory does not match the saved digest")
         await domain.load_state(blob)
         await domain.rename(config.name)
@@ -397,10 +397,10 @@ async def restore_savefile(
 
 async def _read_stream(
     channel: RecordChannel, memory: memoryview, ctx: TargetContext, rid: str
-) -> tuple[bytes, bytes, int]:
+) -> tuple[bytes, Digest, int]:
     """Pages into memory up to COMMIT; returns (vCPU blob, memory digest, pages)."""
     blob: bytes | None = None
-    expected: bytes | None = None
+    expected: Digest | None = None
     pages = 0
     while True:
         record = await channel.recv()
@@ -411,7 +411,7 @@ async def _read_stream(
         elif isinstance(record, VcpuState):
             blob = record.blob
         elif isinstance(record, Digest):
-            expected = record.value
+            expected = record
         elif isinstance(record, Commit):
             break
         elif not isinstance(record, EndRound | Stop):

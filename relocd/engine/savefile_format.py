@@ -5,9 +5,11 @@ COMMIT, encoded by ``protocol.codec``), then a fixed 64-byte trailer whose
 digest covers every byte before it.  ``docs/savefile.md`` specifies the bytes;
 ``tests/unit/test_savefile.py`` checks that the doc and this module agree.
 
-The digest is SHA-256 over the SHA-256 of each 4 MiB chunk (a two-level hash
-list), so chunks hash on several cores at once: hashlib drops the GIL, and a
-single SHA-256 stream would otherwise cap save and verify at one core's speed.
+The digest is BLAKE3 over the BLAKE3 of each 4 MiB chunk (a two-level hash
+list), so chunks hash on several cores at once (the hash drops the GIL).  BLAKE3
+hashes about five times faster than SHA-256 on one core here, which is what
+lets a save or a restore's verify pass keep up with the disk.  Files written
+with algorithm 1 (the same list with SHA-256) are still read.
 
 The format version is the file's, not the program's: a reader refuses a newer
 major version and skips header bytes that a newer minor version appended.
@@ -25,8 +27,10 @@ import struct
 import threading
 import uuid as uuidlib
 import zlib
-from collections.abc import Sequence
-from typing import Final
+
+import blake3
+from collections.abc import Callable, Sequence
+from typing import Any, Final
 
 from relocd.errors import SaveFileError
 from relocd.units import PAGE_SIZE
@@ -44,6 +48,12 @@ FLAG_CHECKPOINT: Final = 1 << 0
 
 #: digest algorithm byte (trailer offset 16)
 DIGEST_SHA256_CHUNKED: Final = 1
+DIGEST_BLAKE3_CHUNKED: Final = 2
+#: algorithm byte -> hash constructor; files are written with BLAKE3
+_HASHES: Final[dict[int, Callable[..., Any]]] = {
+    DIGEST_SHA256_CHUNKED: hashlib.sha256,
+    DIGEST_BLAKE3_CHUNKED: blake3.blake3,
+}
 CHUNK_LOG2: Final = 22
 CHUNK_SIZE: Final = 1 << CHUNK_LOG2  # 4 MiB
 
@@ -207,7 +217,7 @@ def parse_header(path: str, head: bytes) -> FileHeader:
 class Trailer:
     stream_end: int  # offset of the trailer: the bytes the digest covers
     digest: bytes
-    algo: int = DIGEST_SHA256_CHUNKED
+    algo: int = DIGEST_BLAKE3_CHUNKED
     chunk_log2: int = CHUNK_LOG2
 
     def pack(self) -> bytes:
@@ -232,7 +242,7 @@ def parse_trailer(path: str, raw: bytes, file_size: int) -> Trailer:
             f"{path}: truncated or padded savefile ({file_size} bytes, the trailer says "
             f"{stream_end + TRAILER_SIZE})"
         )
-    if algo != DIGEST_SHA256_CHUNKED or chunk_log2 != CHUNK_LOG2 or any(res2 + res4):
+    if algo not in _HASHES or chunk_log2 != CHUNK_LOG2 or any(res2 + res4):
         raise SaveFileError(f"{path}: unknown digest algorithm {algo}/{chunk_log2}")
     return Trailer(stream_end, digest, algo, chunk_log2)
 
@@ -253,26 +263,26 @@ def digest_pool() -> cf.ThreadPoolExecutor:
         return _pool
 
 
-def _hash_pieces(pieces: Sequence[bytes | memoryview]) -> bytes:
-    h = hashlib.sha256()
+def _hash_pieces(pieces: Sequence[bytes | memoryview], algo: int = DIGEST_BLAKE3_CHUNKED) -> bytes:
+    h = _HASHES[algo]()
     for piece in pieces:
         h.update(piece)
     return h.digest()
 
 
-def combine(total: int, chunk_digests: Sequence[bytes]) -> bytes:
-    """The file digest: SHA-256 of the byte count and every chunk's SHA-256, in order."""
-    top = hashlib.sha256(_TOTAL.pack(total))
+def combine(total: int, chunk_digests: Sequence[bytes], algo: int = DIGEST_BLAKE3_CHUNKED) -> bytes:
+    """The file digest: the hash of the byte count and every chunk's hash, in order."""
+    top = _HASHES[algo](_TOTAL.pack(total))
     for d in chunk_digests:
         top.update(d)
     return top.digest()
 
 
-def simple_digest(data: bytes | memoryview) -> bytes:
+def simple_digest(data: bytes | memoryview, algo: int = DIGEST_BLAKE3_CHUNKED) -> bytes:
     """The file digest of a buffer, in one thread (tests, tiny files)."""
     view = memoryview(data).cast("B")
-    chunks = [hashlib.sha256(view[i : i + CHUNK_SIZE]).digest() for i in range(0, len(view), CHUNK_SIZE)]
-    return combine(len(view), chunks)
+    chunks = [_HASHES[algo](view[i : i + CHUNK_SIZE]).digest() for i in range(0, len(view), CHUNK_SIZE)]
+    return combine(len(view), chunks, algo)
 
 
 class ChunkedDigest:
@@ -331,14 +341,16 @@ class ChunkedDigest:
         self._futures, self._pieces = [], []
 
 
-def digest_file(fd: int, length: int, pool: cf.Executor | None = None) -> bytes:
+def digest_file(
+    fd: int, length: int, pool: cf.Executor | None = None, algo: int = DIGEST_BLAKE3_CHUNKED
+) -> bytes:
     """The file digest of the first ``length`` bytes of ``fd``, read through mmap.
 
     Chunks hash in parallel straight from the page cache; nothing is copied.
     """
     pool = pool or digest_pool()
     if length == 0:
-        return combine(0, [])
+        return combine(0, [], algo)
     mm = mmap.mmap(fd, length, access=mmap.ACCESS_READ)
     try:
         mm.madvise(mmap.MADV_SEQUENTIAL)
@@ -349,7 +361,7 @@ def digest_file(fd: int, length: int, pool: cf.Executor | None = None) -> bytes:
             digests: list[bytes] = []
             try:
                 for off in range(0, length, CHUNK_SIZE):
-                    futures.append(pool.submit(_hash_view, base, off, min(off + CHUNK_SIZE, length)))
+                    futures.append(pool.submit(_hash_view, base, off, min(off + CHUNK_SIZE, length), algo))
                     if len(futures) >= window:
                         digests.append(futures.pop(0).result())
                 digests.extend(f.result() for f in futures)
@@ -359,9 +371,9 @@ def digest_file(fd: int, length: int, pool: cf.Executor | None = None) -> bytes:
             base.release()
     finally:
         mm.close()
-    return combine(length, digests)
+    return combine(length, digests, algo)
 
 
-def _hash_view(base: memoryview, start: int, end: int) -> bytes:
+def _hash_view(base: memoryview, start: int, end: int, algo: int = DIGEST_BLAKE3_CHUNKED) -> bytes:
     with base[start:end] as view:
-        return hashlib.sha256(view).digest()
+        return bytes(_HASHES[algo](view).digest())

@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
-import hashlib
 import os
 import stat
 from collections.abc import Sequence
 
+import blake3
 import numpy as np
 import numpy.typing as npt
 
@@ -240,7 +240,7 @@ class OpenSavefile:
     def verify(self) -> None:
         """Full read pass: the digest in the trailer must match every byte before it."""
         try:
-            digest = digest_file(self.fd, self.trailer.stream_end)
+            digest = digest_file(self.fd, self.trailer.stream_end, algo=self.trailer.algo)
         except OSError as exc:
             raise io_error(self.path, "read", exc) from None
         if digest != self.trailer.digest:
@@ -273,13 +273,13 @@ class OpenSavefile:
 
 
 def image_digest(fd: int, locations: npt.NDArray[np.int64]) -> bytes:
-    """SHA-256 of the memory image a savefile describes, read back from the file.
+    """BLAKE3 of the memory image a savefile describes, read back from the file.
 
     ``locations[pfn]`` is the file offset of the page's last copy, -1 for a
     zero page.  This is the DIGEST record of a checkpoint, whose domain kept
     running: its memory is no longer the image, the file is.
     """
-    h = hashlib.sha256()
+    h = blake3.blake3()
     n = len(locations)
     if n == 0:
         return h.digest()

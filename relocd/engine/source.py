@@ -66,7 +66,7 @@ from relocd.units import PAGE_SIZE
 
 log = structlog.get_logger("relocd.source")
 
-FEATURES = Feature.ZERO_PAGES | Feature.DIGEST_SHA256 | Feature.QUERY
+FEATURES = Feature.ZERO_PAGES | Feature.DIGEST_SHA256 | Feature.QUERY | Feature.DIGEST_BLAKE3
 
 
 @dataclasses.dataclass
@@ -87,6 +87,11 @@ _T = TypeVar("_T")
 
 #: Background tasks telling a target to drop a prepared copy (kept referenced).
 _FOLLOW_UPS: set[asyncio.Task[bool]] = set()
+
+
+def digest_algo_for(peer_features: int) -> DigestAlgo:
+    """BLAKE3 when the peer hashes it too (5x faster: --verify hashes while paused)."""
+    return DigestAlgo.BLAKE3 if peer_features & FEATURES & Feature.DIGEST_BLAKE3 else DigestAlgo.SHA256
 
 
 def node_name() -> str:
@@ -189,6 +194,7 @@ class SourceMigration:
         self._renamed = False
         self._logging_dirty = False
         self._pending = np.empty(0, dtype=np.uint64)
+        self._digest_algo = DigestAlgo.SHA256
         self._committed = False
 
     @classmethod
@@ -229,7 +235,8 @@ class SourceMigration:
     async def run(self) -> MigrationResult:
         journaled = False
         try:
-            await hello(self.channel, Role.SOURCE, self.mid)
+            peer_hello = await hello(self.channel, Role.SOURCE, self.mid)
+            self._digest_algo = digest_algo_for(peer_hello.features)
             await fault_point("source", "hello")
             await self._reserve()
             await fault_point("source", "reserve")
@@ -393,8 +400,8 @@ class SourceMigration:
         blob = await dom.save_state()
         await self._send(VcpuState(dom.config.driver, blob))
         if self.opts.verify:
-            digest = await asyncio.to_thread(memory_digest, dom.memory())
-            await self._send(Digest(DigestAlgo.SHA256, digest))
+            digest = await asyncio.to_thread(memory_digest, dom.memory(), self._digest_algo)
+            await self._send(Digest(self._digest_algo, digest))
         self._committed = True  # from here the target may build a prepared copy
         await self._send(Commit())
         self.result.mark("committed")

@@ -27,7 +27,7 @@ from relocd.engine.reservation import (
     check_reservation,
 )
 from relocd.engine.result import Progress, no_progress
-from relocd.engine.source import FEATURES, node_name
+from relocd.engine.source import FEATURES, digest_algo_for, node_name
 from relocd.engine.stream import PeerGone, RecordChannel
 from relocd.errors import (
     ConfigError,
@@ -44,6 +44,7 @@ from relocd.protocol.records import (
     Commit,
     Config,
     Digest,
+    DigestAlgo,
     Done,
     EndRound,
     Go,
@@ -121,10 +122,12 @@ class TargetSession:
         self.request: ReservationRequest | None = None
         self._reserved = False
         self._prepared = False
+        self.digest_algo = DigestAlgo.SHA256
 
     async def run(self) -> None:
         try:
             hello = await answer_hello(self.channel)
+            self.digest_algo = digest_algo_for(hello.features)
             await fault_point("target", "hello")
             # Authenticated and speaking our protocol: lift the pre-auth limits.
             self.channel.max_frame = self.max_frame
@@ -178,9 +181,11 @@ class TargetSession:
                 # Every page is here now: hash ours while the source hashes its
                 # own, instead of after its DIGEST arrives (halves --verify's cost).
                 if self.request is not None and self.request.verify:
-                    digest_task = asyncio.ensure_future(asyncio.to_thread(memory_digest, memory))
+                    digest_task = asyncio.ensure_future(asyncio.to_thread(memory_digest, memory, self.digest_algo))
             elif isinstance(record, Digest):
                 digest = record.value
+                if record.algo != self.digest_algo:  # an older peer: hash again its way
+                    digest_task = asyncio.ensure_future(asyncio.to_thread(memory_digest, memory, record.algo))
             elif isinstance(record, Commit):
                 break
             else:  # the state machine lets nothing else through

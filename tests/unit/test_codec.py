@@ -274,7 +274,7 @@ def test_byte_at_a_time() -> None:
         (RecordType.VCPU_STATE, b"\x00blob", "driver name"),
         (RecordType.VCPU_STATE, b"\x09kvm", "driver name"),
         (RecordType.VCPU_STATE, b"\x03k m", "driver name"),
-        (RecordType.DIGEST, b"\x02" + bytes(32), "algorithm"),
+        (RecordType.DIGEST, b"\x03" + bytes(32), "algorithm"),
         (RecordType.OUTCOME, bytes(16) + b"\x07", "state"),
         (RecordType.END_ROUND, b"\x00\x00\x00\x01\x00\x00\x00\x01" + bytes(16), "reserved"),
         (RecordType.HELLO, bytes.fromhex("0001 0000 0000000000000000 04 000000") + bytes(17), "role"),

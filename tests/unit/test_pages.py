@@ -260,11 +260,16 @@ def test_zero_pages(chosen: list[int]) -> None:
         zero_pages(memoryview(buf), pfns([48]))
 
 
-def test_memory_digest_is_sha256_of_everything() -> None:
+def test_memory_digest_is_blake3_or_sha256_of_everything() -> None:
+    import blake3
+
+    from relocd.protocol.codes import DigestAlgo
+
     rng = np.random.default_rng(5)
     data = rng.integers(0, 256, 3 * pages.DIGEST_CHUNK_BYTES // 2, dtype=np.uint8).tobytes()
-    assert memory_digest(memoryview(data)) == hashlib.sha256(data).digest()
-    assert memory_digest(memoryview(b"")) == hashlib.sha256(b"").digest()
+    assert memory_digest(memoryview(data)) == blake3.blake3(data).digest()
+    assert memory_digest(memoryview(data), DigestAlgo.SHA256) == hashlib.sha256(data).digest()
+    assert memory_digest(memoryview(b"")) == blake3.blake3(b"").digest()
 
 
 def test_split_zero_pages_unsorted_input_that_looks_contiguous() -> None:

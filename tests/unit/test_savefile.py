@@ -246,7 +246,7 @@ def test_doc_tables_match_the_code() -> None:
     trailer = _doc_table("Trailer")
     assert [(r[0], r[1]) for r in trailer] == [(0, 8), (8, 8), (16, 1), (17, 1), (18, 6), (24, 32), (56, 4), (60, 4)]
     raw = fmt.Trailer(stream_end=0x0102, digest=bytes(32)).pack()
-    assert raw[8:16] == (0x0102).to_bytes(8, "big") and raw[16] == fmt.DIGEST_SHA256_CHUNKED and raw[17] == 22
+    assert raw[8:16] == (0x0102).to_bytes(8, "big") and raw[16] == fmt.DIGEST_BLAKE3_CHUNKED and raw[17] == 22
     text = DOC.read_text()
     assert fmt.MAGIC.hex(" ") in text and fmt.TRAILER_MAGIC.hex(" ") in text
     example = re.search(r"```hex\n(.*?)```", text, re.S)
@@ -380,3 +380,22 @@ async def test_save_into_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(SaveFileError, match="no directory"):
         await save_domain(dom, tmp_path / "nope" / "x.save", checkpoint=False, policy=XendPolicy())
     assert dom.state == DomainState.RUNNING
+
+
+def test_sha256_files_are_still_read(tmp_path: Path) -> None:
+    """Algorithm 1 (the SHA-256 hash list) stays readable; BLAKE3 is what we write."""
+    import hashlib
+
+    data = bytes(range(256)) * 40000  # ~10 MiB: several chunks
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        assert fmt.digest_file(f.fileno(), len(data), algo=fmt.DIGEST_SHA256_CHUNKED) == fmt.simple_digest(
+            data, fmt.DIGEST_SHA256_CHUNKED
+        )
+        assert fmt.digest_file(f.fileno(), len(data)) == fmt.simple_digest(data)
+    first = hashlib.sha256(data[: fmt.CHUNK_SIZE]).digest()
+    assert fmt.simple_digest(data, fmt.DIGEST_SHA256_CHUNKED) != fmt.simple_digest(data)
+    assert fmt._hash_pieces([data[: fmt.CHUNK_SIZE]], fmt.DIGEST_SHA256_CHUNKED) == first
+    raw = fmt.Trailer(stream_end=100, digest=bytes(32), algo=fmt.DIGEST_SHA256_CHUNKED).pack()
+    assert fmt.parse_trailer("f", raw, 164).algo == fmt.DIGEST_SHA256_CHUNKED
