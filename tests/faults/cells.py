@@ -26,11 +26,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "daemon"))
 
-from harness import DaemonProc  # noqa: E402
-from proxy import PHASE_TRIGGERS, Action, Fault, FaultProxy  # noqa: E402
+from harness import DaemonProc  # type: ignore[import-not-found]
+from proxy import PHASE_TRIGGERS, Action, Fault, FaultProxy
 
-from relocd.drivers.base import INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX  # noqa: E402
-from relocd.engine.faults import PHASES  # noqa: E402
+from relocd.drivers.base import INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX
+from relocd.engine.faults import PHASES
+from relocd.errors import RelocdError
 
 KILL_SOURCE = "kill-source"
 KILL_TARGET = "kill-target"
@@ -71,7 +72,7 @@ class CellOutcome:
         return f"{head} {self.seconds:5.1f}s  [{self.fired}] {tail}"
 
 
-class FaultyDaemon(DaemonProc):
+class FaultyDaemon(DaemonProc):  # type: ignore[misc]
     """A DaemonProc whose next start() runs with RELOCD_FAULT set (once)."""
 
     fault_spec: str | None = None
@@ -144,7 +145,7 @@ async def _settle(a: DaemonProc, b: DaemonProc, uuid: str, deadline: float) -> t
     while True:
         try:
             problems, host = await invariant_problems(a, b, uuid)
-        except Exception as exc:  # a daemon restarting: try again
+        except (RelocdError, OSError, TimeoutError) as exc:  # a daemon restarting: try again
             problems, host = [f"control call failed: {exc}"], None
         if not problems or time.monotonic() > deadline:
             return problems, host
@@ -195,10 +196,10 @@ async def run_cell(root: Path, fault: str, phase: str, *, memory_mib: int = 32, 
             try:
                 result = await asyncio.wait_for(migration, SETTLE_S)
                 out.status = result["status"]
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 out.status = "hung"
                 out.problems.append(f"migrate did not return within {SETTLE_S:g} s")
-            except Exception as exc:
+            except (RelocdError, OSError) as exc:
                 out.status = "source killed" if fault == KILL_SOURCE else "error"
                 if fault != KILL_SOURCE:
                     out.problems.append(f"migrate op failed: {exc}")
