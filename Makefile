@@ -13,6 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: $(VENV)/.installed
+	$(PY) -m mypy relocd
 	$(PY) -m pytest
 
 demo: $(VENV)/.installed

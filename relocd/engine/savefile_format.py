@@ -267,7 +267,7 @@ def _hash_pieces(pieces: Sequence[bytes | memoryview], algo: int = DIGEST_BLAKE3
     h = _HASHES[algo]()
     for piece in pieces:
         h.update(piece)
-    return h.digest()
+    return bytes(h.digest())
 
 
 def combine(total: int, chunk_digests: Sequence[bytes], algo: int = DIGEST_BLAKE3_CHUNKED) -> bytes:
@@ -275,7 +275,7 @@ def combine(total: int, chunk_digests: Sequence[bytes], algo: int = DIGEST_BLAKE
     top = _HASHES[algo](_TOTAL.pack(total))
     for d in chunk_digests:
         top.update(d)
-    return top.digest()
+    return bytes(top.digest())
 
 
 def simple_digest(data: bytes | memoryview, algo: int = DIGEST_BLAKE3_CHUNKED) -> bytes:

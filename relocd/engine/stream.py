@@ -35,7 +35,7 @@ from relocd.protocol.codec import (
     pages_descriptor_size,
     parse_header,
 )
-from relocd.protocol.records import PagesHeader, RecordType
+from relocd.protocol.records import PagesHeader, Record, RecordType
 from relocd.protocol.state import Conversation
 from relocd.units import PAGE_SIZE
 
@@ -113,7 +113,7 @@ class RecordChannel:
 
     # -- sending -------------------------------------------------------------
 
-    async def send(self, record: object) -> None:
+    async def send(self, record: Record) -> None:
         self.conversation.send(record)
         data = encode(record)
         await self.transport.write([data])

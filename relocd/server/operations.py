@@ -298,7 +298,12 @@ class Operations:
                 self.tasks.discard(task)
                 self.outgoing.pop(dom.config.uuid, None)
             else:
-                task.add_done_callback(lambda t: (self.tasks.discard(t), self.outgoing.pop(dom.config.uuid, None)))
+
+                def forget(t: asyncio.Task[Any], uuid: str = dom.config.uuid) -> None:
+                    self.tasks.discard(t)
+                    self.outgoing.pop(uuid, None)
+
+                task.add_done_callback(forget)
             structlog.contextvars.unbind_contextvars("migration_id")
         log.info("migration finished", domain=name, status=result.status, error=result.error)
         return result.to_json()
