@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fuzzlib import instrumented, main  # noqa: E402
+from fuzzlib import instrumented, main
 
 with instrumented():
     from relocd.config.domain import config_from_sxp, config_to_sxp

@@ -18,8 +18,23 @@ from relocd.errors import Reason
 from relocd.protocol.codec import PREAMBLE, encode, encode_pages_header
 from relocd.protocol.codes import DigestAlgo, OutcomeState, Role
 from relocd.protocol.records import (
-    Abort, Commit, Config, Digest, Done, EndRound, Go, Hello, Outcome, Prepared, Query,
-    Refuse, Reserve, Reserved, Resumed, Stop, VcpuState,
+    Abort,
+    Commit,
+    Config,
+    Digest,
+    Done,
+    EndRound,
+    Go,
+    Hello,
+    Outcome,
+    Prepared,
+    Query,
+    Refuse,
+    Reserve,
+    Reserved,
+    Resumed,
+    Stop,
+    VcpuState,
 )  # fmt: skip
 from relocd.units import PAGE_SIZE
 
