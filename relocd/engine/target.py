@@ -257,6 +257,11 @@ class TargetSession:
         await self.channel.send(
             Reserved({"reservation": self.mid, "expires_ms": int(ctx.reservations.timeout_s * 1000)})
         )
+        # The reservation expires when the source goes quiet this long: every
+        # record touches it, and a read that waits longer ends the session,
+        # which destroys the half-built domain and releases the memory.
+        timeouts = [t for t in (self.channel.read_timeout, ctx.reservations.timeout_s) if t]
+        self.channel.read_timeout = min(timeouts) if timeouts else None
 
     async def _build(self, req: ReservationRequest, driver: Driver) -> Domain:
         if req.memory_bytes % (1 << 20):

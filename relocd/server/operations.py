@@ -34,7 +34,7 @@ from relocd.server import saveops
 from relocd.server.network import NetworkHooks
 from relocd.server.tls import client_context, connect_tls
 from relocd.server.transport import connect
-from relocd.units import parse_rate
+from relocd.units import PAGE_SIZE, parse_rate
 
 if TYPE_CHECKING:
     from relocd.server.daemon import Daemon
@@ -279,7 +279,15 @@ class Operations:
         migration = SourceMigration(
             dom,
             channel,
-            SendOptions(live=live, verify=verify, policy=policy, max_bandwidth=max_bw),
+            SendOptions(
+                live=live,
+                verify=verify,
+                policy=policy,
+                max_bandwidth=max_bw,
+                # under a bandwidth cap, batches of about a quarter second: the
+                # cap stays smooth and no record outlasts the peer's idle timeout
+                batch_pages=min(2048, max(16, max_bw // PAGE_SIZE // 4)) if max_bw else 2048,
+            ),
             journal=self.d.journal,  # type: ignore[arg-type]
             migration_id=mid,
             target=target,

@@ -112,3 +112,37 @@ async def test_sigterm_lets_the_daemon_stop_cleanly(tmp_path: Path, daemons: lis
     a.start()
     assert await listing(a) == [("web", "running")]
     assert free_port()  # sanity: helper still usable
+
+
+async def test_reservation_expires_when_the_source_goes_quiet(tmp_path: Path, daemons: list[DaemonProc]) -> None:
+    import uuid as uuidlib
+
+    from relocd.protocol.codec import PREAMBLE, encode
+    from relocd.protocol.records import Feature, Hello, Reserve, Role
+
+    b = DaemonProc(tmp_path, "hostB", "127.0.0.2", extra_config="(relocd-reservation-timeout 2)")
+    daemons.append(b)
+    b.start()
+    mid = uuidlib.uuid4()
+    request = {
+        "name": "quiet", "uuid": str(uuidlib.uuid4()), "memory_bytes": 32 << 20, "vcpus": 1,
+        "driver": "sim", "cpu_features": [], "bridges": [], "live": True,
+    }  # fmt: skip
+    reader, writer = await asyncio.open_connection(b.address, b.port)
+    writer.write(PREAMBLE + encode(Hello(1, 0, Feature.ZERO_PAGES, Role.SOURCE, mid.bytes, "test")))
+    writer.write(encode(Reserve(request)))
+    await writer.drain()
+    await reader.readexactly(8 + 12)  # the target's preamble and HELLO header
+    for _ in range(50):  # the domain is built once the reservation is granted
+        if await listing(b) == [("quiet--incoming", "incoming")]:
+            break
+        await asyncio.sleep(0.05)
+    assert await listing(b) == [("quiet--incoming", "incoming")]
+    # and now we say nothing: the reservation must lapse
+    for _ in range(60):
+        await asyncio.sleep(0.1)
+        if await listing(b) == []:
+            break
+    assert await listing(b) == [], "the half-built domain outlived its reservation"
+    assert (await b.call("status"))["incoming"] == 0
+    writer.close()
