@@ -32,8 +32,10 @@ from relocd.engine.faults import PHASES
 
 
 def classify(outcome: CellOutcome) -> str:
-    """lost (runs nowhere), duplicated (runs twice), leftover (something half-built), or ok."""
+    """lost (runs nowhere), duplicated (runs twice), other (e.g. something half-built), missed, or ok."""
     text = " ".join(outcome.problems)
+    if "not killed at its fault point" in text or "never saw its trigger" in text:
+        return "missed"  # the fault was not injected: the cell proves nothing either way
     if "running on 0 hosts" in text:
         return "lost"
     if "running on 2 hosts" in text:
@@ -60,8 +62,8 @@ async def soak(args: argparse.Namespace) -> dict[str, object]:
                     break
                 cell_root = root / f"{passes}-{fault}-{phase}"
                 outcome = await run_cell(cell_root, fault, phase, migrate_again=not args.no_migrate_again)
-                injected += 1
                 kind = classify(outcome)
+                injected += kind != "missed"
                 counts[kind] += 1
                 by_cell.setdefault(f"{fault}@{phase}", Counter())[f"{outcome.status}->{outcome.ended_on}"] += 1
                 if kind != "ok":
@@ -80,6 +82,7 @@ async def soak(args: argparse.Namespace) -> dict[str, object]:
         "lost": counts["lost"],
         "duplicated": counts["duplicated"],
         "other_violations": counts["other"],
+        "missed": counts["missed"],
         "ok": counts["ok"],
         "failures": failures,
         "outcomes": {cell: dict(c) for cell, c in sorted(by_cell.items())},

@@ -45,6 +45,7 @@ FAST_OPTIONS = {
     "relocd-reservation-timeout": "5",
     "relocd-precopy-policy": "xend",
     "relocd-max-iterations": "4",
+    "relocd-dirty-threshold": "0",  # never stop after round 1: precopy-2 must happen
 }
 WORKLOAD = "hotset:size=8MiB,rate=40MB/s"
 DOMAIN = "web"
