@@ -122,11 +122,13 @@ class TargetSession:
         self.request: ReservationRequest | None = None
         self._reserved = False
         self._prepared = False
+        self._hello_sent = False
         self.digest_algo = DigestAlgo.SHA256
 
     async def run(self) -> None:
         try:
             hello = await answer_hello(self.channel)
+            self._hello_sent = True
             self.digest_algo = digest_algo_for(hello.features)
             await fault_point("target", "hello")
             # Authenticated and speaking our protocol: lift the pre-auth limits.
@@ -384,7 +386,9 @@ class TargetSession:
         reason = exc.reason if isinstance(exc, RelocdError) else Reason.INTERNAL
         if not isinstance(exc, ReservationRefused):
             self.log.warning("incoming migration failed", error=msg, reason=reason.name)
-        if not isinstance(exc, (PeerGone, ReservationRefused)) and not (
+        # An ABORT only means something inside a relocd stream: before our
+        # preamble and HELLO went out, the peer gets nothing but the close.
+        if self._hello_sent and not isinstance(exc, (PeerGone, ReservationRefused)) and not (
             isinstance(exc, MigrationAborted) and "source aborted" in msg
         ):
             try:
