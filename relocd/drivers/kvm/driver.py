@@ -34,11 +34,11 @@ from relocd.drivers.base import (
     Driver,
     HostCaps,
 )
+from relocd.drivers.hostinfo import bridges, mem_available
 from relocd.drivers.kvm import cpufeatures, layout
 from relocd.drivers.kvm.vm import KVM_DEVICE, KvmSystem
 from relocd.drivers.kvm.vmm import DEFAULT_DIRTY_MODE, DIRTY_MODES, bitmap_bytes
-from relocd.drivers.sim.hostinfo import bridges, mem_available
-from relocd.drivers.sim.workload import parse_workload
+from relocd.drivers.workload import parse_workload
 from relocd.errors import ConfigError, DomainExists, DriverError
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from relocd.drivers.domproc import ControlServer, Message, Reply, RequestFailed
 from relocd.drivers.kvm import layout, state
 from relocd.drivers.kvm.runner import Pacer, VcpuRunner, batch_pages, install_kick_handler
 from relocd.drivers.kvm.vm import GuestVm, KvmSystem
-from relocd.drivers.sim.workload import WorkloadSpec, parse_workload
+from relocd.drivers.workload import WorkloadSpec, parse_workload
 from relocd.errors import ConfigError
 from relocd.units import PAGE_SIZE
 

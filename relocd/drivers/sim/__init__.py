@@ -9,6 +9,6 @@ from __future__ import annotations
 
 from relocd.drivers.sim.driver import SimDomain, SimDriver
 from relocd.drivers.sim.invariant import check_invariant
-from relocd.drivers.sim.workload import WorkloadSpec, parse_workload
+from relocd.drivers.workload import WorkloadSpec, parse_workload
 
 __all__ = ["SimDomain", "SimDriver", "WorkloadSpec", "check_invariant", "parse_workload"]

@@ -28,7 +28,7 @@ from relocd.drivers import domproc
 from relocd.drivers.base import DirtyBitmap, Domain, DomainConfig, DomainState, Driver, HostCaps
 from relocd.drivers.sim import hostinfo, invariant
 from relocd.drivers.sim import status as status_area
-from relocd.drivers.sim.workload import parse_workload
+from relocd.drivers.workload import parse_workload
 from relocd.errors import ConfigError, DomainExists, DriverError
 
 log = logging.getLogger(__name__)

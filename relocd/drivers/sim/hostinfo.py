@@ -1,43 +1,17 @@
-"""What this host offers, read from /proc and /sys (used by the sim driver's capabilities)."""
+"""The sim driver's host capabilities: the real host's memory, flags and bridges, a fixed vCPU limit.
+
+The host helpers themselves live in ``relocd.drivers.hostinfo`` (every driver
+uses them); they are re-exported here for older imports.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from relocd.drivers.base import HostCaps
+from relocd.drivers.hostinfo import bridges, cpu_features, mem_available
+
+__all__ = ["MAX_VCPUS", "bridges", "cpu_features", "host_caps", "mem_available"]
 
 MAX_VCPUS = 64
-
-
-def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int:
-    """MemAvailable in bytes (0 if the kernel does not say)."""
-    try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
-    """The CPU flags of the first processor (x86 ``flags``, Arm ``Features``)."""
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            key, sep, value = line.partition(":")
-            if sep and key.strip() in ("flags", "Features"):
-                return frozenset(value.split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def bridges(sys_net: Path = Path("/sys/class/net")) -> frozenset[str]:
-    """Names of the network bridges on this host."""
-    try:
-        return frozenset(dev.name for dev in sys_net.iterdir() if (dev / "bridge").is_dir())
-    except OSError:
-        return frozenset()
 
 
 def host_caps(driver: str) -> HostCaps:

@@ -24,7 +24,7 @@ from types import FrameType
 from relocd.drivers.domproc import ControlServer, Message, Reply, RequestFailed
 from relocd.drivers.sim import status as status_area
 from relocd.drivers.sim.guest import Guest, GuestError
-from relocd.drivers.sim.workload import parse_workload
+from relocd.drivers.workload import parse_workload
 from relocd.errors import ConfigError
 from relocd.units import PAGE_SIZE
 
