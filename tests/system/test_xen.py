@@ -192,6 +192,6 @@ def test_xl_migrate_to_localhost_reference(lab: XenLab) -> None:
     lab.run("sleep 4")
     after = last_count(lab)
     assert after > before + 1, f"console stopped counting: {before} -> {after}"
-    restarted = lab.run("grep -c '^count 1$' /var/log/xen/console/guest-domu.log || true")
+    restarted = lab.run("tr -d '\\r' </var/log/xen/console/guest-domu.log | grep -c '^count 1$' || true")
     assert restarted.strip() == "1", "the guest rebooted instead of moving"
 

@@ -10,7 +10,7 @@ for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xen-blkback xen-netback;
     modprobe "$m" 2>/dev/null
 done
 mount -t xenfs xenfs /proc/xen
-mkdir -p /run/xenstored /var/lib/xenstored /var/log/xen/console /run/xen
+mkdir -p /run/lock /run/xenstored /var/lib/xenstored /var/log/xen/console /run/xen
 oxenstored --pid-file /run/xenstored.pid
 i=0
 until xenstore-read / >/dev/null 2>&1 || [ $i -ge 50 ]; do sleep 0.1; i=$((i + 1)); done

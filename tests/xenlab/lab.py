@@ -105,8 +105,11 @@ def pick_accel() -> str:
 class XenLab:
     """One booted lab: QEMU running Xen, dom0 waiting on its console."""
 
-    def __init__(self, image: Path, workdir: Path, *, accel: str | None = None, memory_mib: int = 3072) -> None:
+    def __init__(
+        self, image: Path, workdir: Path, *, accel: str | None = None, memory_mib: int = 3072, xen_args: str = XEN_ARGS
+    ) -> None:
         self.image = image
+        self.xen_args = xen_args
         self.workdir = workdir
         self.accel = accel or pick_accel()
         self.memory_mib = memory_mib
@@ -127,7 +130,7 @@ class XenLab:
             "qemu-system-x86_64",
             "-accel", self.accel, "-cpu", cpu, "-smp", "2", "-m", str(self.memory_mib),
             "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
-            "-kernel", str(self.image / "xen"), "-append", XEN_ARGS,
+            "-kernel", str(self.image / "xen"), "-append", self.xen_args,
             "-initrd", f"{self.image / 'vmlinuz'} {DOM0_ARGS},{self.image / 'initrd.img'}",
             "-drive", f"file={self.image / 'root.img'},if=virtio,format=raw,snapshot=on",
             "-drive", f"file={payload},if=virtio,format=raw,readonly=on",
