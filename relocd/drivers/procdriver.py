@@ -1,0 +1,422 @@
+"""The daemon side of drivers that run each domain as its own OS process (``sim``, ``kvm``).
+
+What differs between them is how the process is started, what it shares and
+what its state blob and counters look like; everything else lives here:
+
+Files under ``STATE_DIR/<driver name>/``, per domain: ``<uuid>.json`` (record
+format, config and pid; rewritten by ``rename`` and ``configure``),
+``<uuid>.sock`` (the process's control socket, see domproc.py) and
+``<uuid>.log`` (its stderr).  A daemon restarted onto the same state dir finds
+its domains again from the records (``start``).
+
+Every domain process answers ``hello`` with its pid, uuid, page count and
+driver name, and two memfds: guest memory, and a second shared area whose
+dirty bitmap starts at ``ProcessDomain.bitmap_offset``.  Both are mapped here,
+so ``memory()`` and dirty-log fetches never copy guest memory.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import json
+import logging
+import mmap
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, ClassVar, Generic, TypeVar
+
+import numpy as np
+from pydantic import ValidationError
+
+import relocd
+from relocd.drivers import domproc
+from relocd.drivers.base import DirtyBitmap, Domain, DomainConfig, DomainState, Driver
+from relocd.drivers.workload import parse_workload
+from relocd.errors import ConfigError, DomainExists, DriverError
+
+#: version of the ``<uuid>.json`` record
+RECORD_FORMAT = 1
+
+
+class ProcessDomain(Domain):
+    """A domain process as the daemon sees it: a control connection and two shared mappings."""
+
+    #: where the dirty-bitmap snapshot starts in the second shared area
+    bitmap_offset: ClassVar[int] = 0
+
+    def __init__(
+        self,
+        driver: ProcessDriver[Any],
+        config: DomainConfig,
+        client: domproc.DomainProcessClient,
+        pid: int,
+        memory: mmap.mmap,
+        shared: mmap.mmap,
+        popen: subprocess.Popen[bytes] | None = None,
+    ) -> None:
+        self.config = config
+        self.pid = pid
+        self._driver = driver
+        self._client = client
+        self._memory: mmap.mmap | None = memory
+        #: the second memfd the process shares (sim: status area, kvm: dirty bitmap)
+        self._shared: mmap.mmap | None = shared
+        self._popen = popen
+        self._run_lock = asyncio.Lock()
+        self.destroyed = False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} {self.config.uuid} pid={self.pid}>"
+
+    def _attached(self, area: mmap.mmap | None) -> mmap.mmap:
+        if area is None or area.closed:
+            raise DriverError(f"domain {self.name} is no longer attached")
+        return area
+
+    def memory(self) -> memoryview:
+        return memoryview(self._attached(self._memory))
+
+    # ---------------------------------------------------------------- control
+
+    async def _call(self, op: str, **args: Any) -> dict[str, Any]:
+        if self.destroyed:
+            raise DriverError(f"domain {self.name} has been destroyed")
+        reply, fds = await self._client.acall(op, **args)
+        for fd in fds:
+            os.close(fd)
+        return reply
+
+    def _ran(self, running: bool) -> None:
+        """Called after a pause or resume the process acknowledged (for drivers that track it here)."""
+
+    async def pause(self) -> None:
+        async with self._run_lock:
+            await self._call("pause")
+            self._ran(False)
+
+    async def resume(self) -> None:
+        async with self._run_lock:
+            await self._call("resume")
+            self._ran(True)
+
+    async def destroy(self) -> None:
+        await self._driver.destroy_domain(self)
+
+    async def rename(self, new_name: str) -> None:
+        await self._driver.rename_domain(self, new_name)
+
+    async def configure(self, config: DomainConfig) -> None:
+        previous = self.config
+        await super().configure(config)
+        if self.config.workload != previous.workload:
+            try:
+                await self._call("configure", workload=self.config.workload)
+            except BaseException:
+                self.config = previous
+                raise
+        await asyncio.to_thread(self._driver._write_record, self.config, self.pid)
+
+    async def dirty_log_start(self) -> None:
+        await self._call("dirty_start")
+
+    def _fetched(self, reply: dict[str, Any]) -> None:
+        """Called with the process's answer to a dirty-log fetch (for drivers that keep its figures)."""
+
+    async def dirty_log_fetch(self) -> DirtyBitmap:
+        self._fetched(await self._call("dirty_fetch"))
+        area = self._attached(self._shared)
+        words = (self.npages + 63) // 64
+        # Only the bitmap (npages / 8 bytes) is copied, so the next fetch cannot change it under the caller.
+        return np.frombuffer(area, dtype="<u8", count=words, offset=self.bitmap_offset).astype(np.uint64)
+
+    async def dirty_log_stop(self) -> None:
+        await self._call("dirty_stop")
+
+    @abc.abstractmethod
+    def _invariant_problem(self, memory: memoryview) -> str | None:
+        """The guest's own page check over paused memory (runs in a worker thread)."""
+
+    async def check_invariant(self) -> str | None:
+        """Verify the guest's pages; a running guest is paused for the check and resumed after."""
+        async with self._run_lock:
+            was_running = self.state is DomainState.RUNNING
+            if was_running:
+                await self._call("pause")
+            try:
+                return await asyncio.to_thread(self._invariant_problem, self.memory())
+            finally:
+                if was_running:
+                    await self._call("resume")
+
+    # ---------------------------------------------------------------- letting go
+
+    def detach(self) -> None:
+        """Drop the connection and mappings; the domain process keeps running."""
+        self._client.close()
+        for area in (self._memory, self._shared):
+            if area is not None and not area.closed:
+                with contextlib.suppress(BufferError):  # views still out there: the GC unmaps it later
+                    area.close()
+        self._memory = self._shared = None
+
+
+D = TypeVar("D", bound=ProcessDomain)
+
+
+class ProcessDriver(Driver, Generic[D]):
+    """Finds, starts, renames and stops domain processes; one per domain, records under ``state_dir/name``."""
+
+    #: ``python -m`` module of the domain process
+    process_module: ClassVar[str]
+    #: what messages call a domain process ("domain process", "VMM")
+    process_noun: ClassVar[str] = "domain process"
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir)
+        self.dir = state_dir / self.name
+        self._domains: dict[str, D] = {}
+        self._claimed: set[str] = set()  # names and uuids of domains being created
+        self._lock = threading.Lock()
+        self._log = logging.getLogger(type(self).__module__)  # the concrete driver's module, as before
+
+    # ---------------------------------------------------------------- what each driver says
+
+    def _check_config(self, config: DomainConfig) -> None:
+        """Refuse (DriverError) a config this driver cannot build, before anything is claimed."""
+
+    def _check_host(self) -> None:
+        """Refuse (DriverError) to start a domain process on a host that cannot run it."""
+
+    @abc.abstractmethod
+    def _process_options(self, config: DomainConfig) -> list[str]:
+        """Command-line options of the domain process beyond socket, uuid, memory, workload and paused."""
+
+    @abc.abstractmethod
+    def _shared_bytes(self, npages: int) -> int:
+        """Size of the second memfd a domain process of ``npages`` pages shares."""
+
+    @abc.abstractmethod
+    def _domain(
+        self,
+        config: DomainConfig,
+        client: domproc.DomainProcessClient,
+        hello: dict[str, Any],
+        memory: mmap.mmap,
+        shared: mmap.mmap,
+        popen: subprocess.Popen[bytes] | None,
+    ) -> D:
+        """The handle on a domain process that answered ``hello``."""
+
+    # ---------------------------------------------------------------- records
+
+    def _paths(self, uuid: str) -> tuple[Path, Path, Path]:
+        return self.dir / f"{uuid}.json", self.dir / f"{uuid}.sock", self.dir / f"{uuid}.log"
+
+    def _write_record(self, config: DomainConfig, pid: int) -> None:
+        record = {"format": RECORD_FORMAT, "config": config.model_dump(mode="json"), "pid": pid}
+        path = self._paths(config.uuid)[0]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, path)
+
+    def _remove_files(self, uuid: str) -> None:
+        for path in self._paths(uuid):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    # ---------------------------------------------------------------- Driver
+
+    def domains(self) -> list[Domain]:
+        with self._lock:
+            return list(self._domains.values())
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._discover)
+
+    async def close(self) -> None:
+        with self._lock:
+            domains, self._domains = list(self._domains.values()), {}
+        for domain in domains:
+            domain.detach()
+
+    async def create(self, config: DomainConfig, *, start: bool = True) -> D:
+        if config.driver != self.name:
+            raise DriverError(f"domain {config.name} wants driver {config.driver!r}, not {self.name!r}")
+        spec = parse_workload(config.workload)
+        self._check_config(config)
+        keys = {config.name, config.uuid}
+        with self._lock:
+            for d in self._domains.values():
+                if d.name == config.name or d.config.uuid == config.uuid:
+                    raise DomainExists(f"domain {d.name} ({d.config.uuid}) already exists")
+            if keys & self._claimed:
+                raise DomainExists(f"domain {config.name} is already being created")
+            self._claimed |= keys
+        try:
+            return await asyncio.to_thread(self._create_sync, config, str(spec), start)
+        finally:
+            with self._lock:
+                self._claimed -= keys
+
+    def _create_sync(self, config: DomainConfig, workload: str, start: bool) -> D:
+        self._check_host()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _, sock_path, log_path = self._paths(config.uuid)
+        argv = [
+            sys.executable, "-m", self.process_module,
+            "--socket", str(sock_path),
+            "--uuid", config.uuid,
+            "--memory-bytes", str(config.memory_bytes),
+            "--workload", workload,
+            *self._process_options(config),
+        ]  # fmt: skip
+        if not start:
+            argv.append("--paused")
+        package_root = str(Path(relocd.__file__).resolve().parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+        self._write_record(config, 0)
+        popen = None
+        try:
+            popen = domproc.spawn(
+                argv,
+                socket_path=sock_path,
+                log_path=log_path,
+                timeout=30.0 + 10.0 * (config.memory_bytes / (1 << 30)),
+                env=env,
+            )
+            self._write_record(config, popen.pid)
+            domain = self._attach(config, popen, populate=not start)
+        except BaseException:
+            if popen is not None:
+                domproc.stop_process(popen.pid, marker=config.uuid, popen=popen, grace=0.0)
+            self._remove_files(config.uuid)
+            raise
+        with self._lock:
+            self._domains[config.uuid] = domain
+        self._log.info("created %s domain %s (%s), pid %d", self.name, config.name, config.uuid, domain.pid)
+        return domain
+
+    def _attach(
+        self, config: DomainConfig, popen: subprocess.Popen[bytes] | None = None, *, populate: bool = False
+    ) -> D:
+        """Connect to a domain process, map guest memory and the second area it shares."""
+        client = domproc.DomainProcessClient(self._paths(config.uuid)[1])
+        try:
+            reply, fds = client.call("hello")
+        except DriverError:
+            client.close()
+            raise
+        noun = self.process_noun
+        try:
+            if (
+                reply.get("driver") != self.name
+                or reply.get("uuid") != config.uuid
+                or reply.get("npages") != config.npages
+                or len(fds) != 2
+            ):
+                raise DriverError(f"{noun} for {config.uuid} answered for someone else: {reply}")
+            memory_fd, shared_fd = fds
+            shared_size = self._shared_bytes(config.npages)
+            if os.fstat(memory_fd).st_size != config.memory_bytes or os.fstat(shared_fd).st_size != shared_size:
+                raise DriverError(f"{noun} for {config.uuid} shared memory of the wrong size")
+            # An incoming domain's memory is about to be written end to end:
+            # map every page now (the reservation) rather than fault them in
+            # one by one inside the receive path.
+            flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+            memory = mmap.mmap(memory_fd, config.memory_bytes, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+            shared = mmap.mmap(shared_fd, shared_size, mmap.MAP_SHARED, mmap.PROT_READ)
+        except BaseException:
+            client.close()
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return self._domain(config, client, reply, memory, shared, popen)
+
+    def _discover(self) -> None:
+        """Reattach to every domain process still running; clean up after the dead ones."""
+        if not self.dir.is_dir():
+            return
+        for record_path in sorted(self.dir.glob("*.json")):
+            uuid = record_path.stem
+            with self._lock:
+                if uuid in self._domains:
+                    continue
+            try:
+                record = json.loads(record_path.read_text())
+                config = DomainConfig.model_validate(record["config"])
+                pid = int(record.get("pid", 0))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                self._log.warning("ignoring unreadable domain record %s: %s", record_path, exc)
+                continue
+            try:
+                domain = self._attach(config)
+            except DriverError as exc:
+                if domproc.process_alive(pid, uuid):
+                    self._log.warning(
+                        "%s domain %s (pid %d) is alive but does not answer: %s", self.name, config.name, pid, exc
+                    )
+                else:
+                    self._log.info("%s domain %s is gone; removing its files", self.name, config.name)
+                    self._remove_files(uuid)
+                continue
+            with self._lock:
+                self._domains[uuid] = domain
+            self._log.info("found %s domain %s (%s), pid %d", self.name, config.name, uuid, domain.pid)
+
+    def _remove_orphan_sockets(self) -> None:
+        """Remove sockets without a record that nobody listens on any more."""
+        for sock_path in self.dir.glob("*.sock"):
+            if sock_path.with_suffix(".json").exists():
+                continue
+            client = domproc.DomainProcessClient(sock_path, timeout=1.0)
+            try:
+                client.connect()
+            except DriverError:
+                with contextlib.suppress(FileNotFoundError):
+                    sock_path.unlink()
+            finally:
+                client.close()
+
+    # ---------------------------------------------------------------- per-domain operations
+
+    async def destroy_domain(self, domain: D) -> None:
+        if domain.destroyed:
+            return
+        domain.destroyed = True
+        await asyncio.to_thread(self._destroy_sync, domain)
+
+    def _destroy_sync(self, domain: D) -> None:
+        with contextlib.suppress(DriverError):
+            _, fds = domain._client.call("shutdown", timeout=5.0)
+            for fd in fds:
+                os.close(fd)
+        domain.detach()
+        domproc.stop_process(domain.pid, marker=domain.config.uuid, popen=domain._popen, grace=5.0)
+        self._remove_files(domain.config.uuid)
+        with self._lock:
+            if self._domains.get(domain.config.uuid) is domain:
+                del self._domains[domain.config.uuid]
+        self._log.info("destroyed %s domain %s (%s)", self.name, domain.name, domain.config.uuid)
+
+    async def rename_domain(self, domain: D, new_name: str) -> None:
+        if domain.destroyed:
+            raise DriverError(f"domain {domain.name} has been destroyed")
+        try:
+            config = DomainConfig.model_validate({**domain.config.model_dump(), "name": new_name})
+        except ValidationError:
+            raise ConfigError(f"bad domain name {new_name!r}") from None
+        with self._lock:
+            for other in self._domains.values():
+                if other is not domain and other.name == new_name:
+                    raise DomainExists(f"domain {new_name} already exists")
+            if new_name in self._claimed:
+                raise DomainExists(f"domain {new_name} is being created")
+        await asyncio.to_thread(self._write_record, config, domain.pid)
+        domain.config = config
