@@ -14,17 +14,16 @@ import argparse
 import base64
 import binascii
 import ctypes
+import functools
 import logging
-import mmap
 import os
-import signal
 import sys
 import threading
 import time
 import uuid as uuidlib
 from pathlib import Path
-from types import FrameType
 
+from relocd.drivers import procmain
 from relocd.drivers.domproc import ControlServer, Message, Reply, RequestFailed
 from relocd.drivers.kvm import layout, state
 from relocd.drivers.kvm.runner import Pacer, VcpuRunner, batch_pages, install_kick_handler
@@ -52,16 +51,6 @@ def bitmap_bytes(npages: int) -> int:
     return (npages + 63) // 64 * 8
 
 
-def _memfd(name: str, size: int) -> tuple[int, mmap.mmap]:
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(fd, size)
-        return fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    except BaseException:
-        os.close(fd)
-        raise
-
-
 class Vmm:
     """One VM and the answers to the daemon's requests about it."""
 
@@ -71,8 +60,10 @@ class Vmm:
         self.spec = spec
         self.stop = stop
         self.npages = memory_bytes // PAGE_SIZE
-        self.memory_fd, self._memory = _memfd(f"relocd-kvm-{uuid}", memory_bytes)
-        self.bitmap_fd, self._bitmap = _memfd(f"relocd-kvm-dirty-{uuid}", bitmap_bytes(self.npages))
+        self.memory_fd, self._memory = procmain.memfd(f"relocd-kvm-{uuid}", memory_bytes, allocate=False)
+        self.bitmap_fd, self._bitmap = procmain.memfd(
+            f"relocd-kvm-dirty-{uuid}", bitmap_bytes(self.npages), allocate=False
+        )
         self._bitmap_anchor = ctypes.c_char.from_buffer(self._bitmap)
         self.bitmap_addr = ctypes.addressof(self._bitmap_anchor)
         self.system = KvmSystem()
@@ -172,58 +163,40 @@ class Vmm:
         self.system.close()
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="relocd.drivers.kvm.vmm")
-    parser.add_argument("--socket", required=True, type=Path)
-    parser.add_argument("--uuid", required=True)
-    parser.add_argument("--memory-bytes", required=True, type=int)
-    parser.add_argument("--vcpus", type=int, default=1)
-    parser.add_argument("--workload", default="idle")
-    parser.add_argument("--dirty-mode", choices=DIRTY_MODES, default=DEFAULT_DIRTY_MODE)
-    parser.add_argument("--paused", action="store_true",
-                        help="zero memory, no vCPU state: wait for pages and load_state")
-    return parser.parse_args(argv)
+def _setup(args: argparse.Namespace, stop: threading.Event) -> procmain.SetUp:
+    dom = procmain.DomainArgs.check(args)
+    layout.GuestLayout.for_pages(dom.npages)
+    vmm = Vmm(dom.uuid, args.memory_bytes, args.vcpus, dom.spec, args.dirty_mode, stop)
+    if not args.paused:
+        vmm.boot()
+    vmm.runner.start_threads()
+    server = ControlServer(args.socket, vmm)
+
+    def start() -> None:
+        if not args.paused:
+            vmm.runner.resume()
+        log.info("VM %s up: %d pages, %d vCPUs, workload %s, dirty log %s, %s", dom.uuid, vmm.npages,
+                 args.vcpus, dom.spec, "clear" if vmm.vm.manual_protect else "get",
+                 "paused" if args.paused else "running")
+
+    def finish() -> None:
+        time.sleep(0.05)  # let the reply to 'shutdown' leave before the process goes
+        vmm.close()
+        log.info("VM %s stopped", dom.uuid)
+
+    return procmain.SetUp(server, start, finish)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="%(asctime)s kvm[%(process)d] %(levelname)s %(message)s")
+    parser = procmain.argument_parser(
+        "relocd.drivers.kvm.vmm", paused_help="zero memory, no vCPU state: wait for pages and load_state"
+    )
+    parser.add_argument("--vcpus", type=int, default=1)
+    parser.add_argument("--dirty-mode", choices=DIRTY_MODES, default=DEFAULT_DIRTY_MODE)
+    args = parser.parse_args(argv)
+    procmain.log_to_stderr("kvm")
     install_kick_handler()
-    stop = threading.Event()
-    try:
-        uuid = str(uuidlib.UUID(args.uuid))
-        spec = parse_workload(args.workload)
-        if args.memory_bytes <= 0 or args.memory_bytes % PAGE_SIZE:
-            raise ValueError(f"memory size {args.memory_bytes} is not a positive multiple of {PAGE_SIZE}")
-        layout.GuestLayout.for_pages(args.memory_bytes // PAGE_SIZE)
-        vmm = Vmm(uuid, args.memory_bytes, args.vcpus, spec, args.dirty_mode, stop)
-        if not args.paused:
-            vmm.boot()
-        vmm.runner.start_threads()
-        server = ControlServer(args.socket, vmm)
-    except (OSError, ValueError, ConfigError) as exc:
-        log.error("VM setup failed: %s", exc)
-        return 1
-    except Exception:
-        log.exception("VM setup failed")
-        return 1
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    if not args.paused:
-        vmm.runner.resume()
-    log.info("VM %s up: %d pages, %d vCPUs, workload %s, dirty log %s, %s", uuid, vmm.npages,
-             args.vcpus, spec, "clear" if vmm.vm.manual_protect else "get",
-             "paused" if args.paused else "running")
-    server.serve_until(stop)
-    time.sleep(0.05)  # let the reply to 'shutdown' leave before the process goes
-    vmm.close()
-    log.info("VM %s stopped", uuid)
-    return 0
+    return procmain.serve(functools.partial(_setup, args), what="VM", log=log)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,14 @@ which the driver points at ``<uuid>.log``).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
-import mmap
 import os
-import signal
 import sys
 import threading
 import uuid as uuidlib
-from pathlib import Path
-from types import FrameType
 
+from relocd.drivers import procmain
 from relocd.drivers.domproc import ControlServer, Message, Reply, RequestFailed
 from relocd.drivers.sim import status as status_area
 from relocd.drivers.sim.guest import Guest, GuestError
@@ -97,69 +95,38 @@ class SimRequests:
         return {}, []
 
 
-def _memfd(name: str, size: int) -> tuple[int, mmap.mmap]:
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(fd, size)
-        # Allocate every page now: memory really set aside (a shortage fails
-        # here, cleanly, instead of as SIGBUS on a later write), and the
-        # receive path of a migration no longer pays a page allocation per page.
-        os.posix_fallocate(fd, 0, size)
-        return fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    except BaseException:
-        os.close(fd)
-        raise
+def _setup(args: argparse.Namespace, stop: threading.Event) -> procmain.SetUp:
+    dom = procmain.DomainArgs.check(args)
+    memory_fd, memory = procmain.memfd(f"relocd-sim-{dom.uuid}", args.memory_bytes, allocate=True)
+    status_size = status_area.area_size(dom.npages)
+    status_fd, status = procmain.memfd(f"relocd-sim-status-{dom.uuid}", status_size, allocate=True)
+    guest = Guest(memory, status, dom.npages, dom.spec, seed=uuidlib.UUID(dom.uuid).int)
+    if not args.paused:
+        guest.boot()
+    server = ControlServer(args.socket, SimRequests(guest, dom.uuid, memory_fd, status_fd, stop))
 
+    def start() -> None:
+        guest.start_thread()
+        if not args.paused:
+            guest.resume()
+        state = "paused" if args.paused else "running"
+        log.info("domain %s up: %d pages, workload %s, %s", dom.uuid, dom.npages, dom.spec, state)
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="relocd.drivers.sim.process")
-    parser.add_argument("--socket", required=True, type=Path)
-    parser.add_argument("--uuid", required=True)
-    parser.add_argument("--memory-bytes", required=True, type=int)
-    parser.add_argument("--workload", default="idle")
-    parser.add_argument("--paused", action="store_true", help="start with zero memory, not booted, paused")
-    return parser.parse_args(argv)
+    def finish() -> None:
+        guest.pause()
+        guest.stop_thread()
+        log.info("domain %s stopped", dom.uuid)
+
+    return procmain.SetUp(server, start, finish)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.INFO, format="%(asctime)s sim[%(process)d] %(levelname)s %(message)s"
+    parser = procmain.argument_parser(
+        "relocd.drivers.sim.process", paused_help="start with zero memory, not booted, paused"
     )
-    stop = threading.Event()
-    try:
-        uuid = str(uuidlib.UUID(args.uuid))
-        spec = parse_workload(args.workload)
-        if args.memory_bytes <= 0 or args.memory_bytes % PAGE_SIZE:
-            raise ValueError(f"memory size {args.memory_bytes} is not a positive multiple of {PAGE_SIZE}")
-        npages = args.memory_bytes // PAGE_SIZE
-        memory_fd, memory = _memfd(f"relocd-sim-{uuid}", args.memory_bytes)
-        status_fd, status = _memfd(f"relocd-sim-status-{uuid}", status_area.area_size(npages))
-        guest = Guest(memory, status, npages, spec, seed=uuidlib.UUID(uuid).int)
-        if not args.paused:
-            guest.boot()
-        server = ControlServer(args.socket, SimRequests(guest, uuid, memory_fd, status_fd, stop))
-    except (OSError, ValueError, ConfigError) as exc:
-        log.error("domain setup failed: %s", exc)
-        return 1
-    except Exception:
-        log.exception("domain setup failed")
-        return 1
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    guest.start_thread()
-    if not args.paused:
-        guest.resume()
-    log.info("domain %s up: %d pages, workload %s, %s", uuid, npages, spec, "paused" if args.paused else "running")
-    server.serve_until(stop)
-    guest.pause()
-    guest.stop_thread()
-    log.info("domain %s stopped", uuid)
-    return 0
+    args = parser.parse_args(argv)
+    procmain.log_to_stderr("sim")
+    return procmain.serve(functools.partial(_setup, args), what="domain", log=log)
 
 
 if __name__ == "__main__":
