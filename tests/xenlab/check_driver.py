@@ -10,7 +10,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +52,11 @@ async def main() -> dict[str, Any]:
     await dom.pause()
     out["paused_state"] = dom.state.value
     before = console_count("domu")
-    time.sleep(3)
+    await asyncio.sleep(3)
     out["count_while_paused"] = [before, console_count("domu")]
     await dom.resume()
     out["resumed_state"] = dom.state.value
-    time.sleep(3)
+    await asyncio.sleep(3)
     out["count_after_resume"] = console_count("domu")
 
     try:

@@ -26,6 +26,7 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -163,7 +164,7 @@ class XenLab:
             self._reader.join(timeout=5)
         self._proc = None
 
-    def __enter__(self) -> XenLab:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

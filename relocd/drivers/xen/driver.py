@@ -26,7 +26,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from relocd.drivers.base import DirtyBitmap, Domain, DomainConfig, DomainState, Driver, HostCaps
+from relocd.drivers.base import (
+    DirtyBitmap,
+    Domain,
+    DomainConfig,
+    DomainState,
+    Driver,
+    HostCaps,
+)
 from relocd.drivers.sim.hostinfo import bridges
 from relocd.drivers.xen import config as xencfg
 from relocd.drivers.xen import features, libxc, xl
