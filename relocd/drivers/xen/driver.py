@@ -34,7 +34,7 @@ from relocd.drivers.base import (
     Driver,
     HostCaps,
 )
-from relocd.drivers.sim.hostinfo import bridges
+from relocd.drivers.hostinfo import bridges
 from relocd.drivers.xen import config as xencfg
 from relocd.drivers.xen import features, libxc, xl
 from relocd.errors import DomainExists, DriverError
