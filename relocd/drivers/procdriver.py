@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import numpy as np
 from pydantic import ValidationError
@@ -168,6 +168,15 @@ class ProcessDomain(Domain):
 D = TypeVar("D", bound=ProcessDomain)
 
 
+class ProcessLink(NamedTuple):
+    """A domain process just attached to: its connection, its ``hello`` answer and both mappings."""
+
+    client: domproc.DomainProcessClient
+    hello: dict[str, Any]
+    memory: mmap.mmap
+    shared: mmap.mmap
+
+
 class ProcessDriver(Driver, Generic[D]):
     """Finds, starts, renames and stops domain processes; one per domain, records under ``state_dir/name``."""
 
@@ -201,15 +210,7 @@ class ProcessDriver(Driver, Generic[D]):
         """Size of the second memfd a domain process of ``npages`` pages shares."""
 
     @abc.abstractmethod
-    def _domain(
-        self,
-        config: DomainConfig,
-        client: domproc.DomainProcessClient,
-        hello: dict[str, Any],
-        memory: mmap.mmap,
-        shared: mmap.mmap,
-        popen: subprocess.Popen[bytes] | None,
-    ) -> D:
+    def _domain(self, config: DomainConfig, link: ProcessLink, popen: subprocess.Popen[bytes] | None) -> D:
         """The handle on a domain process that answered ``hello``."""
 
     # ---------------------------------------------------------------- records
@@ -337,7 +338,7 @@ class ProcessDriver(Driver, Generic[D]):
         finally:
             for fd in fds:
                 os.close(fd)
-        return self._domain(config, client, reply, memory, shared, popen)
+        return self._domain(config, ProcessLink(client, reply, memory, shared), popen)
 
     def _discover(self) -> None:
         """Reattach to every domain process still running; clean up after the dead ones."""

@@ -20,7 +20,7 @@ from relocd.drivers.hostinfo import bridges, mem_available
 from relocd.drivers.kvm import cpufeatures, layout
 from relocd.drivers.kvm.vm import KVM_DEVICE, KvmSystem
 from relocd.drivers.kvm.vmm import DEFAULT_DIRTY_MODE, DIRTY_MODES, bitmap_bytes
-from relocd.drivers.procdriver import RECORD_FORMAT, ProcessDomain, ProcessDriver
+from relocd.drivers.procdriver import RECORD_FORMAT, ProcessDomain, ProcessDriver, ProcessLink
 from relocd.errors import ConfigError, DriverError
 
 __all__ = ["RECORD_FORMAT", "VMM_MODULE", "KvmDomain", "KvmDriver", "kvm_usable"]
@@ -142,13 +142,7 @@ class KvmDriver(ProcessDriver[KvmDomain]):
     def _shared_bytes(self, npages: int) -> int:
         return bitmap_bytes(npages)
 
-    def _domain(
-        self,
-        config: DomainConfig,
-        client: domproc.DomainProcessClient,
-        hello: dict[str, Any],
-        memory: mmap.mmap,
-        shared: mmap.mmap,
-        popen: subprocess.Popen[bytes] | None,
-    ) -> KvmDomain:
-        return KvmDomain(self, config, client, int(hello["pid"]), bool(hello.get("running")), memory, shared, popen)
+    def _domain(self, config: DomainConfig, link: ProcessLink, popen: subprocess.Popen[bytes] | None) -> KvmDomain:
+        pid = int(link.hello["pid"])
+        running = bool(link.hello.get("running"))
+        return KvmDomain(self, config, link.client, pid, running, link.memory, link.shared, popen)

@@ -14,7 +14,7 @@ from typing import Any
 
 from relocd.drivers import domproc
 from relocd.drivers.base import DomainConfig, DomainState, HostCaps
-from relocd.drivers.procdriver import RECORD_FORMAT, ProcessDomain, ProcessDriver
+from relocd.drivers.procdriver import RECORD_FORMAT, ProcessDomain, ProcessDriver, ProcessLink
 from relocd.drivers.sim import hostinfo, invariant
 from relocd.drivers.sim import status as status_area
 from relocd.errors import DriverError
@@ -98,16 +98,9 @@ class SimDriver(ProcessDriver[SimDomain]):
     def _shared_bytes(self, npages: int) -> int:
         return status_area.area_size(npages)
 
-    def _domain(
-        self,
-        config: DomainConfig,
-        client: domproc.DomainProcessClient,
-        hello: dict[str, Any],
-        memory: mmap.mmap,
-        shared: mmap.mmap,
-        popen: subprocess.Popen[bytes] | None,
-    ) -> SimDomain:
-        return SimDomain(self, config, client, int(hello["pid"]), memory, shared, popen)
+    def _domain(self, config: DomainConfig, link: ProcessLink, popen: subprocess.Popen[bytes] | None) -> SimDomain:
+        pid = int(link.hello["pid"])
+        return SimDomain(self, config, link.client, pid, link.memory, link.shared, popen)
 
     def _discover(self) -> None:
         super()._discover()
