@@ -68,7 +68,7 @@ class Daemon:
         s = self.settings
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(self.state_dir / "journal.sqlite")
-        for name in ("sim", "kvm"):
+        for name in ("sim", "kvm", "xen"):
             try:
                 driver = load_driver(name, self.state_dir)
                 await driver.start()
