@@ -60,7 +60,7 @@ class Vmm:
         self.spec = spec
         self.stop = stop
         self.npages = memory_bytes // PAGE_SIZE
-        self.memory_fd, self._memory = procmain.memfd(f"relocd-kvm-{uuid}", memory_bytes, allocate=False)
+        self.memory_fd, self._memory = procmain.memfd(f"relocd-kvm-{uuid}", memory_bytes, allocate=True)
         self.bitmap_fd, self._bitmap = procmain.memfd(
             f"relocd-kvm-dirty-{uuid}", bitmap_bytes(self.npages), allocate=False
         )
