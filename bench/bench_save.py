@@ -136,5 +136,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--memory-mib", type=int, default=1024)
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--warm-gib", type=int, default=3, help="touch this much memory first (0: skip)")
     args = parser.parse_args()
+    if args.warm_gib:
+        from bench_migrate import warm_host_memory  # same directory
+
+        print(f"warmed {args.warm_gib} GiB of host memory in {warm_host_memory(args.warm_gib):.1f} s")
     asyncio.run(main(args.memory_mib, args.dir))
