@@ -28,7 +28,7 @@ from relocd.config.domain import config_from_sxp, config_to_sxp
 from relocd.drivers.base import INCOMING_SUFFIX, Domain, DomainState
 from relocd.engine.hooks import DomainHooks
 from relocd.engine.journal import Journal
-from relocd.engine.pages import bitmap_to_pfns, iter_batches, memory_digest, split_zero_pages
+from relocd.engine.pages import bitmap_to_pfns, memory_digest
 from relocd.engine.policy import PrecopyPolicy
 from relocd.engine.reservation import ReservationRequest, check_reservation
 from relocd.engine.result import Progress, no_progress
@@ -107,42 +107,40 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class _FileSender(SourceMigration):
-    """The precopy loop of a live migration, with a file for a target.
+class _FileSender:
+    """The send loop of a live migration (rounds, policy, progress), with a file for a target.
 
-    Reuses ``SourceMigration._precopy`` (rounds, policy, progress, report) and
-    overrides only how a batch of pages is sent, to note where each page's
-    latest copy lands in the file (for a checkpoint's image digest).
+    Notes where each page's latest copy lands in the file, which is what a
+    checkpoint's image digest is computed from.
     """
 
     def __init__(self, domain: Domain, channel: RecordChannel, writer: FileWriter, policy: PrecopyPolicy,
                  journal: Journal | None, progress: Progress, batch_pages: int) -> None:  # fmt: skip
-        super().__init__(
+        self.writer = writer
+        self.locations: npt.NDArray[np.int64] = np.full(domain.npages, -1, dtype=np.int64)
+        self.migration = SourceMigration(
             domain,
             channel,
             SendOptions(live=True, verify=False, policy=policy, batch_pages=batch_pages),
-            journal=journal,  # type: ignore[arg-type]  # the precopy loop never journals
+            journal=journal,  # type: ignore[arg-type]  # the send loop never journals
             migration_id=str(uuidlib.uuid4()),
             target=writer.path,
             progress=progress,
+            on_batch=self._note_locations,
         )
-        self.writer = writer
-        self.locations: npt.NDArray[np.int64] = np.full(domain.npages, -1, dtype=np.int64)
+        self.result = self.migration.result
 
-    async def _send_pfns(self, round_no: int, pfns: np.ndarray) -> tuple[int, int]:
-        memory = self.domain.memory()
-        pages = nbytes = 0
-        for batch in iter_batches(pfns, self.opts.batch_pages):
-            data, zero = split_zero_pages(memory, batch)
-            payload_at = self.writer.offset + HEADER_SIZE + PAGES_FIXED_SIZE + 8 * (len(data) + len(zero))
-            nbytes += await self.channel.send_pages(round_no, data, zero, memory)
-            self.locations[data.astype(np.intp)] = payload_at + PAGE_SIZE * np.arange(len(data), dtype=np.int64)
-            self.locations[zero.astype(np.intp)] = -1
-            pages += len(batch)
-            self.result.zero_pages += len(zero)
-        self.result.pages_sent += pages
-        self.result.bytes_sent += nbytes
-        return pages, nbytes
+    def _note_locations(self, data: npt.NDArray[np.uint64], zero: npt.NDArray[np.uint64]) -> None:
+        # The PAGES record about to be written starts at writer.offset.
+        payload_at = self.writer.offset + HEADER_SIZE + PAGES_FIXED_SIZE + 8 * (len(data) + len(zero))
+        self.locations[data.astype(np.intp)] = payload_at + PAGE_SIZE * np.arange(len(data), dtype=np.int64)
+        self.locations[zero.astype(np.intp)] = -1
+
+    async def precopy(self) -> npt.NDArray[np.uint64]:
+        return await self.migration.precopy()
+
+    async def send_pfns(self, round_no: int, pfns: npt.NDArray[np.uint64]) -> tuple[int, int]:
+        return await self.migration.send_pfns(round_no, pfns)
 
 
 async def save_domain(
@@ -191,20 +189,18 @@ async def save_domain(
         await channel.send(Config(config_to_sxp(cfg)))
         if checkpoint and was_running:
             writer.mode = WriteMode.COPY
-            await domain.dirty_log_start()
-            logging = True
-            await sender._precopy()
+            logging = True  # precopy() starts the log; we stop it
+            dirty = await sender.precopy()
             await progress(phase="stop-and-copy")
             paused_at = time.monotonic()
             await domain.pause()
             paused = True
-            dirty = sender._pending
             final_dirty = await domain.dirty_log_fetch()
             pfns = np.union1d(dirty, bitmap_to_pfns(final_dirty, domain.npages)).astype(np.uint64)
             round_no = sender.result.iterations + 1
             writer.mode = WriteMode.DEFER  # copy while paused, write once running again
             await channel.send(Stop(round_no))
-            await sender._send_pfns(round_no, pfns)
+            await sender.send_pfns(round_no, pfns)
             blob = await domain.save_state()
             await domain.resume()
             paused = False
@@ -230,7 +226,7 @@ async def save_domain(
             try:
                 await progress(phase="stop-and-copy")
                 await channel.send(Stop(1))
-                await sender._send_pfns(1, np.arange(domain.npages, dtype=np.uint64))
+                await sender.send_pfns(1, np.arange(domain.npages, dtype=np.uint64))
                 blob = await domain.save_state()
                 await channel.send(VcpuState(cfg.driver, blob))
             finally:

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import numpy as np
+import numpy.typing as npt
 import structlog
 
 from relocd.config.domain import config_to_sxp
@@ -65,6 +66,8 @@ from relocd.protocol.records import (
 from relocd.units import PAGE_SIZE
 
 log = structlog.get_logger("relocd.source")
+
+Pfns = npt.NDArray[np.uint64]
 
 FEATURES = Feature.ZERO_PAGES | Feature.DIGEST_SHA256 | Feature.QUERY | Feature.DIGEST_BLAKE3
 
@@ -175,8 +178,11 @@ class SourceMigration:
         reconnect: Reconnect | None = None,
         progress: Progress = no_progress,
         hooks: DomainHooks | None = None,
+        on_batch: Callable[[Pfns, Pfns], None] | None = None,
     ) -> None:
         self.domain = domain
+        #: told (data pfns, zero pfns) just before each PAGES record goes out
+        self.on_batch = on_batch
         self.hooks = hooks or DomainHooks()
         self.name = domain.name
         self.channel = channel
@@ -309,6 +315,19 @@ class SourceMigration:
             raise MigrationAborted(f"target aborted: {answer.message}", reason=answer.reason)
         assert isinstance(answer, Reserved)
 
+    async def precopy(self) -> Pfns:
+        """Run the precopy rounds (the policy decides when to stop); returns the pages still dirty.
+
+        The dirty log stays on: the caller pauses the domain, fetches the log
+        once more and sends the union (a savefile checkpoint reuses this).
+        """
+        await self._precopy()
+        return self._pending
+
+    async def send_pfns(self, round_no: int, pfns: Pfns) -> tuple[int, int]:
+        """Send these pages in PAGES records of round ``round_no``; returns (pages, bytes)."""
+        return await self._send_pfns(round_no, pfns)
+
     async def _send_pfns(self, round_no: int, pfns: np.ndarray) -> tuple[int, int]:
         """Send pages (zero pages as pfns only); returns (pages, bytes)."""
         memory = self.domain.memory()
@@ -316,6 +335,8 @@ class SourceMigration:
         nbytes = 0
         for batch in iter_batches(pfns, self.opts.batch_pages):
             data, zero = split_zero_pages(memory, batch)
+            if self.on_batch is not None:
+                self.on_batch(data, zero)
             n = await self._unless_stuck(self.channel.send_pages(round_no, data, zero, memory))
             pages += len(batch)
             nbytes += n
