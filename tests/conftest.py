@@ -1,10 +1,10 @@
-"""Run fast tests first: unit (sans-IO), then daemon (loopback), then system."""
+"""Run fast tests first: unit (sans-IO), then daemon (loopback), then system, then the fault matrix."""
 
 from __future__ import annotations
 
 import pytest
 
-_LAYER_ORDER = {"unit": 0, "daemon": 1, "system": 2}
+_LAYER_ORDER = {"unit": 0, "daemon": 1, "system": 2, "faults": 3, "fuzz": 4}
 
 
 def _layer(item: pytest.Item) -> int:

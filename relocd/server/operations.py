@@ -126,6 +126,8 @@ class Operations:
             "domains": len(self.d.all_domains()),
             "outgoing": len(self.outgoing),
             "incoming": len(self.d.ctx.incoming) if self.d.ctx else 0,
+            "reservations": len(self.d.ctx.reservations.all()) if self.d.ctx else 0,
+            "in_doubt": len(self.d.ctx.in_doubt) if self.d.ctx else 0,
             "state_dir": str(s.state_dir),
         }
 

@@ -54,6 +54,7 @@ class SocketTransport:
         self.sock = sock
         self._loop = asyncio.get_running_loop()
         self._closed = False
+        self._bulk_work: asyncio.Future[None] | None = None
 
     @property
     def peer(self) -> str:
@@ -113,10 +114,14 @@ class SocketTransport:
         if self._closed:
             raise PeerGone("connection closed")
         self.sock.settimeout(BULK_TIMEOUT_S)
+        work = asyncio.ensure_future(asyncio.to_thread(fn, arg))
+        self._bulk_work = work
         try:
-            await asyncio.shield(asyncio.to_thread(fn, arg))
+            await asyncio.shield(work)
         except asyncio.CancelledError:
-            # The thread cannot be interrupted; shutting the socket down wakes it.
+            # The thread cannot be interrupted; shutting the socket down wakes
+            # it, and its outcome (PeerGone, most likely) is ours to swallow.
+            work.add_done_callback(_swallow)
             self._abort()
             raise
         finally:
@@ -187,7 +192,18 @@ class SocketTransport:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        bulk = self._bulk_work
+        if bulk is not None and not bulk.done():
+            # A worker thread may still be inside recv/sendmsg on this fd:
+            # let it return (the shutdown wakes it) before the fd number can
+            # be closed and reused by someone else.
+            await asyncio.wait({bulk}, timeout=5)
         self.sock.close()
+
+
+def _swallow(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 async def connect(host: str, port: int, timeout: float) -> SocketTransport:
