@@ -216,10 +216,10 @@ class Operations:
             await dom.pause()
         try:
             problem = await dom.check_invariant()
-            stats = await dom.stats()
         finally:
             if was_running:
                 await dom.resume()
+        stats = await dom.stats()
         return {"name": dom.name, "ok": problem is None, "problem": problem, "stats": stats}
 
     async def stats(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
