@@ -162,7 +162,7 @@ class TargetSession:
         await fault_point("target", "config")
         memory = domain.memory()
         state_blob: bytes | None = None
-        digest: bytes | None = None
+        digest: Digest | None = None
         digest_task: asyncio.Future[bytes] | None = None
         while True:
             record = await ch.recv()
@@ -185,8 +185,8 @@ class TargetSession:
                 if self.request is not None and self.request.verify:
                     digest_task = asyncio.ensure_future(asyncio.to_thread(memory_digest, memory, self.digest_algo))
             elif isinstance(record, Digest):
-                digest = record.value
-                if record.algo != self.digest_algo:  # an older peer: hash again its way
+                digest = record
+                if digest_task is None or record.algo != self.digest_algo:  # not hashed yet, or not its way
                     digest_task = asyncio.ensure_future(asyncio.to_thread(memory_digest, memory, record.algo))
             elif isinstance(record, Commit):
                 break
@@ -195,8 +195,8 @@ class TargetSession:
         if state_blob is None:
             raise ProtocolError("stream ended without vCPU state")
         if digest is not None:
-            mine = await digest_task if digest_task is not None else await asyncio.to_thread(memory_digest, memory)
-            if mine != digest:
+            assert digest_task is not None
+            if await digest_task != digest.value:
                 raise MigrationAborted("memory digest mismatch at the stop point", reason=Reason.VERIFY)
         await domain.load_state(state_blob)
         self.ctx.journal.set_phase(self.mid, Phase.PREPARED)

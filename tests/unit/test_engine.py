@@ -103,3 +103,16 @@ async def test_refused_reservation_leaves_source_running(hosts: tuple[Host, Host
     dom = a.driver.lookup("big")
     assert dom is not None and dom.state == DomainState.RUNNING
     assert b.driver.domains() == []
+
+
+async def test_verify_with_a_peer_that_only_knows_sha256(hosts: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An older source (no DIGEST_BLAKE3 in its HELLO): both sides fall back to SHA-256."""
+    from relocd.engine import source as source_module
+    from relocd.protocol.records import Feature
+
+    monkeypatch.setattr(source_module, "FEATURES", Feature.ZERO_PAGES | Feature.DIGEST_SHA256 | Feature.QUERY)
+    a, b = hosts
+    await a.driver.create(DomainConfig(name="old", memory_mib=16, workload="hotset:size=2MiB,rate=20MB/s"))
+    result = await migrate(a, b, "old", live=True, verify=True)
+    assert result.status == "completed", result.error
+    assert result.verified is True
