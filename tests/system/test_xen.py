@@ -32,8 +32,20 @@ import pytest
 from relocd.drivers import load_driver
 from relocd.drivers.base import DomainConfig, Vif
 from relocd.drivers.xen import config as xencfg
-from relocd.drivers.xen import libxc
+from relocd.drivers.xen import guestsave, libxc, xlimage
 from relocd.drivers.xen.features import featureset_names
+from relocd.drivers.xen.precopy import (
+    ABORT,
+    CONTINUE_PRECOPY,
+    STOP_AND_COPY,
+    PolicyBridge,
+)
+from relocd.engine.policy import (
+    DIRTY_THRESHOLD,
+    MAX_ITERATIONS,
+    DowntimePolicy,
+    XendPolicy,
+)
 from relocd.errors import DriverError
 from tests.xenlab.lab import LabUnavailable, XenLab, build_image
 
@@ -70,6 +82,113 @@ def test_ctypes_layouts_match_xen_headers(tmp_path: Path) -> None:
         libxc.PhysInfo.hw_cap.offset,
     ]
     assert ours == c_view
+
+
+SAVE_LAYOUT_PROGRAM = r"""
+#include <stdio.h>
+#include <stddef.h>
+#include <xenctrl.h>
+#include <xenguest.h>
+static struct precopy_stats given = {7, 123456789UL, -1};
+/* libxenguest passes precopy_stats by value: check ctypes' callback sees it whole. */
+int call_policy(precopy_policy_t policy, void *data) { return policy(given, data); }
+int main(void) {
+    printf("%zu %zu %zu %zu %zu %zu %zu %d %d %d %d\n", sizeof(struct precopy_stats),
+           offsetof(struct precopy_stats, total_written), offsetof(struct precopy_stats, dirty_count),
+           sizeof(struct save_callbacks), offsetof(struct save_callbacks, precopy_policy),
+           offsetof(struct save_callbacks, switch_qemu_logdirty), offsetof(struct save_callbacks, data),
+           XCFLAGS_LIVE, XC_STREAM_PLAIN, XGS_POLICY_STOP_AND_COPY, XGS_POLICY_ABORT);
+    return 0;
+}
+"""
+
+
+def test_save_callback_layouts_match_xenguest_h(tmp_path: Path) -> None:
+    if shutil.which("cc") is None or not Path("/usr/include/xenguest.h").exists():
+        pytest.skip("needs a C compiler and libxen-dev's headers")
+    src = tmp_path / "save_layout.c"
+    src.write_text(SAVE_LAYOUT_PROGRAM)
+    subprocess.run(["cc", "-o", str(tmp_path / "save_layout"), str(src)], check=True, capture_output=True)
+    subprocess.run(
+        ["cc", "-shared", "-fPIC", "-o", str(tmp_path / "libpolicy.so"), str(src)], check=True, capture_output=True
+    )
+    c_view = [int(x) for x in subprocess.check_output([str(tmp_path / "save_layout")]).split()]
+    G = guestsave
+    ours = [
+        ctypes.sizeof(G.PrecopyStats), G.PrecopyStats.total_written.offset, G.PrecopyStats.dirty_count.offset,
+        ctypes.sizeof(G.SaveCallbacks), G.SaveCallbacks.precopy_policy.offset,
+        G.SaveCallbacks.switch_qemu_logdirty.offset, G.SaveCallbacks.data.offset,
+        G.XCFLAGS_LIVE, G.XC_STREAM_PLAIN, STOP_AND_COPY, ABORT,
+    ]  # fmt: skip
+    assert ours == c_view
+    seen: list[tuple[int, int, int, int | None]] = []
+
+    def policy(stats: guestsave.PrecopyStats, data: int | None) -> int:
+        seen.append((stats.iteration, stats.total_written, stats.dirty_count, data))
+        return STOP_AND_COPY
+
+    lib = ctypes.CDLL(str(tmp_path / "libpolicy.so"))
+    lib.call_policy.argtypes = [guestsave.PRECOPY_POLICY, ctypes.c_void_p]
+    assert lib.call_policy(guestsave.PRECOPY_POLICY(policy), 42) == STOP_AND_COPY
+    assert seen == [(7, 123456789, -1, 42)]
+
+
+def fake_send_memory_live(bridge: PolicyBridge, p2m_size: int, dirty: list[int], sent: list[int]) -> list[int]:
+    """Xen 4.17's send_memory_live call pattern; the decisions it got (its page counts go to ``sent``)."""
+    total, x, dirty_count, decisions = 0, 0, p2m_size, []
+    while True:
+        decision = bridge.decide(x, total, dirty_count)
+        decisions.append(decision)
+        x += 1
+        if dirty_count > 0 and decision != ABORT:
+            sent.append(dirty_count)
+        if decision != CONTINUE_PRECOPY:
+            return decisions
+        total += dirty_count
+        decision = bridge.decide(x, total, -1)
+        decisions.append(decision)
+        if decision != CONTINUE_PRECOPY:
+            return decisions
+        dirty_count = dirty[x - 1]
+
+
+def test_policy_bridge_lets_relocd_decide_each_round() -> None:
+    sent: list[int] = []
+    bridge = PolicyBridge(XendPolicy(max_iterations=3, dirty_threshold=0), lambda: sum(sent) * 4100)
+    decisions = fake_send_memory_live(bridge, 32768, [900, 400, 300, 200], sent)
+    assert decisions == [CONTINUE_PRECOPY] * 6 + [STOP_AND_COPY]
+    assert [(r.round, r.pages_sent, r.dirty_pages, r.stop_reason) for r in bridge.rounds] == [
+        (1, 32768, 900, None), (2, 900, 400, None), (3, 400, 300, MAX_ITERATIONS),
+    ]  # fmt: skip
+    assert bridge.rounds[1].bytes_sent == 900 * 4100 and bridge.stop_reason == MAX_ITERATIONS
+    assert sent == [32768, 900, 400, 300]  # libxenguest sends the last dirty set live, then suspends
+    assert bridge.memory_pages == 32768
+
+
+def test_policy_bridge_small_dirty_set_and_cancel() -> None:
+    sent: list[int] = []
+    bridge = PolicyBridge(DowntimePolicy(), lambda: sum(sent) * 4096)
+    fake_send_memory_live(bridge, 32768, [12], sent)
+    assert [(r.round, r.stop_reason) for r in bridge.rounds] == [(1, DIRTY_THRESHOLD)]
+    cancelled = PolicyBridge(DowntimePolicy(), lambda: 0)
+    assert cancelled.decide(0, 0, 32768) == CONTINUE_PRECOPY
+    cancelled.cancel()
+    assert cancelled.decide(1, 32768, -1) == ABORT
+
+
+def test_xl_image_prefix_is_what_xl_restore_reads() -> None:
+    config = {"c_info": {"name": "domu--incoming", "type": "pv"}, "b_info": {"max_memkb": 131072}}
+    prefix = xlimage.image_prefix(config)
+    assert prefix[:32] == b"Xen saved domain, xl format\n \0 \r"
+    assert prefix[32:48] == bytes.fromhex("04030201 03000000 00000000") + prefix[44:48]
+    parsed = xlimage.read_prefix(prefix + b"<libxenguest stream>")
+    assert parsed.config == config and parsed.mandatory_flags == 3
+    assert (parsed.libxl_version, parsed.first_record, parsed.size) == (2, xlimage.REC_LIBXC_CONTEXT, len(prefix))
+    assert prefix[-24:-8] == b"LibxlFmt" + bytes.fromhex("00000002 00000000")
+    assert xlimage.image_suffix() == bytes(8)
+    assert xlimage.libxl_record(5, b"abc") == bytes.fromhex("05000000 03000000") + b"abc" + bytes(5)
+    with pytest.raises(DriverError, match="bad magic"):
+        xlimage.read_prefix(b"LinuxGuestRecord" + bytes(64))
 
 
 def test_featureset_words_name_cpuid_bits() -> None:
@@ -150,10 +269,21 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XenLab]:
 
 
 def last_count(lab: XenLab) -> int:
-    out = lab.run("grep '^count ' /var/log/xen/console/guest-domu.log | tail -1")
+    """The domU's latest count, over every console log it has had.
+
+    xenconsoled names a guest's log when it connects the console ring, so a
+    copy restored under a temporary name (``domu--incoming``, as ``xl
+    migrate-receive`` and relocd use) logs to that name's file after the move.
+    """
+    out = lab.run("cat /var/log/xen/console/guest-domu*.log | tr -d '\\r' | grep '^count ' | sort -k2n | tail -1")
     m = re.search(r"count (\d+)", out)
     assert m, out
     return int(m.group(1))
+
+
+def restarts(lab: XenLab) -> int:
+    """How often the domU's counter started at 1 (more than once: it rebooted instead of moving)."""
+    return int(lab.run("cat /var/log/xen/console/guest-domu*.log | tr -d '\\r' | grep -c '^count 1$' || true").strip())
 
 
 def domu_copies(lab: XenLab) -> list[str]:
@@ -189,9 +319,35 @@ def test_xl_migrate_to_localhost_reference(lab: XenLab) -> None:
     before = last_count(lab)
     lab.run("xl migrate -s '' domu 'xl migrate-receive' >/tmp/xl-migrate.log 2>&1", timeout=300)
     assert domu_copies(lab) == ["domu"]
+    at_end = last_count(lab)  # the source is gone: only the new copy can count on
     lab.run("sleep 4")
     after = last_count(lab)
-    assert after > before + 1, f"console stopped counting: {before} -> {after}"
-    restarted = lab.run("tr -d '\\r' </var/log/xen/console/guest-domu.log | grep -c '^count 1$' || true")
-    assert restarted.strip() == "1", "the guest rebooted instead of moving"
+    assert at_end >= before and after >= at_end + 2, f"console stopped counting: {before} -> {at_end} -> {after}"
+    assert restarts(lab) == 1, "the guest rebooted instead of moving"
+
+
+@pytest.mark.system
+def test_relocd_stream_moves_the_domu_within_dom0(lab: XenLab) -> None:
+    """xc_domain_save driven by relocd's policy, its stream restored by xl: twice, both policies."""
+    out = lab.run("cd /tmp && timeout 400 python3 /lab/xenlab/check_stream.py xend-3 downtime 2>/tmp/stream.err", timeout=450)
+    m = re.search(r"^XENSTREAM (.*)$", out, re.MULTILINE)
+    assert m, out + lab.run("tail -c 2000 /tmp/stream.err", check=False)
+    first, second = json.loads(m.group(1))
+    for move in (first, second):
+        report = move["move"]
+        assert move["xl_list"] == ["Domain-0", "domu"], "not exactly one copy after the move"
+        assert move["domid_now"] == report["target_domid"] != report["source_domid"]
+        assert move["after"] >= move["at_end"] + 2, f"the moved domU does not count: {move}"
+        assert move["at_end"] >= move["before"], move
+        assert move["ones"] == 1, "the guest rebooted instead of moving"
+        rounds = report["rounds"]
+        assert rounds[0]["round"] == 1 and rounds[0]["pages_sent"] == 32768  # 128 MiB, all of it first
+        assert report["stream_bytes"] > 128 << 20
+        assert all(r["stop_reason"] is None for r in rounds[:-1]) and rounds[-1]["stop_reason"] == report["stop_reason"]
+    # relocd's policy made each decision: xend-3 ran exactly three rounds, downtime stopped on its own rule.
+    assert [r["round"] for r in first["move"]["rounds"]] == [1, 2, 3]
+    assert first["move"]["stop_reason"] == "max-iterations"
+    assert first["move"]["policy_calls"] == 7
+    assert second["move"]["stop_reason"] in ("downtime", "dirty-threshold", "no-progress")
+    assert restarts(lab) == 1
 

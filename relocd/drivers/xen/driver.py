@@ -10,7 +10,9 @@ guest memory out as one flat writable view and its vCPU state as one blob;
 a PV guest's memory holds page tables full of machine frame numbers that only
 Xen's save/restore code (libxenguest) can translate, so the memory, dirty-log
 and state methods refuse with a DriverError that says so (docs/xen.md says
-what the seam needs for Xen).
+what the seam needs for Xen).  The stream path that will sit behind that
+seam change (libxenguest's save driven by relocd's policy, xl's restore) is
+``stream.py``, proven in the lab within one dom0.
 """
 
 from __future__ import annotations

@@ -140,7 +140,7 @@ class DomInfo:
         )
 
 
-def _load(name: str, soname: str) -> ctypes.CDLL:
+def load_library(name: str, soname: str) -> ctypes.CDLL:
     path = ctypes.util.find_library(name) or soname
     try:
         return ctypes.CDLL(path, use_errno=True)
@@ -152,8 +152,8 @@ class XenCtrl:
     """An open libxenctrl handle (``/dev/xen/privcmd``); calls are serialised."""
 
     def __init__(self) -> None:
-        self._lib = _load("xenctrl", "libxenctrl.so.4.17")
-        self._guest = _load("xenguest", "libxenguest.so.4.17")
+        self._lib = load_library("xenctrl", "libxenctrl.so.4.17")
+        self._guest = load_library("xenguest", "libxenguest.so.4.17")
         lib = self._lib
         lib.xc_interface_open.restype = ctypes.c_void_p
         lib.xc_interface_open.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
@@ -171,7 +171,7 @@ class XenCtrl:
         self._lock = threading.Lock()
         handle = lib.xc_interface_open(None, None, 0)
         if not handle:
-            raise DriverError(f"xen driver: xc_interface_open failed: {_errno_text()} (not dom0, or no privcmd?)")
+            raise DriverError(f"xen driver: xc_interface_open failed: {errno_text()} (not dom0, or no privcmd?)")
         self._xch: int | None = handle
 
     def _handle(self) -> int:
@@ -191,7 +191,7 @@ class XenCtrl:
         with self._lock:
             n = self._lib.xc_domain_getinfolist(self._handle(), 0, max_domains, buf)
         if n < 0:
-            raise DriverError(f"xen driver: xc_domain_getinfolist failed: {_errno_text()}")
+            raise DriverError(f"xen driver: xc_domain_getinfolist failed: {errno_text()}")
         return [DomInfo.from_c(buf[i]) for i in range(n)]
 
     def domain(self, domid: int) -> DomInfo | None:
@@ -199,27 +199,27 @@ class XenCtrl:
         with self._lock:
             n = self._lib.xc_domain_getinfolist(self._handle(), domid, 1, ctypes.byref(buf))
         if n < 0:
-            raise DriverError(f"xen driver: xc_domain_getinfolist failed: {_errno_text()}")
+            raise DriverError(f"xen driver: xc_domain_getinfolist failed: {errno_text()}")
         return DomInfo.from_c(buf) if n == 1 and buf.domain == domid else None
 
     def pause(self, domid: int) -> None:
         with self._lock:
             rc = self._lib.xc_domain_pause(self._handle(), domid)
         if rc != 0:
-            raise DriverError(f"xen driver: pausing domain {domid} failed: {_errno_text()}")
+            raise DriverError(f"xen driver: pausing domain {domid} failed: {errno_text()}")
 
     def unpause(self, domid: int) -> None:
         with self._lock:
             rc = self._lib.xc_domain_unpause(self._handle(), domid)
         if rc != 0:
-            raise DriverError(f"xen driver: unpausing domain {domid} failed: {_errno_text()}")
+            raise DriverError(f"xen driver: unpausing domain {domid} failed: {errno_text()}")
 
     def physinfo(self) -> PhysInfo:
         info = PhysInfo()
         with self._lock:
             rc = self._lib.xc_physinfo(self._handle(), ctypes.byref(info))
         if rc != 0:
-            raise DriverError(f"xen driver: xc_physinfo failed: {_errno_text()}")
+            raise DriverError(f"xen driver: xc_physinfo failed: {errno_text()}")
         return info
 
     def featureset(self, index: int) -> list[int]:
@@ -230,7 +230,7 @@ class XenCtrl:
         with self._lock:
             rc = self._guest.xc_get_cpu_featureset(self._handle(), index, ctypes.byref(nr), words)
         if rc != 0:
-            raise DriverError(f"xen driver: xc_get_cpu_featureset({index}) failed: {_errno_text()}")
+            raise DriverError(f"xen driver: xc_get_cpu_featureset({index}) failed: {errno_text()}")
         return [int(words[i]) for i in range(min(nr.value, size))]
 
 
@@ -238,19 +238,23 @@ class XenStore:
     """A libxenstore connection (to xenstored's socket or /dev/xen/xenbus)."""
 
     def __init__(self) -> None:
-        lib = _load("xenstore", "libxenstore.so.4")
+        lib = load_library("xenstore", "libxenstore.so.4")
         lib.xs_open.restype = ctypes.c_void_p
         lib.xs_open.argtypes = [ctypes.c_ulong]
         lib.xs_close.argtypes = [ctypes.c_void_p]
         lib.xs_read.restype = ctypes.c_void_p
         lib.xs_read.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint)]
+        lib.xs_write.restype = ctypes.c_bool
+        lib.xs_write.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint]
+        lib.xs_resume_domain.restype = ctypes.c_bool
+        lib.xs_resume_domain.argtypes = [ctypes.c_void_p, ctypes.c_uint]
         self._lib = lib
         self._libc = ctypes.CDLL(None)
         self._libc.free.argtypes = [ctypes.c_void_p]
         self._lock = threading.Lock()
         handle = lib.xs_open(0)
         if not handle:
-            raise DriverError(f"xen driver: cannot connect to xenstore: {_errno_text()} (is xenstored running?)")
+            raise DriverError(f"xen driver: cannot connect to xenstore: {errno_text()} (is xenstored running?)")
         self._xsh: int | None = handle
 
     def close(self) -> None:
@@ -273,7 +277,25 @@ class XenStore:
         finally:
             self._libc.free(ptr)
 
+    def write(self, path: str, value: str) -> None:
+        data = value.encode()
+        with self._lock:
+            if self._xsh is None:
+                raise DriverError("xen driver: xenstore connection is closed")
+            ok = self._lib.xs_write(self._xsh, XBT_NULL, path.encode(), data, len(data))
+        if not ok:
+            raise DriverError(f"xen driver: xenstore write of {path} failed: {errno_text()}")
 
-def _errno_text() -> str:
+    def resume_domain(self, domid: int) -> None:
+        """Tell xenstored a suspended domain runs again (its watches fire again)."""
+        with self._lock:
+            if self._xsh is None:
+                raise DriverError("xen driver: xenstore connection is closed")
+            ok = self._lib.xs_resume_domain(self._xsh, domid)
+        if not ok:
+            raise DriverError(f"xen driver: xenstore resume of domain {domid} failed: {errno_text()}")
+
+
+def errno_text() -> str:
     err = ctypes.get_errno()
     return f"{os.strerror(err)} (errno {err})" if err else "unknown error"

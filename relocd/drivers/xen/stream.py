@@ -1,0 +1,216 @@
+"""Moving a Xen PV domain as a stream: libxenguest's save on one side, xl's restore on the other.
+
+The prototype of docs/xen.md's "Way A", inside the driver package and not
+yet behind the engine's seam:
+
+* ``send_stream``: ``xc_domain_save`` (``guestsave.GuestSaver``) writes the
+  domain's libxenguest stream into a pipe; a pump thread hands each chunk to
+  a sink (relocd's transport, later) and counts the bytes, which is what the
+  precopy policy's rounds are measured in.  relocd's ``PrecopyPolicy``
+  answers every ``precopy_policy`` call (``precopy.PolicyBridge``).
+* ``XlRestoreReceiver``: wraps the chunks as an xl save image
+  (``xlimage``) around the domain's libxl JSON config and feeds them to
+  ``xl restore -p``: Xen's own toolstack builds the domain, paused, with its
+  devices, xenstore entries and console.
+* ``move_within_host``: both ends in one dom0 (the lab's first proof), with
+  xl migrate's handoff: incoming copy named ``NAME--incoming``, source renamed
+  ``NAME--migratedaway``, target renamed and unpaused, source destroyed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from relocd.drivers.xen import xl, xlimage
+from relocd.drivers.xen.guestsave import GuestSaver
+from relocd.drivers.xen.libxc import XenCtrl, XenStore
+from relocd.drivers.xen.precopy import PolicyBridge, RoundDecision
+from relocd.engine.policy import PrecopyPolicy
+from relocd.errors import DriverError
+
+CHUNK = 1 << 20
+RESTORE_TIMEOUT_S = 300.0
+
+
+class _Pump:
+    """Reads the save pipe in its own thread and hands chunks to the sink."""
+
+    def __init__(self, fd: int, sink: Callable[[bytes], None]) -> None:
+        self.fd = fd
+        self.sink = sink
+        self.nbytes = 0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="xen-save-pump", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            while chunk := os.read(self.fd, CHUNK):
+                self.sink(chunk)
+                self.nbytes += len(chunk)
+        except BaseException as exc:  # noqa: BLE001 - reported by send_stream
+            self.error = exc
+        finally:
+            os.close(self.fd)  # a dead sink makes libxenguest's next write fail (EPIPE), not hang
+
+
+def send_stream(
+    saver: GuestSaver,
+    domid: int,
+    sink: Callable[[bytes], None],
+    policy: PrecopyPolicy | None,
+    *,
+    live: bool = True,
+    on_round: Callable[[RoundDecision], None] | None = None,
+) -> PolicyBridge | None:
+    """Save domain ``domid`` into ``sink`` (blocking); returns with the domain suspended.
+
+    On failure the domain is resumed (if it got as far as suspending) and
+    DriverError says why.
+    """
+    rfd, wfd = os.pipe()
+    pump = _Pump(rfd, sink)
+    bridge = PolicyBridge(policy, lambda: pump.nbytes, on_round=on_round) if policy is not None else None
+    pump.thread.start()
+    try:
+        saver.save(domid, wfd, bridge, live=live)
+    except DriverError:
+        with contextlib.suppress(DriverError):
+            saver.resume(domid)
+        raise
+    finally:
+        os.close(wfd)
+        pump.thread.join()
+    if pump.error is not None:
+        with contextlib.suppress(DriverError):
+            saver.resume(domid)
+        raise DriverError(f"xen driver: the stream's receiver failed: {pump.error}")
+    return bridge
+
+
+class XlRestoreReceiver:
+    """Feeds an xl save image, built around a libxenguest stream, to ``xl restore -p``."""
+
+    def __init__(self, config: dict[str, Any], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 - closed in finish/abort
+        self.bytes_fed = 0
+        try:
+            self._proc = subprocess.Popen(
+                [xl.xl_path(), "restore", "-p", "/dev/stdin"],
+                stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        except OSError as exc:
+            self._log.close()
+            raise DriverError(f"xen driver: cannot run xl: {exc}") from None
+        self.feed(xlimage.image_prefix(config))
+
+    def feed(self, chunk: bytes) -> None:
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(chunk)
+        self._proc.stdin.flush()
+        self.bytes_fed += len(chunk)
+
+    def finish(self, timeout: float = RESTORE_TIMEOUT_S) -> None:
+        """End the image and wait for xl: the domain exists, paused, when this returns."""
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(xlimage.image_suffix())
+            self._proc.stdin.close()
+        except OSError:
+            pass  # xl has exited: its status says why
+        try:
+            rc = self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.abort()
+            raise DriverError(f"xen driver: xl restore did not finish within {timeout:.0f}s") from None
+        self._log.close()
+        if rc != 0:
+            raise DriverError(f"xen driver: xl restore failed: {self.last_log_line()}")
+
+    def exited(self) -> bool:
+        return self._proc.poll() is not None
+
+    def abort(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._log.close()
+
+    def last_log_line(self) -> str:
+        lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        return lines[-1].strip() if lines else f"exit status {self._proc.returncode}"
+
+
+def _domid_of(name: str, store: XenStore, ctrl: XenCtrl) -> int | None:
+    for info in ctrl.domains():
+        if info.domid != 0 and not info.dying and store.read(f"/local/domain/{info.domid}/name") == name:
+            return info.domid
+    return None
+
+
+async def move_within_host(
+    name: str, policy: PrecopyPolicy, workdir: Path, *, live: bool = True
+) -> dict[str, Any]:
+    """Move domain ``name`` to a new copy of itself in this dom0, through relocd's stream path.
+
+    Returns a report: rounds with relocd's decisions, bytes, timings, domids.
+    """
+    ctrl, store = XenCtrl(), XenStore()
+    try:
+        src = _domid_of(name, store, ctrl)
+        if src is None:
+            raise DriverError(f"xen driver: no domain named {name}")
+        config = await xl.domain_config_json(src)
+        incoming = f"{name}--incoming"
+        config.setdefault("c_info", {})["name"] = incoming
+        saver = GuestSaver(ctrl, store)
+        receiver = XlRestoreReceiver(config, workdir / f"xl-restore-{name}.log")
+        t0 = time.monotonic()
+        try:
+            bridge = await asyncio.to_thread(send_stream, saver, src, receiver.feed, policy, live=live)
+            saved = time.monotonic()
+            await asyncio.to_thread(receiver.finish)
+        except DriverError as exc:
+            xl_failed = receiver.exited()
+            receiver.abort()
+            dst = _domid_of(incoming, store, ctrl)
+            if dst is not None:
+                await xl.destroy(dst)
+            with contextlib.suppress(DriverError):
+                saver.resume(src)
+            if xl_failed and "xl restore" not in exc.message:
+                raise DriverError(f"xen driver: xl restore failed: {receiver.last_log_line()}") from None
+            raise
+        prepared = time.monotonic()
+        dst = _domid_of(incoming, store, ctrl)
+        if dst is None:
+            raise DriverError(f"xen driver: xl restored {incoming} but it is not listed")
+        # GO, as xl migrate does it: the source steps aside, the target takes the name and runs.
+        await xl.rename(src, f"{name}--migratedaway")
+        await xl.rename(dst, name)
+        ctrl.unpause(dst)
+        resumed = time.monotonic()
+        await xl.destroy(src)
+        return {
+            "source_domid": src,
+            "target_domid": dst,
+            "live": live,
+            "rounds": [r.as_dict() for r in bridge.rounds] if bridge else [],
+            "stop_reason": bridge.stop_reason if bridge else None,
+            "policy_calls": bridge.calls if bridge else 0,
+            "stream_bytes": receiver.bytes_fed,
+            "save_s": round(saved - t0, 3),
+            "restore_s": round(prepared - saved, 3),
+            "downtime_s": round(resumed - saver.suspended_at, 3) if saver.suspended_at else None,
+        }
+    finally:
+        store.close()
+        ctrl.close()
