@@ -32,6 +32,7 @@ from relocd.protocol.records import Role
 from relocd.protocol.state import Conversation
 from relocd.server import saveops
 from relocd.server.network import NetworkHooks
+from relocd.server.requests import arg, progress_to
 from relocd.server.tls import client_context, connect_tls
 from relocd.server.transport import connect
 from relocd.units import PAGE_SIZE, parse_rate
@@ -42,17 +43,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("relocd.ops")
 
 Handler = Callable[[dict[str, Any], Any], Awaitable[Any]]
-
-
-def _arg(args: dict[str, Any], key: str, kind: type, default: Any = ...) -> Any:
-    if key not in args or args[key] is None:
-        if default is ...:
-            raise ConfigError(f"missing argument: {key}")
-        return default
-    value = args[key]
-    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        raise ConfigError(f"argument {key}: expected {kind.__name__}")
-    return value
 
 
 def format_host_port(host: str, port: int) -> str:
@@ -148,23 +138,23 @@ class Operations:
         return out
 
     async def create(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
-        name = _arg(args, "name", str)
+        name = arg(args, "name", str)
         if len(name) > MAX_NAME:
             raise ConfigError(f"domain name longer than {MAX_NAME} characters")
         if name.endswith((INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX)):
             raise ConfigError(f"domain names may not end in {INCOMING_SUFFIX} or {MIGRATED_AWAY_SUFFIX}")
-        driver_name = _arg(args, "driver", str, self.d.settings.default_driver)
+        driver_name = arg(args, "driver", str, self.d.settings.default_driver)
         driver = self.d.drivers.get(driver_name)
         if driver is None:
             raise DriverError(f"driver {driver_name!r} is not available on this host")
-        vifs = tuple(parse_vif_spec(v) for v in _arg(args, "vifs", list, []))
+        vifs = tuple(parse_vif_spec(v) for v in arg(args, "vifs", list, []))
         try:
             config = DomainConfig(
                 name=name,
-                memory_mib=_arg(args, "memory", int),
-                vcpus=_arg(args, "vcpus", int, 1),
+                memory_mib=arg(args, "memory", int),
+                vcpus=arg(args, "vcpus", int, 1),
                 driver=driver_name,
-                workload=_arg(args, "workload", str, "idle"),
+                workload=arg(args, "workload", str, "idle"),
                 vifs=vifs,
             )
         except ValueError as exc:
@@ -184,7 +174,7 @@ class Operations:
         return {"name": dom.name, "uuid": dom.config.uuid, "state": dom.state.value}
 
     async def destroy(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
-        dom = self.find(_arg(args, "name", str))
+        dom = self.find(arg(args, "name", str))
         if dom.config.uuid in self.outgoing:
             raise RelocdError(f"{dom.name} is being migrated; wait for it to finish")
         if dom.name.endswith(INCOMING_SUFFIX):
@@ -195,13 +185,13 @@ class Operations:
         return {"name": dom.name}
 
     async def pause(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
-        dom = self.find(_arg(args, "name", str))
+        dom = self.find(arg(args, "name", str))
         await dom.pause()
         await self.hooks.paused(dom)
         return {"name": dom.name, "state": dom.state.value}
 
     async def resume(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
-        dom = self.find(_arg(args, "name", str))
+        dom = self.find(arg(args, "name", str))
         if dom.name.endswith((INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX)):
             raise RelocdError(f"{dom.name} is part of a migration; relocd decides when it runs")
         await dom.resume()
@@ -210,7 +200,7 @@ class Operations:
 
     async def check(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
         """Verify the guest's page invariant (pauses the domain while it checks)."""
-        dom = self.find(_arg(args, "name", str))
+        dom = self.find(arg(args, "name", str))
         was_running = dom.state == DomainState.RUNNING
         if was_running:
             await dom.pause()
@@ -223,31 +213,31 @@ class Operations:
         return {"name": dom.name, "ok": problem is None, "problem": problem, "stats": stats}
 
     async def stats(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
-        dom = self.find(_arg(args, "name", str))
+        dom = self.find(arg(args, "name", str))
         return {"name": dom.name, "state": dom.state.value, "stats": await dom.stats()}
 
     async def migrate(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
         s = self.d.settings
-        name = _arg(args, "name", str)
-        host = _arg(args, "host", str)
-        use_tls = bool(_arg(args, "ssl", bool, False)) or s.relocation_ssl
-        port = _arg(args, "port", int, s.relocation_ssl_port if use_tls else s.relocation_port)
-        live = bool(_arg(args, "live", bool, False))
-        verify = bool(_arg(args, "verify", bool, False))
+        name = arg(args, "name", str)
+        host = arg(args, "host", str)
+        use_tls = bool(arg(args, "ssl", bool, False)) or s.relocation_ssl
+        port = arg(args, "port", int, s.relocation_ssl_port if use_tls else s.relocation_port)
+        live = bool(arg(args, "live", bool, False))
+        verify = bool(arg(args, "verify", bool, False))
         tls_ctx = client_context(s) if use_tls else None  # a bad CA/key file fails here, in one line
         dom = self.find(name)
         if dom.name.endswith((INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX)):
             raise RelocdError(f"{dom.name} is part of another migration")
         if dom.config.uuid in self.outgoing:
             raise RelocdError(f"{name} is already being migrated")
-        bw_text = _arg(args, "max_bandwidth", str, None)
+        bw_text = arg(args, "max_bandwidth", str, None)
         try:
             max_bw = parse_rate(bw_text) if bw_text else s.max_bandwidth
         except ValueError as exc:
             raise ConfigError(f"--max-bandwidth: {exc}") from None
         policy = make_policy(
-            _arg(args, "policy", str, s.precopy_policy),
-            downtime_ms=_arg(args, "downtime_ms", int, s.downtime_ms),
+            arg(args, "policy", str, s.precopy_policy),
+            downtime_ms=arg(args, "downtime_ms", int, s.downtime_ms),
             max_iterations=s.max_iterations,
             max_factor=s.max_factor,
             dirty_threshold=s.dirty_threshold,
@@ -256,11 +246,7 @@ class Operations:
         target = format_host_port(host, port)
         structlog.contextvars.bind_contextvars(migration_id=mid)
 
-        async def progress(**fields: Any) -> None:
-            try:
-                await sink.emit(**fields)
-            except Exception:  # a vanished terminal never stops a migration
-                pass
+        progress = progress_to(sink)
 
         async def open_channel(role: Role) -> RecordChannel:
             transport: ByteTransport

@@ -23,7 +23,8 @@ from relocd.engine.policy import make_policy
 from relocd.engine.savefile import inspect_savefile, restore_savefile, save_domain
 from relocd.engine.savefile_format import FileHeader
 from relocd.engine.savefile_io import OpenSavefile
-from relocd.errors import ConfigError, DomainNotFound, RelocdError
+from relocd.errors import DomainNotFound, RelocdError
+from relocd.server.requests import arg, progress_to
 
 if TYPE_CHECKING:
     from relocd.server.daemon import Daemon
@@ -32,27 +33,6 @@ log = structlog.get_logger("relocd.saveops")
 
 #: The pause a checkpoint aims for unless the request says otherwise.
 CHECKPOINT_DOWNTIME_MS = 50
-
-
-def _arg(args: dict[str, Any], key: str, kind: type, default: Any = ...) -> Any:
-    value = args.get(key)
-    if value is None:
-        if default is ...:
-            raise ConfigError(f"missing argument: {key}")
-        return default
-    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
-        raise ConfigError(f"argument {key}: expected {kind.__name__}")
-    return value
-
-
-def _progress(sink: Any) -> Any:
-    async def emit(**fields: Any) -> None:
-        try:
-            await sink.emit(**fields)
-        except Exception:  # a vanished terminal never stops a save
-            pass
-
-    return emit
 
 
 class _Marker:
@@ -91,9 +71,9 @@ def _find(daemon: Daemon, name: str) -> Domain:
 
 async def save(daemon: Daemon, args: dict[str, Any], sink: Any) -> dict[str, Any]:
     """args: name, file, checkpoint (bool), downtime_ms (optional, checkpoint pause target)."""
-    name = _arg(args, "name", str)
-    file = _arg(args, "file", str)
-    checkpoint = bool(_arg(args, "checkpoint", bool, False))
+    name = arg(args, "name", str)
+    file = arg(args, "file", str)
+    checkpoint = bool(arg(args, "checkpoint", bool, False))
     s = daemon.settings
     dom = _find(daemon, name)
     if dom.name.endswith((INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX)):
@@ -103,7 +83,7 @@ async def save(daemon: Daemon, args: dict[str, Any], sink: Any) -> dict[str, Any
         raise RelocdError(f"{name} is being migrated or saved; wait for it to finish")
     policy = make_policy(
         "downtime",
-        downtime_ms=_arg(args, "downtime_ms", int, min(s.downtime_ms, CHECKPOINT_DOWNTIME_MS)),
+        downtime_ms=arg(args, "downtime_ms", int, min(s.downtime_ms, CHECKPOINT_DOWNTIME_MS)),
         max_iterations=s.max_iterations,
         max_factor=s.max_factor,
         dirty_threshold=s.dirty_threshold,
@@ -117,7 +97,7 @@ async def save(daemon: Daemon, args: dict[str, Any], sink: Any) -> dict[str, Any
             result = await _run_to_end(
                 daemon,
                 save_domain(dom, file, checkpoint=checkpoint, policy=policy, journal=daemon.journal,
-                            progress=_progress(sink), hooks=hooks),  # fmt: skip
+                            progress=progress_to(sink), hooks=hooks),  # fmt: skip
             )
     finally:
         busy.pop(dom.config.uuid, None)
@@ -127,8 +107,8 @@ async def save(daemon: Daemon, args: dict[str, Any], sink: Any) -> dict[str, Any
 
 async def restore(daemon: Daemon, args: dict[str, Any], sink: Any) -> dict[str, Any]:
     """args: file, verify (bool, optional: also check the memory digest after loading)."""
-    file = _arg(args, "file", str)
-    verify = bool(_arg(args, "verify", bool, False))
+    file = arg(args, "file", str)
+    verify = bool(arg(args, "verify", bool, False))
     if daemon.ctx is None:
         raise RelocdError("the daemon is not ready")
     # Read the header first so the marker names the domain; restore_savefile
@@ -136,7 +116,7 @@ async def restore(daemon: Daemon, args: dict[str, Any], sink: Any) -> dict[str, 
     header = _peek(file)
     with _Marker(daemon, "restore", {"name": header.name, "uuid": header.uuid, "file": file}):
         result = await _run_to_end(
-            daemon, restore_savefile(file, daemon.ctx, verify_memory=verify, progress=_progress(sink))
+            daemon, restore_savefile(file, daemon.ctx, verify_memory=verify, progress=progress_to(sink))
         )
     out: dict[str, Any] = result.to_json()
     return out
@@ -149,7 +129,7 @@ def _peek(file: str) -> FileHeader:
 
 async def inspect(daemon: Daemon, args: dict[str, Any], sink: Any) -> dict[str, Any]:
     """args: file.  The header, and whether the digest holds (``digest_ok``, ``problem``)."""
-    return await inspect_savefile(_arg(args, "file", str))
+    return await inspect_savefile(arg(args, "file", str))
 
 
 async def recover_interrupted(daemon: Daemon) -> None:
