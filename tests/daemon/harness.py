@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,17 @@ def kill_processes_mentioning(marker: str) -> int:
 class DaemonProc:
     """One `relocd serve` process with its own config, state dir and control socket."""
 
-    def __init__(self, root: Path, name: str, address: str, port: int | None = None, extra_config: str = "") -> None:
+    def __init__(
+        self,
+        root: Path,
+        name: str,
+        address: str,
+        port: int | None = None,
+        extra_config: str = "",
+        *,
+        argv_prefix: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.address = address
         self.port = port or free_port(address)
@@ -55,8 +66,14 @@ class DaemonProc:
         self.state_dir = self.dir / "state"
         self.config = self.dir / "relocd-config.sxp"
         self.log = self.dir / "daemon.log"
+        #: run the daemon under this (e.g. ``ip netns exec NS``) and with these extra variables
+        self.argv_prefix = list(argv_prefix)
+        self.env = dict(env or {})
+        # extra_config comes first: the first occurrence of an option wins, so
+        # a test's options override the harness's defaults below.
         self.config.write_text(
             f"""# test daemon {name}
+{extra_config}
 (xend-relocation-server yes)
 (xend-relocation-address '{address}')
 (xend-relocation-port {self.port})
@@ -65,16 +82,15 @@ class DaemonProc:
 (relocd-handshake-timeout 5)
 (relocd-idle-timeout 10)
 (relocd-log-format json)
-{extra_config}
 """
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "relocd", "serve", "--config", str(self.config)],
+                [*self.argv_prefix, sys.executable, "-m", "relocd", "serve", "--config", str(self.config)],
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=logf,

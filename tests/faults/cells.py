@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -79,27 +78,13 @@ class FaultyDaemon(DaemonProc):  # type: ignore[misc]
     fault_spec: str | None = None
 
     def __init__(self, root: Path, name: str, address: str) -> None:
-        super().__init__(root, name, address)
-        # The harness writes its own timeouts first, and the first occurrence
-        # of an option wins: replace those lines rather than append ours.
-        lines = [
-            line for line in self.config.read_text().splitlines()
-            if not any(line.startswith(f"({opt} ") for opt in FAST_OPTIONS)
-        ]  # fmt: skip
-        lines += [f"({opt} {value})" for opt, value in FAST_OPTIONS.items()]
-        self.config.write_text("\n".join(lines) + "\n")
+        extra = "\n".join(f"({opt} {value})" for opt, value in FAST_OPTIONS.items())
+        super().__init__(root, name, address, extra_config=extra)
 
     def start(self, timeout: float = 30.0) -> None:
         spec, self.fault_spec = self.fault_spec, None
-        old = os.environ.pop("RELOCD_FAULT", None)
-        if spec:
-            os.environ["RELOCD_FAULT"] = spec
-        try:
-            super().start(timeout)
-        finally:
-            os.environ.pop("RELOCD_FAULT", None)
-            if old is not None:
-                os.environ["RELOCD_FAULT"] = old
+        self.env = {"RELOCD_FAULT": spec} if spec else {}
+        super().start(timeout)
 
 
 @contextlib.contextmanager

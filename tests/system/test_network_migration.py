@@ -35,26 +35,9 @@ class LabDaemon(DaemonProc):
     """A relocd daemon started inside a lab host's network namespace."""
 
     def __init__(self, root: Path, name: str, netns: str, extra_config: str = "") -> None:
-        self.netns = netns
-        super().__init__(root, name, HOST_IP[name], PORT, extra_config)
-
-    def start(self, timeout: float = 30.0) -> None:
-        import os
-
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.netns, sys.executable, "-m", "relocd", "serve", "--config", str(self.config)],
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env,
-            )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon {self.name} exited:\n{self.log_text()[-3000:]}")
-            if self._ping():
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"daemon {self.name} did not start:\n{self.log_text()[-3000:]}")
+        super().__init__(
+            root, name, HOST_IP[name], PORT, extra_config, argv_prefix=["ip", "netns", "exec", netns]
+        )
 
 
 def _remove_vif_namespaces(*daemons: DaemonProc) -> None:
