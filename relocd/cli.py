@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from relocd.drivers.base import MIGRATED_AWAY_SUFFIX
 from relocd.errors import ConfigError, RelocdError
 from relocd.progress import MigrationProgress, summarize_migration
 from relocd.server.control import DaemonError, EventCallback, call, exit_status_for, one_line
@@ -174,7 +175,8 @@ def format_domain_table(domains: Sequence[dict[str, Any]]) -> str:
     for dom in domains:
         name, state = str(dom.get("name", "?")), str(dom.get("state", "?"))
         if state == "migrating":
-            name = f"migrating-{name}"
+            # xend's way; the source copy's --migratedaway mark is an inner detail here
+            name = f"migrating-{name.removesuffix(MIGRATED_AWAY_SUFFIX)}"
         rows.append((name, str(dom.get("memory_mib", "-")), str(dom.get("vcpus", "-")),
                      state, str(dom.get("driver", "-"))))
     width = max([len("Name"), *(len(r[0]) for r in rows)]) + 2

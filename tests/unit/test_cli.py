@@ -412,3 +412,12 @@ def test_describe_and_summary() -> None:
     text = summarize_migration(migration_result("rolled-back", "peer vanished"), "hostb")
     assert text == ("Migration of web1 to hostb (live) rolled back after 1.53 s: "
                     "peer vanished. web1 stays on this host.")
+
+
+def test_a_source_copy_in_its_handoff_still_lists_as_migrating_name() -> None:
+    from relocd.cli import format_domain_table
+
+    table = format_domain_table(
+        [{"name": "web1--migratedaway", "state": "migrating", "memory_mib": 256, "vcpus": 1, "driver": "sim"}]
+    )
+    assert "migrating-web1 " in table and "--migratedaway" not in table
