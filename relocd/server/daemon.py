@@ -44,6 +44,9 @@ from relocd.server.transport import SocketTransport
 
 log = structlog.get_logger("relocd.daemon")
 
+#: Where a Xen dom0 exposes the hypercall interface.
+XEN_PRIVCMD = ("/dev/xen/privcmd", "/proc/xen/privcmd")
+
 #: Pre-authentication limit: nothing a peer sends before HELLO is accepted may
 #: make us allocate more than this.
 PREAUTH_MAX_FRAME = 4096
@@ -69,6 +72,10 @@ class Daemon:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(self.state_dir / "journal.sqlite")
         for name in ("sim", "kvm", "xen"):
+            if name == "xen" and not any(os.path.exists(p) for p in XEN_PRIVCMD):
+                # Not a Xen dom0: don't even load libxenctrl (it complains on stderr).
+                log.info("driver not available", driver=name, reason="not a Xen dom0 (no privcmd device)")
+                continue
             try:
                 driver = load_driver(name, self.state_dir)
                 await driver.start()
