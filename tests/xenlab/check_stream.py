@@ -5,6 +5,11 @@ the move's report (every precopy round with relocd's decision), the console
 counter before and after, and ``xl list``'s names.  Expects ``domu`` running.
 
     python3 check_stream.py xend-3 downtime    # one move per policy named, in order
+    python3 check_stream.py cancel cut         # failed saves: the domU must run on
+    python3 check_stream.py savefile           # save to an xl save image, destroy, xl restore
+
+``cancel``: relocd's policy cancels in round 1 (ABORT).  ``cut``: the
+stream's receiver dies once the guest has suspended; relocd resumes it.
 """
 
 from __future__ import annotations
@@ -18,8 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from relocd.drivers.xen.stream import move_within_host
-from relocd.engine.policy import DowntimePolicy, PrecopyPolicy, XendPolicy
+from relocd.drivers.xen import xl
+from relocd.drivers.xen.guestsave import GuestSaver
+from relocd.drivers.xen.libxc import XenCtrl, XenStore
+from relocd.drivers.xen.stream import move_within_host, save_to_file, send_stream
+from relocd.engine.policy import DowntimePolicy, PrecopyPolicy, RoundStats, XendPolicy
+from relocd.errors import DriverError
 
 CONSOLE_LOGS = Path("/var/log/xen/console")
 
@@ -72,8 +81,81 @@ async def move_once(policy_name: str) -> dict[str, Any]:
     return out
 
 
-async def main(policy_names: list[str]) -> list[dict[str, Any]]:
-    return [await move_once(name) for name in policy_names]
+class CancellingPolicy:
+    """An operator's cancel, arriving while relocd's policy is asked about round 1."""
+
+    def should_stop(self, stats: RoundStats) -> str | None:
+        raise DriverError("cancelled by the operator")
+
+    def expected_downtime_ms(self, stats: RoundStats) -> float | None:
+        return None
+
+
+async def after_effects(out: dict[str, Any]) -> dict[str, Any]:
+    """One copy? Counting on, without a restart?"""
+    out["xl_list"] = xl_names()
+    out["domid_now"] = domid_of("domu")
+    out["at_end"] = latest(counts())
+    await asyncio.sleep(4)
+    seen = counts()
+    out["after"] = latest(seen)
+    out["ones"] = sum(c.count(1) for c in seen.values())
+    return out
+
+
+async def failed_save(kind: str) -> dict[str, Any]:
+    ctrl, store = XenCtrl(), XenStore()
+    domid = domid_of("domu")
+    saver = GuestSaver(ctrl, store)
+    out: dict[str, Any] = {"kind": kind, "domid": domid, "before": latest(counts())}
+
+    def sink(chunk: bytes) -> None:
+        if kind == "cut" and saver.suspended_at is not None:
+            raise BrokenPipeError("the receiver went away")
+
+    policy = CancellingPolicy() if kind == "cancel" else DowntimePolicy()
+    try:
+        await asyncio.to_thread(send_stream, saver, domid, sink, policy)
+        out["error"] = None
+    except DriverError as exc:
+        out["error"] = exc.message
+    out["suspended"] = saver.suspended_at is not None
+    info = ctrl.domain(domid)
+    out["shutdown"] = info.shutdown if info else None
+    store.close()
+    ctrl.close()
+    return await after_effects(out)
+
+
+async def savefile() -> dict[str, Any]:
+    ctrl, store = XenCtrl(), XenStore()
+    domid = domid_of("domu")
+    out: dict[str, Any] = {"kind": "savefile", "domid": domid, "before": latest(counts())}
+    path = Path("/var/tmp/domu.xlsave")
+    t0 = time.monotonic()
+    await asyncio.to_thread(save_to_file, GuestSaver(ctrl, store), domid, await xl.domain_config_json(domid), path)
+    out["save_s"] = round(time.monotonic() - t0, 2)
+    out["size"] = path.stat().st_size
+    store.close()
+    ctrl.close()
+    await xl.destroy(domid)
+    t0 = time.monotonic()
+    await xl.run_xl("restore", str(path))
+    out["restore_s"] = round(time.monotonic() - t0, 2)
+    path.unlink()
+    return await after_effects(out)
+
+
+async def main(steps: list[str]) -> list[dict[str, Any]]:
+    results = []
+    for step in steps:
+        if step in ("cancel", "cut"):
+            results.append(await failed_save(step))
+        elif step == "savefile":
+            results.append(await savefile())
+        else:
+            results.append(await move_once(step))
+    return results
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import time
 
 from relocd.drivers.xen import libxc
@@ -123,7 +124,7 @@ class GuestSaver:
             self._xenctrl.xc_interface_close(xch)
         del keep
         if rc != 0:
-            why = self.callback_error or (f"errno {err}" if err else "see libxenguest's messages")
+            why = self.callback_error or (f"{os.strerror(err)} (errno {err})" if err else "see libxenguest's messages")
             raise DriverError(f"xen driver: xc_domain_save of domain {domid} failed: {why}")
 
     def suspend(self, domid: int) -> bool:

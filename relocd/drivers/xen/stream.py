@@ -20,7 +20,7 @@ yet behind the engine's seam:
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import os
 import subprocess
 import threading
@@ -36,6 +36,8 @@ from relocd.drivers.xen.precopy import PolicyBridge, RoundDecision
 from relocd.engine.policy import PrecopyPolicy
 from relocd.errors import DriverError
 
+log = logging.getLogger(__name__)
+
 CHUNK = 1 << 20
 RESTORE_TIMEOUT_S = 300.0
 
@@ -43,7 +45,7 @@ RESTORE_TIMEOUT_S = 300.0
 class _Pump:
     """Reads the save pipe in its own thread and hands chunks to the sink."""
 
-    def __init__(self, fd: int, sink: Callable[[bytes], None]) -> None:
+    def __init__(self, fd: int, sink: Callable[[bytes], object]) -> None:
         self.fd = fd
         self.sink = sink
         self.nbytes = 0
@@ -64,7 +66,7 @@ class _Pump:
 def send_stream(
     saver: GuestSaver,
     domid: int,
-    sink: Callable[[bytes], None],
+    sink: Callable[[bytes], object],
     policy: PrecopyPolicy | None,
     *,
     live: bool = True,
@@ -79,20 +81,29 @@ def send_stream(
     pump = _Pump(rfd, sink)
     bridge = PolicyBridge(policy, lambda: pump.nbytes, on_round=on_round) if policy is not None else None
     pump.thread.start()
+    failed: DriverError | None = None
     try:
         saver.save(domid, wfd, bridge, live=live)
-    except DriverError:
-        with contextlib.suppress(DriverError):
-            saver.resume(domid)
-        raise
+    except DriverError as exc:
+        failed = exc
     finally:
         os.close(wfd)
         pump.thread.join()
-    if pump.error is not None:
-        with contextlib.suppress(DriverError):
-            saver.resume(domid)
-        raise DriverError(f"xen driver: the stream's receiver failed: {pump.error}")
-    return bridge
+    if failed is None and pump.error is None:
+        return bridge
+    _resume_or_warn(saver, domid)
+    if pump.error is not None:  # the cause; libxenguest only saw a broken pipe
+        raise DriverError(f"xen driver: the stream's receiver failed: {pump.error}") from None
+    assert failed is not None
+    raise failed
+
+
+def _resume_or_warn(saver: GuestSaver, domid: int) -> None:
+    """Undo a suspend after a failed save; a failure here leaves the domain suspended, so say so."""
+    try:
+        saver.resume(domid)
+    except DriverError as exc:
+        log.error("xen driver: domain %d stays suspended: %s (xl destroy or a manual resume is needed)", domid, exc)
 
 
 class XlRestoreReceiver:
@@ -149,6 +160,25 @@ class XlRestoreReceiver:
         return lines[-1].strip() if lines else f"exit status {self._proc.returncode}"
 
 
+def save_to_file(
+    saver: GuestSaver, domid: int, config: dict[str, Any], path: Path, policy: PrecopyPolicy | None = None
+) -> PolicyBridge | None:
+    """Write domain ``domid`` as an xl save image (what ``xl save`` writes; ``xl restore`` reads it).
+
+    Non-live without a policy, live with one.  Returns with the domain
+    suspended: the caller destroys it (as ``xl save`` does) or resumes it.
+    """
+    try:
+        with open(path, "wb") as f:
+            f.write(xlimage.image_prefix(config))
+            bridge = send_stream(saver, domid, f.write, policy, live=policy is not None)
+            f.write(xlimage.image_suffix())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return bridge
+
+
 def _domid_of(name: str, store: XenStore, ctrl: XenCtrl) -> int | None:
     for info in ctrl.domains():
         if info.domid != 0 and not info.dying and store.read(f"/local/domain/{info.domid}/name") == name:
@@ -184,8 +214,7 @@ async def move_within_host(
             dst = _domid_of(incoming, store, ctrl)
             if dst is not None:
                 await xl.destroy(dst)
-            with contextlib.suppress(DriverError):
-                saver.resume(src)
+            _resume_or_warn(saver, src)
             if xl_failed and "xl restore" not in exc.message:
                 raise DriverError(f"xen driver: xl restore failed: {receiver.last_log_line()}") from None
             raise
