@@ -224,6 +224,18 @@ def test_libxl_json_to_config_and_back_to_xl() -> None:
     assert "memory = 256" in text and f'uuid = "{cfg.uuid}"' in text
 
 
+def test_libxl_json_travels_in_the_config_and_is_renamed_for_the_target() -> None:
+    cfg = xencfg.from_libxl_json(LIBXL_JSON)
+    carried = xencfg.libxl_json_for(cfg, "web1--incoming")
+    assert carried is not None and carried["c_info"]["name"] == "web1--incoming"
+    assert carried["c_info"]["uuid"] == cfg.uuid and carried["b_info"] == LIBXL_JSON["b_info"]
+    source_c_info = LIBXL_JSON["c_info"]
+    assert isinstance(source_c_info, dict) and source_c_info["name"] == "web1"  # the source's dict is untouched
+    bare = cfg.model_copy(update={"extra": {k: v for k, v in cfg.extra.items() if k != xencfg.LIBXL_JSON}})
+    assert xencfg.libxl_json_for(bare, "x") is None
+    assert xencfg.LIBXL_JSON not in xencfg.to_xl_config(cfg)
+
+
 def test_xl_config_text_keeps_its_lines_but_not_identity() -> None:
     given = 'name = "old"\nmemory = 64\nkernel = "/k"\non_crash = "preserve"\n'
     cfg = DomainConfig(name="new", memory_mib=128, driver="xen", extra={xencfg.XL_CONFIG: given})
@@ -330,7 +342,7 @@ def test_xl_migrate_to_localhost_reference(lab: XenLab) -> None:
 @pytest.fixture(scope="module")
 def stream_steps(lab: XenLab) -> dict[str, dict[str, Any]]:
     """check_stream.py's steps, in one dom0 run (importing relocd there takes 15 s of TCG)."""
-    steps = ["xend-3", "downtime", "cancel", "cut", "savefile"]
+    steps = ["xend-3", "downtime", "cancel", "cut", "savefile", "seam"]
     out = lab.run(
         f"cd /tmp && timeout 500 python3 /lab/xenlab/check_stream.py {' '.join(steps)} 2>/tmp/stream.err", timeout=550
     )
@@ -385,4 +397,17 @@ def test_stream_saved_to_an_xl_save_image_is_restored_by_xl(stream_steps: dict[s
     step = stream_steps["savefile"]
     assert step["size"] > 128 << 20
     assert step["domid_now"] != step["domid"]
+    assert_one_copy_counting(step)
+
+
+@pytest.mark.system
+def test_driver_stream_seam_moves_the_domu(stream_steps: dict[str, dict[str, Any]]) -> None:
+    """XenDomain.send_stream into a bounded queue, XenDriver.receive_stream out of it: the engine's future seam."""
+    step = stream_steps["seam"]
+    assert step["prepared_paused"] == "paused"  # PREPARED: built by xl, not yet running
+    assert step["target_domid"] == step["domid_now"] != step["domid"]
+    assert step["listed"] == ["domu"]
+    rounds = step["rounds"]
+    assert rounds and rounds[-1]["stop_reason"] is not None
+    assert step["progress"] == [[r["round"], r["dirty_pages"], r["stop_reason"]] for r in rounds]  # on_round saw each
     assert_one_copy_counting(step)

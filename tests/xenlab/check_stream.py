@@ -7,6 +7,7 @@ counter before and after, and ``xl list``'s names.  Expects ``domu`` running.
     python3 check_stream.py xend-3 downtime    # one move per policy named, in order
     python3 check_stream.py cancel cut         # failed saves: the domU must run on
     python3 check_stream.py savefile           # save to an xl save image, destroy, xl restore
+    python3 check_stream.py seam               # a move through XenDomain.send_stream / XenDriver.receive_stream
 
 ``cancel``: relocd's policy cancels in round 1 (ABORT).  ``cut``: the
 stream's receiver dies once the guest has suspended; relocd resumes it.
@@ -20,12 +21,15 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from relocd.drivers.xen import xl
+from relocd.drivers import load_driver
+from relocd.drivers.xen import XenDomain, XenDriver, xl
 from relocd.drivers.xen.guestsave import GuestSaver
 from relocd.drivers.xen.libxc import XenCtrl, XenStore
+from relocd.drivers.xen.precopy import RoundDecision
 from relocd.drivers.xen.stream import move_within_host, save_to_file, send_stream
 from relocd.engine.policy import DowntimePolicy, PrecopyPolicy, RoundStats, XendPolicy
 from relocd.errors import DriverError
@@ -146,6 +150,46 @@ async def savefile() -> dict[str, Any]:
     return await after_effects(out)
 
 
+async def seam_move() -> dict[str, Any]:
+    """Source and target halves joined by a bounded queue, as relocd's transport would join them."""
+    driver = load_driver("xen", Path("/run/relocd-seam"))
+    assert isinstance(driver, XenDriver)
+    await driver.start()
+    source = driver.lookup("domu")
+    assert isinstance(source, XenDomain)
+    config = await source.read_config()
+    out: dict[str, Any] = {"kind": "seam", "domid": source.domid, "before": latest(counts())}
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=8)
+    progress: list[tuple[int, int, str | None]] = []
+
+    async def on_round(r: RoundDecision) -> None:
+        progress.append((r.round, r.dirty_pages, r.stop_reason))
+
+    async def send() -> list[RoundDecision]:
+        try:
+            return await source.send_stream(True, DowntimePolicy(), queue.put, on_round)
+        finally:
+            await queue.put(None)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while (chunk := await queue.get()) is not None:
+            yield chunk
+
+    rounds, target = await asyncio.gather(send(), driver.receive_stream(config, chunks(), name="domu--incoming"))
+    out["prepared_paused"] = target.state.value
+    # GO, on one host: the source steps aside, the target takes the name and runs, the source goes.
+    await source.rename("domu--migratedaway")
+    await target.rename("domu")
+    await target.resume()
+    await source.destroy()
+    out["rounds"] = [r.as_dict() for r in rounds]
+    out["progress"] = progress
+    out["target_domid"] = target.domid
+    out["listed"] = [d.name for d in driver.domains()]
+    await driver.close()
+    return await after_effects(out)
+
+
 async def main(steps: list[str]) -> list[dict[str, Any]]:
     results = []
     for step in steps:
@@ -153,6 +197,8 @@ async def main(steps: list[str]) -> list[dict[str, Any]]:
             results.append(await failed_save(step))
         elif step == "savefile":
             results.append(await savefile())
+        elif step == "seam":
+            results.append(await seam_move())
         else:
             results.append(await move_once(step))
     return results

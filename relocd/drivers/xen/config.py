@@ -19,6 +19,8 @@ from relocd.errors import DriverError
 DRIVER_NAME = "xen"
 #: extra keys the xen driver reads and writes
 KERNEL, RAMDISK, CMDLINE, TYPE, XL_CONFIG = "xen_kernel", "xen_ramdisk", "xen_cmdline", "xen_type", "xl_config"
+#: libxl's whole JSON config, compact: what a stream's target restores the domain with
+LIBXL_JSON = "libxl_json"
 #: keys relocd sets itself in a generated xl config
 _OWNED_KEYS = re.compile(r"^\s*(name|uuid|memory|maxmem|vcpus|maxvcpus)\s*=", re.MULTILINE)
 
@@ -27,7 +29,7 @@ def from_libxl_json(cfg: dict[str, Any]) -> DomainConfig:
     """DomainConfig from one ``xl list -l`` entry's ``config`` object."""
     c_info = cfg.get("c_info", {})
     b_info = cfg.get("b_info", {})
-    extra: dict[str, str] = {TYPE: str(c_info.get("type", "pv"))}
+    extra: dict[str, str] = {TYPE: str(c_info.get("type", "pv")), LIBXL_JSON: json.dumps(cfg, separators=(",", ":"))}
     pv = b_info.get("type.pv", {})
     for key, field in ((KERNEL, "kernel"), (RAMDISK, "ramdisk"), (CMDLINE, "cmdline")):
         value = pv.get(field, b_info.get(field))
@@ -55,6 +57,19 @@ def from_libxl_json(cfg: dict[str, Any]) -> DomainConfig:
         )
     except (KeyError, ValueError, ValidationError) as exc:
         raise DriverError(f"xen driver: domain config not usable by relocd: {exc}") from None
+
+
+def libxl_json_for(config: DomainConfig, name: str) -> dict[str, Any] | None:
+    """The libxl JSON config carried in ``config``, renamed to ``name`` (None when it has none)."""
+    text = config.extra.get(LIBXL_JSON)
+    if text is None:
+        return None
+    try:
+        cfg = json.loads(text)
+        cfg.setdefault("c_info", {}).update(name=name, uuid=config.uuid)
+    except (ValueError, AttributeError) as exc:
+        raise DriverError(f"xen driver: domain {config.name}'s libxl config is not usable: {exc}") from None
+    return dict(cfg)
 
 
 def to_xl_config(config: DomainConfig) -> str:

@@ -23,8 +23,9 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, cast
 
 from pydantic import ValidationError
 
@@ -38,7 +39,10 @@ from relocd.drivers.base import (
 )
 from relocd.drivers.hostinfo import bridges
 from relocd.drivers.xen import config as xencfg
-from relocd.drivers.xen import features, libxc, xl
+from relocd.drivers.xen import features, libxc, stream, xl
+from relocd.drivers.xen.guestsave import GuestSaver
+from relocd.drivers.xen.precopy import DecisionOnly, PolicyBridge, RoundDecision
+from relocd.engine.policy import PrecopyPolicy, RoundStats
 from relocd.errors import DomainExists, DriverError
 
 log = logging.getLogger(__name__)
@@ -54,11 +58,15 @@ _DOM0 = 0
 class XenDomain(Domain):
     """One domU, by domid; its config is refreshed from xenstore on every listing."""
 
+    #: how it moves: the driver produces a self-describing stream (docs/xen.md, the seam change)
+    transfer: ClassVar[str] = "stream"
+
     def __init__(self, driver: XenDriver, domid: int, config: DomainConfig) -> None:
         self._driver = driver
         self.domid = domid
         self.config = config
         self.destroyed = False
+        self._saver: GuestSaver | None = None
 
     def __repr__(self) -> str:
         return f"<XenDomain {self.name} domid={self.domid}>"
@@ -118,6 +126,54 @@ class XenDomain(Domain):
             "shutdown": info.shutdown,
         }
 
+    # -- the stream seam (docs/xen.md): not called by the engine yet ----------
+
+    async def send_stream(
+        self,
+        live: bool,
+        decide: PrecopyPolicy | Callable[[RoundStats], str | None],
+        sink: Callable[[bytes], Coroutine[Any, Any, None]],
+        on_round: Callable[[RoundDecision], Coroutine[Any, Any, None]] | None = None,
+    ) -> list[RoundDecision]:
+        """Run libxenguest's save into ``sink``; returns the rounds, with the domain suspended.
+
+        relocd's policy (``decide``) answers every precopy round; ``sink``
+        and ``on_round`` run on the caller's event loop, and the save waits
+        for each (back-pressure).  Cancelling the caller aborts the save and
+        resumes the domain.
+        """
+        loop = asyncio.get_running_loop()
+        if hasattr(decide, "should_stop"):
+            policy = cast(PrecopyPolicy, decide)
+        else:
+            policy = DecisionOnly(decide)
+
+        def report(r: RoundDecision) -> None:
+            if on_round is not None:
+                asyncio.run_coroutine_threadsafe(on_round(r), loop).result()
+
+        bridge = PolicyBridge(policy, on_round=report)
+        saver = self._saver = GuestSaver(self._driver.ctrl, self._driver.store)
+
+        def push(chunk: bytes) -> None:
+            asyncio.run_coroutine_threadsafe(sink(chunk), loop).result()
+
+        job = asyncio.ensure_future(asyncio.to_thread(stream.send_stream, saver, self.domid, push, bridge, live=live))
+        try:
+            await asyncio.shield(job)
+        except asyncio.CancelledError:
+            bridge.cancel()  # ABORT at libxenguest's next question
+            with contextlib.suppress(DriverError):
+                await job
+            await self.cancel_send()
+            raise
+        return bridge.rounds
+
+    async def cancel_send(self) -> None:
+        """Undo send_stream's suspend: the domain runs here again (before GO only)."""
+        saver = self._saver or GuestSaver(self._driver.ctrl, self._driver.store)
+        await asyncio.to_thread(saver.resume, self.domid)
+
     # -- what the engine's memory seam would need (docs/xen.md) ----------------
 
     def memory(self) -> memoryview:
@@ -156,6 +212,12 @@ class XenDriver(Driver):
         if self._ctrl is None:
             raise DriverError("xen driver: not started")
         return self._ctrl
+
+    @property
+    def store(self) -> libxc.XenStore:
+        if self._store is None:
+            raise DriverError("xen driver: not started")
+        return self._store
 
     async def start(self) -> None:
         def open_handles() -> None:
@@ -265,3 +327,46 @@ class XenDriver(Driver):
             )
 
         return await asyncio.to_thread(read)
+
+    async def receive_stream(
+        self, config: DomainConfig, chunks: AsyncIterator[bytes], *, name: str | None = None
+    ) -> XenDomain:
+        """Build the domain, paused, from chunks written by ``XenDomain.send_stream`` (PREPARED).
+
+        ``xl restore -p`` does the building, from libxl's JSON config carried
+        in ``config.extra`` (or, without it, an xl config made from
+        ``config``).  ``name``: what to call it until GO (default: its own).
+        """
+        name = name or config.name
+        # By name only: on one host the source (same uuid) is still here until GO, as with xl migrate.
+        if any(d.name == name for d in self.domains()):
+            raise DomainExists(f"domain {name} already exists")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        libxl_json = xencfg.libxl_json_for(config, name)
+        config_file = None
+        if libxl_json is None:
+            config_file = self.state_dir / f"{name}.restore.cfg"
+            config_file.write_text(xencfg.to_xl_config(config.model_copy(update={"name": name})))
+        receiver = await asyncio.to_thread(
+            stream.XlRestoreReceiver, libxl_json, self.state_dir / f"xl-restore-{name}.log", config_file=config_file
+        )
+        try:
+            async for chunk in chunks:
+                await asyncio.to_thread(receiver.feed, chunk)
+            await asyncio.to_thread(receiver.finish)
+        except BaseException as exc:
+            receiver.abort()
+            for d in self.domains():
+                if d.name == name:
+                    await d.destroy()
+            if isinstance(exc, OSError):
+                raise DriverError(f"xen driver: xl restore failed: {receiver.last_log_line()}") from None
+            raise
+        finally:
+            if config_file is not None:
+                config_file.unlink(missing_ok=True)
+        for d in self.domains():
+            if d.name == name and d.config.uuid == config.uuid:
+                assert isinstance(d, XenDomain)
+                return d
+        raise DriverError(f"xen driver: xl restored {name} but it is not listed")

@@ -52,6 +52,19 @@ class RoundDecision:
         return asdict(self)
 
 
+class DecisionOnly:
+    """A bare decision function (RoundStats -> stop reason or None) as a PrecopyPolicy."""
+
+    def __init__(self, decide: Callable[[RoundStats], str | None]) -> None:
+        self._decide = decide
+
+    def should_stop(self, stats: RoundStats) -> str | None:
+        return self._decide(stats)
+
+    def expected_downtime_ms(self, stats: RoundStats) -> float | None:
+        return None
+
+
 class PolicyBridge:
     """Turns libxenguest's (iteration, total_written, dirty_count) calls into relocd policy decisions.
 
@@ -63,7 +76,7 @@ class PolicyBridge:
     def __init__(
         self,
         policy: PrecopyPolicy,
-        bytes_out: Callable[[], int],
+        bytes_out: Callable[[], int] = lambda: 0,
         *,
         on_round: Callable[[RoundDecision], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -84,6 +97,10 @@ class PolicyBridge:
 
     def cancel(self) -> None:
         self._cancelled.set()
+
+    def count_bytes_with(self, bytes_out: Callable[[], int]) -> None:
+        """Where the stream's byte count comes from (the pump that reads the save's pipe)."""
+        self._bytes_out = bytes_out
 
     def decide(self, iteration: int, total_written: int, dirty_count: int) -> int:
         """libxenguest's question; one of ABORT, CONTINUE_PRECOPY, STOP_AND_COPY."""

@@ -67,19 +67,26 @@ def send_stream(
     saver: GuestSaver,
     domid: int,
     sink: Callable[[bytes], object],
-    policy: PrecopyPolicy | None,
+    policy: PrecopyPolicy | PolicyBridge | None,
     *,
     live: bool = True,
     on_round: Callable[[RoundDecision], None] | None = None,
 ) -> PolicyBridge | None:
     """Save domain ``domid`` into ``sink`` (blocking); returns with the domain suspended.
 
-    On failure the domain is resumed (if it got as far as suspending) and
-    DriverError says why.
+    ``policy`` may come ready-wrapped as a PolicyBridge (the caller then
+    holds it to cancel; ``on_round`` is then the bridge's own).  On failure
+    the domain is resumed (if it got as far as suspending) and DriverError
+    says why.
     """
     rfd, wfd = os.pipe()
     pump = _Pump(rfd, sink)
-    bridge = PolicyBridge(policy, lambda: pump.nbytes, on_round=on_round) if policy is not None else None
+    if isinstance(policy, PolicyBridge):
+        bridge: PolicyBridge | None = policy
+    else:
+        bridge = PolicyBridge(policy, on_round=on_round) if policy is not None else None
+    if bridge is not None:
+        bridge.count_bytes_with(lambda: pump.nbytes)
     pump.thread.start()
     failed: DriverError | None = None
     try:
@@ -109,13 +116,15 @@ def _resume_or_warn(saver: GuestSaver, domid: int) -> None:
 class XlRestoreReceiver:
     """Feeds an xl save image, built around a libxenguest stream, to ``xl restore -p``."""
 
-    def __init__(self, config: dict[str, Any], log_path: Path) -> None:
+    def __init__(self, config: dict[str, Any] | None, log_path: Path, *, config_file: Path | None = None) -> None:
+        """``config``: libxl's JSON for the image; ``config_file``: an xl config file that overrides it."""
         self.log_path = log_path
         self._log: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 - closed in finish/abort
         self.bytes_fed = 0
+        override = [str(config_file)] if config_file is not None else []
         try:
             self._proc = subprocess.Popen(
-                [xl.xl_path(), "restore", "-p", "/dev/stdin"],
+                [xl.xl_path(), "restore", "-p", *override, "/dev/stdin"],
                 stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         except OSError as exc:

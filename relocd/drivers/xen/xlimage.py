@@ -50,11 +50,15 @@ def libxl_record(rtype: int, body: bytes = b"") -> bytes:
     return _RECORD.pack(rtype, len(body)) + body + b"\0" * pad
 
 
-def image_prefix(config: dict[str, Any]) -> bytes:
-    """Everything before the libxenguest stream: xl's header with ``config``, libxl's header, LIBXC_CONTEXT."""
-    blob = json.dumps(config).encode() + b"\0"
+def image_prefix(config: dict[str, Any] | None) -> bytes:
+    """Everything before the libxenguest stream: xl's header with ``config``, libxl's header, LIBXC_CONTEXT.
+
+    Without a config (None), ``xl restore`` must be given an xl config file.
+    """
+    blob = json.dumps(config).encode() + b"\0" if config is not None else b""
     optional = struct.pack("<I", len(blob)) + blob
-    header = _XL_HEADER.pack(XL_MAGIC, XL_BYTEORDER, XL_FLAG_STREAM_V2 | XL_FLAG_JSON, 0, len(optional))
+    flags = XL_FLAG_STREAM_V2 | (XL_FLAG_JSON if blob else 0)
+    header = _XL_HEADER.pack(XL_MAGIC, XL_BYTEORDER, flags, 0, len(optional))
     return header + optional + _LIBXL_HEADER.pack(LIBXL_IDENT, LIBXL_VERSION, 0) + libxl_record(REC_LIBXC_CONTEXT)
 
 
