@@ -18,6 +18,7 @@ built (no Debian mirror).
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import json
 import os
@@ -33,7 +34,7 @@ import pytest
 from relocd.drivers import load_driver
 from relocd.drivers.base import DomainConfig, Vif
 from relocd.drivers.xen import config as xencfg
-from relocd.drivers.xen import guestsave, libxc, xlimage
+from relocd.drivers.xen import guestsave, libxc, stream, xlimage
 from relocd.drivers.xen.features import featureset_names
 from relocd.drivers.xen.precopy import (
     ABORT,
@@ -175,6 +176,29 @@ def test_policy_bridge_small_dirty_set_and_cancel() -> None:
     assert cancelled.decide(0, 0, 32768) == CONTINUE_PRECOPY
     cancelled.cancel()
     assert cancelled.decide(1, 32768, -1) == ABORT
+
+
+async def test_loop_caller_cut_frees_a_thread_stuck_on_the_transport() -> None:
+    """A save thread blocked on a full transport queue must not outlive a cancel."""
+    loop = asyncio.get_running_loop()
+    caller = stream.LoopCaller(loop)
+    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=1)
+
+    def worker() -> str:
+        try:
+            for _ in range(3):
+                caller.call(queue.put(b"chunk"))
+        except BaseException as exc:  # noqa: BLE001 - what the pump would record
+            return type(exc).__name__
+        return "finished"
+
+    job = asyncio.ensure_future(asyncio.to_thread(worker))
+    await asyncio.sleep(0.2)
+    assert not job.done() and queue.qsize() == 1  # stuck on the second put
+    caller.cut()
+    assert await asyncio.wait_for(job, 5) == "CancelledError"
+    with pytest.raises(DriverError, match="cancelled"):
+        await asyncio.to_thread(caller.call, queue.put(b"late"))
 
 
 def test_xl_image_prefix_is_what_xl_restore_reads() -> None:
@@ -342,7 +366,7 @@ def test_xl_migrate_to_localhost_reference(lab: XenLab) -> None:
 @pytest.fixture(scope="module")
 def stream_steps(lab: XenLab) -> dict[str, dict[str, Any]]:
     """check_stream.py's steps, in one dom0 run (importing relocd there takes 15 s of TCG)."""
-    steps = ["xend-3", "downtime", "cancel", "cut", "savefile", "seam"]
+    steps = ["xend-3", "downtime", "cancel", "cut", "savefile", "seam", "badtarget"]
     out = lab.run(
         f"cd /tmp && timeout 500 python3 /lab/xenlab/check_stream.py {' '.join(steps)} 2>/tmp/stream.err", timeout=550
     )
@@ -410,4 +434,15 @@ def test_driver_stream_seam_moves_the_domu(stream_steps: dict[str, dict[str, Any
     rounds = step["rounds"]
     assert rounds and rounds[-1]["stop_reason"] is not None
     assert step["progress"] == [[r["round"], r["dirty_pages"], r["stop_reason"]] for r in rounds]  # on_round saw each
+    assert_one_copy_counting(step)
+
+
+@pytest.mark.system
+def test_target_refusing_the_stream_leaves_the_domu_running(stream_steps: dict[str, dict[str, Any]]) -> None:
+    """xl restore on the target fails; the engine cancels the send: one copy, running on, same domid."""
+    step = stream_steps["badtarget"]
+    assert step["receive_error"].startswith("xen driver: xl restore failed: ") and "\n" not in step["receive_error"]
+    assert step["send_outcome"] == "cancelled"
+    assert step["state"] == "running" and step["listed"] == ["domu"]
+    assert step["domid_now"] == step["domid"]
     assert_one_copy_counting(step)

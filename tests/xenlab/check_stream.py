@@ -8,6 +8,7 @@ counter before and after, and ``xl list``'s names.  Expects ``domu`` running.
     python3 check_stream.py cancel cut         # failed saves: the domU must run on
     python3 check_stream.py savefile           # save to an xl save image, destroy, xl restore
     python3 check_stream.py seam               # a move through XenDomain.send_stream / XenDriver.receive_stream
+    python3 check_stream.py badtarget          # the same, xl restore refusing: the domU must run on
 
 ``cancel``: relocd's policy cancels in round 1 (ABORT).  ``cut``: the
 stream's receiver dies once the guest has suspended; relocd resumes it.
@@ -166,10 +167,9 @@ async def seam_move() -> dict[str, Any]:
         progress.append((r.round, r.dirty_pages, r.stop_reason))
 
     async def send() -> list[RoundDecision]:
-        try:
-            return await source.send_stream(True, DowntimePolicy(), queue.put, on_round)
-        finally:
-            await queue.put(None)
+        rounds = await source.send_stream(True, DowntimePolicy(), queue.put, on_round)
+        await queue.put(None)
+        return rounds
 
     async def chunks() -> AsyncIterator[bytes]:
         while (chunk := await queue.get()) is not None:
@@ -190,6 +190,42 @@ async def seam_move() -> dict[str, Any]:
     return await after_effects(out)
 
 
+async def seam_refused() -> dict[str, Any]:
+    """The target's xl refuses the domain (an HVM config on this PV-only Xen): nothing moves, nothing is lost."""
+    driver = load_driver("xen", Path("/run/relocd-seam"))
+    assert isinstance(driver, XenDriver)
+    await driver.start()
+    source = driver.lookup("domu")
+    assert isinstance(source, XenDomain)
+    config = await source.read_config()
+    libxl_json = json.loads(config.extra["libxl_json"])
+    libxl_json["c_info"]["type"] = "hvm"
+    bad = config.model_copy(update={"extra": {**config.extra, "libxl_json": json.dumps(libxl_json)}})
+    out: dict[str, Any] = {"kind": "badtarget", "domid": source.domid, "before": latest(counts())}
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=8)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while (chunk := await queue.get()) is not None:
+            yield chunk
+
+    sending = asyncio.create_task(source.send_stream(True, DowntimePolicy(), queue.put))
+    try:
+        await driver.receive_stream(bad, chunks(), name="domu--incoming")
+        out["receive_error"] = None
+    except DriverError as exc:
+        out["receive_error"] = exc.message
+    sending.cancel()  # what the engine does when the target refuses
+    try:
+        await sending
+        out["send_outcome"] = "finished"
+    except asyncio.CancelledError:
+        out["send_outcome"] = "cancelled"
+    out["state"] = source.state.value
+    out["listed"] = [d.name for d in driver.domains()]
+    await driver.close()
+    return await after_effects(out)
+
+
 async def main(steps: list[str]) -> list[dict[str, Any]]:
     results = []
     for step in steps:
@@ -199,6 +235,8 @@ async def main(steps: list[str]) -> list[dict[str, Any]]:
             results.append(await savefile())
         elif step == "seam":
             results.append(await seam_move())
+        elif step == "badtarget":
+            results.append(await seam_refused())
         else:
             results.append(await move_once(step))
     return results

@@ -148,21 +148,24 @@ class XenDomain(Domain):
         else:
             policy = DecisionOnly(decide)
 
+        caller = stream.LoopCaller(loop)
+
         def report(r: RoundDecision) -> None:
             if on_round is not None:
-                asyncio.run_coroutine_threadsafe(on_round(r), loop).result()
+                caller.call(on_round(r))
 
         bridge = PolicyBridge(policy, on_round=report)
         saver = self._saver = GuestSaver(self._driver.ctrl, self._driver.store)
 
         def push(chunk: bytes) -> None:
-            asyncio.run_coroutine_threadsafe(sink(chunk), loop).result()
+            caller.call(sink(chunk))
 
         job = asyncio.ensure_future(asyncio.to_thread(stream.send_stream, saver, self.domid, push, bridge, live=live))
         try:
             await asyncio.shield(job)
         except asyncio.CancelledError:
             bridge.cancel()  # ABORT at libxenguest's next question
+            caller.cut()  # and no waiting on a transport that will not take the rest
             with contextlib.suppress(DriverError):
                 await job
             await self.cancel_send()

@@ -20,12 +20,13 @@ yet behind the engine's seam:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import IO, Any
 
@@ -61,6 +62,40 @@ class _Pump:
             self.error = exc
         finally:
             os.close(self.fd)  # a dead sink makes libxenguest's next write fail (EPIPE), not hang
+
+
+class LoopCaller:
+    """Runs coroutines on an event loop from a worker thread and waits for each; ``cut`` ends them all.
+
+    The save's thread hands chunks to an async transport this way; a cancel
+    must not leave that thread waiting on a send nobody will complete.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._inflight: set[concurrent.futures.Future[None]] = set()
+        self._cut = False
+
+    def call(self, coro: Coroutine[Any, Any, None]) -> None:
+        with self._lock:
+            if self._cut:
+                coro.close()
+                raise DriverError("xen driver: the stream was cancelled")
+            fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+            self._inflight.add(fut)
+        try:
+            fut.result()
+        finally:
+            with self._lock:
+                self._inflight.discard(fut)
+
+    def cut(self) -> None:
+        with self._lock:
+            self._cut = True
+            pending = list(self._inflight)
+        for fut in pending:
+            fut.cancel()
 
 
 def send_stream(
