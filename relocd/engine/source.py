@@ -36,6 +36,7 @@ from relocd.engine.pages import (
 from relocd.engine.policy import PrecopyPolicy, RateLimiter, RoundStats
 from relocd.engine.result import MigrationResult, Progress, RoundReport, no_progress
 from relocd.engine.stream import PeerGone, RecordChannel
+from relocd.engine.streamed import send_stream, uses_stream
 from relocd.errors import MigrationAborted, Reason, RelocdError, ReservationRefused
 from relocd.protocol.records import (
     PROTOCOL_MAJOR,
@@ -200,6 +201,8 @@ class SourceMigration:
         self._renamed = False
         self._logging_dirty = False
         self._pending = np.empty(0, dtype=np.uint64)
+        #: a stream domain suspended by its driver: resumed with cancel_send(), not resume()
+        self._stream_suspended = False
         self._digest_algo = DigestAlgo.SHA256
         self._committed = False
 
@@ -252,10 +255,13 @@ class SourceMigration:
             self.result.mark("reserved")
             await self._send(Config(config_to_sxp(self.domain.config)))
             await fault_point("source", "config")
-            if self.opts.live:
-                self.journal.set_phase(self.mid, Phase.STREAMING)
-                await self._precopy()
-            await self._stop_and_copy()
+            if uses_stream(self.domain):
+                await send_stream(self)  # the hypervisor moves memory, relocd decides rounds
+            else:
+                if self.opts.live:
+                    self.journal.set_phase(self.mid, Phase.STREAMING)
+                    await self._precopy()
+                await self._stop_and_copy()
             await self._expect_prepared()
         except ReservationRefused as exc:
             self.log.warning("reservation refused", reason=exc.reason.name, error=exc.message)
@@ -438,8 +444,8 @@ class SourceMigration:
         assert isinstance(answer, Prepared)
         self.result.mark("prepared")
         await fault_point("source", "prepared")
-        if self.opts.verify:
-            self.result.verified = True
+        if self.opts.verify and not uses_stream(self.domain):
+            self.result.verified = True  # a stream's integrity is its driver's to check
         self.journal.set_phase(self.mid, Phase.PREPARED)
 
     async def _handoff(self) -> MigrationResult:
@@ -578,6 +584,10 @@ class SourceMigration:
             await dom.rename(self.name)
             self._renamed = False
         if self._we_paused:
-            await dom.resume()
+            if self._stream_suspended:
+                await dom.cancel_send()  # type: ignore[attr-defined]
+                self._stream_suspended = False
+            else:
+                await dom.resume()
             self._we_paused = False
             await self.hooks.resumed_here(dom)

@@ -29,6 +29,7 @@ from relocd.engine.reservation import (
 from relocd.engine.result import Progress, no_progress
 from relocd.engine.source import FEATURES, digest_algo_for, node_name
 from relocd.engine.stream import PeerGone, RecordChannel
+from relocd.engine.streamed import receive_stream, uses_stream
 from relocd.errors import (
     ConfigError,
     MigrationAborted,
@@ -158,8 +159,38 @@ class TargetSession:
         await fault_point("target", "reserve")
         config_rec = await ch.recv()
         assert isinstance(config_rec, Config)
-        domain = await self._configure(config_rec.text)
-        await fault_point("target", "config")
+        assert self.request is not None
+        driver = self.ctx.drivers[self.request.driver]
+        if uses_stream(driver):
+            # The hypervisor moves memory itself: its driver builds the domain
+            # from the stream (nothing was built at RESERVE).
+            domain = await receive_stream(self, driver, self._checked_config(config_rec.text))
+        else:
+            domain = await self._configure(config_rec.text)
+            await fault_point("target", "config")
+            domain = await self._receive_pages(domain)
+        self.ctx.journal.set_phase(self.mid, Phase.PREPARED)
+        self._prepared = True
+        self.ctx.in_doubt[self.mid] = domain
+        await ch.send(Prepared())
+        await fault_point("target", "prepared")
+        await self.progress(phase="prepared")
+        try:
+            decision = await ch.recv()
+        except (RelocdError, OSError) as exc:
+            # The source decides; keep the prepared domain paused until it asks.
+            self.log.warning("link lost while prepared; waiting for the source to ask", error=str(exc))
+            self.domain = None  # not ours to clean up any more
+            return
+        if isinstance(decision, Abort):
+            raise MigrationAborted(f"source aborted: {decision.message}", reason=decision.reason)
+        assert isinstance(decision, Go)
+        await fault_point("target", "go")
+        await self._go(domain, ch)
+
+    async def _receive_pages(self, domain: Domain) -> Domain:
+        """From CONFIG to COMMIT: pages straight into the domain built at RESERVE."""
+        ch = self.channel
         memory = domain.memory()
         state_blob: bytes | None = None
         digest: Digest | None = None
@@ -199,24 +230,7 @@ class TargetSession:
             if await digest_task != digest.value:
                 raise MigrationAborted("memory digest mismatch at the stop point", reason=Reason.VERIFY)
         await domain.load_state(state_blob)
-        self.ctx.journal.set_phase(self.mid, Phase.PREPARED)
-        self._prepared = True
-        self.ctx.in_doubt[self.mid] = domain
-        await ch.send(Prepared())
-        await fault_point("target", "prepared")
-        await self.progress(phase="prepared")
-        try:
-            decision = await ch.recv()
-        except (RelocdError, OSError) as exc:
-            # The source decides; keep the prepared domain paused until it asks.
-            self.log.warning("link lost while prepared; waiting for the source to ask", error=str(exc))
-            self.domain = None  # not ours to clean up any more
-            return
-        if isinstance(decision, Abort):
-            raise MigrationAborted(f"source aborted: {decision.message}", reason=decision.reason)
-        assert isinstance(decision, Go)
-        await fault_point("target", "go")
-        await self._go(domain, ch)
+        return domain
 
     async def _reserve(self, record: Reserve) -> None:
         req = ReservationRequest.from_wire(record.request)
@@ -250,7 +264,8 @@ class TargetSession:
         try:
             # Set the memory aside for real: build the domain, paused and
             # empty, before the source commits to anything.
-            await self._build(req, driver)
+            if not uses_stream(driver):
+                await self._build(req, driver)
         except RelocdError as exc:
             self.log.warning("could not build the incoming domain", error=exc.message)
             await self.channel.send(Refuse(Reason.DRIVER_ERROR, f"target could not build the domain: {exc.message}"))
@@ -281,14 +296,20 @@ class TargetSession:
         return self.domain
 
     async def _configure(self, sxp_text: str) -> Domain:
-        """CONFIG: the full domain config, which must match what was reserved."""
+        """CONFIG: the full domain config, applied to the domain built at RESERVE."""
+        config = self._checked_config(sxp_text)
+        assert self.domain is not None
+        await self.domain.configure(config)
+        return self.domain
+
+    def _checked_config(self, sxp_text: str) -> DomainConfig:
+        """CONFIG's domain config, which must match what was reserved."""
         try:
             config = config_from_sxp(sxp_text)
         except ConfigError as exc:
             raise ProtocolError(f"bad domain config: {exc.message}") from None
         req = self.request
-        domain = self.domain
-        assert req is not None and domain is not None
+        assert req is not None
         if (config.name, config.uuid, config.memory_bytes, config.vcpus, config.driver) != (
             req.name,
             req.uuid,
@@ -297,8 +318,7 @@ class TargetSession:
             req.driver,
         ):
             raise ProtocolError("domain config does not match the reservation")
-        await domain.configure(config)
-        return domain
+        return config
 
     async def _go(self, domain: Domain, channel: RecordChannel) -> None:
         """GO received: become the one running copy."""

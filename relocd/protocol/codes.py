@@ -27,6 +27,7 @@ class RecordType(enum.IntEnum):
     VCPU_STATE = 0x13
     DIGEST = 0x14
     COMMIT = 0x15
+    STREAM = 0x16
     PREPARED = 0x20
     GO = 0x21
     RESUMED = 0x22

@@ -8,6 +8,7 @@ every helper that checks what we are about to send raises
 from __future__ import annotations
 
 import json
+import struct
 import unicodedata
 from typing import Any, Final
 
@@ -167,3 +168,23 @@ def pfns_overlap(data_pfns: PfnArray, zero_pfns: PfnArray) -> bool:
     idx = np.searchsorted(data_pfns, zero_pfns)
     inside = idx < len(data_pfns)
     return bool(np.any(data_pfns[idx[inside]] == zero_pfns[inside]))
+
+
+#: reason code (REFUSE, ABORT): u16
+REASON_CODE: Final = struct.Struct("!H")
+
+
+def reason_body(what: str, reason: object, message: str) -> bytes:
+    """The body of REFUSE / ABORT: a reason code and a one-line message."""
+    code = check_uint(f"{what} reason", reason, 16)
+    return REASON_CODE.pack(code) + encode_text(f"{what} message", message, MAX_MESSAGE_BYTES)
+
+
+def parse_reason(what: str, body: memoryview) -> tuple[Reason, str]:
+    expect_min(what, body, REASON_CODE.size)
+    (code,) = REASON_CODE.unpack_from(body)
+    try:
+        reason = Reason(code)
+    except ValueError:  # added by a newer peer: the message still says why
+        reason = Reason.UNSPECIFIED
+    return reason, decode_text(f"{what} message", body[REASON_CODE.size :], MAX_MESSAGE_BYTES)

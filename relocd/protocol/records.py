@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, Self, TypeVar
+from typing import Any, Final, Self
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from relocd.protocol.codes import Feature as Feature
 from relocd.protocol.codes import OutcomeState as OutcomeState
 from relocd.protocol.codes import RecordType as RecordType
 from relocd.protocol.codes import Role as Role
+from relocd.protocol.recordbase import RECORD_CLASSES as RECORD_CLASSES
+from relocd.protocol.recordbase import Record as Record
+from relocd.protocol.recordbase import register
 from relocd.protocol.fields import (
     MAX_CONFIG_BYTES,
     MAX_DRIVER_BYTES,
@@ -47,11 +50,14 @@ from relocd.protocol.fields import (
     expect_min,
     expect_size,
     local_error,
+    parse_reason,
     pfns_overlap,
+    reason_body,
     remote_error,
     wire_pfns,
 )
 from relocd.protocol.fields import MIGRATION_ID_SIZE as MIGRATION_ID_SIZE
+from relocd.protocol.fields import REASON_CODE
 from relocd.protocol.fields import NO_MIGRATION_ID as NO_MIGRATION_ID
 from relocd.units import PAGE_SIZE as PAGE_SIZE
 
@@ -59,7 +65,7 @@ from relocd.units import PAGE_SIZE as PAGE_SIZE
 _U8 = struct.Struct("!B")
 _U16 = struct.Struct("!H")
 _HELLO = struct.Struct("!HHQB3s16sB")  # major minor features role rsvd id node_len
-_REASON = struct.Struct("!H")
+_REASON = REASON_CODE
 _PAGES_FIXED = struct.Struct("!IIII")  # round n_data n_zero reserved
 _END_ROUND = struct.Struct("!IIQQ")  # round reserved pages_sent dirty_next
 _STOP = struct.Struct("!I")
@@ -68,41 +74,7 @@ _QUERY = struct.Struct("!16s")
 _OUTCOME = struct.Struct("!16sB")
 
 
-class Record:
-    """Base of every wire record.
-
-    ``MIN_BODY``/``MAX_BODY`` bound the body length; the codec checks them on
-    the header, before the body is read.  ``MAX_BODY = None`` means "bounded
-    only by the connection's frame limit" (PAGES).
-    """
-
-    __slots__ = ()
-
-    TYPE: ClassVar[RecordType]
-    MIN_BODY: ClassVar[int] = 0
-    MAX_BODY: ClassVar[int | None] = 0
-
-    def serialize_body(self) -> bytes:
-        raise NotImplementedError
-
-    @classmethod
-    def parse_body(cls, body: memoryview) -> Self:
-        raise NotImplementedError
-
-
-RECORD_CLASSES: Final[dict[RecordType, type[Record]]] = {}
-
-
-_R = TypeVar("_R", bound=type[Record])
-
-
-def _register(cls: _R) -> _R:
-    assert cls.TYPE not in RECORD_CLASSES, cls
-    RECORD_CLASSES[cls.TYPE] = cls
-    return cls
-
-
-@_register
+@register
 @dataclass(frozen=True, slots=True)
 class Hello(Record):
     """First record each side sends: versions, features, role, migration id."""
@@ -173,7 +145,7 @@ class Hello(Record):
         return cls(major, minor, features, role, bytes(mid), node)
 
 
-@_register
+@register
 @dataclass(frozen=True, slots=True)
 class Reserve(Record):
     """The source's reservation request (validated by the engine, not here)."""
@@ -192,7 +164,7 @@ class Reserve(Record):
         return cls(decode_json("RESERVE", body, MAX_JSON_BYTES))
 
 
-@_register
+@register
 @dataclass(frozen=True, slots=True)
 class Reserved(Record):
     """The target set resources aside: reservation id, expiry."""
@@ -211,22 +183,7 @@ class Reserved(Record):
         return cls(decode_json("RESERVED", body, MAX_JSON_BYTES))
 
 
-def _reason_body(what: str, reason: object, message: str) -> bytes:
-    code = check_uint(f"{what} reason", reason, 16)
-    return _REASON.pack(code) + encode_text(f"{what} message", message, MAX_MESSAGE_BYTES)
-
-
-def _parse_reason(what: str, body: memoryview) -> tuple[Reason, str]:
-    expect_min(what, body, _REASON.size)
-    (code,) = _REASON.unpack_from(body)
-    try:
-        reason = Reason(code)
-    except ValueError:  # added by a newer peer: the message still says why
-        reason = Reason.UNSPECIFIED
-    return reason, decode_text(f"{what} message", body[_REASON.size :], MAX_MESSAGE_BYTES)
-
-
-@_register
+@register
 @dataclass(frozen=True, slots=True)
 class Refuse(Record):
     """The target will not take the domain; ends the conversation."""
@@ -239,14 +196,14 @@ class Refuse(Record):
     message: str
 
     def serialize_body(self) -> bytes:
-        return _reason_body("REFUSE", self.reason, self.message)
+        return reason_body("REFUSE", self.reason, self.message)
 
     @classmethod
     def parse_body(cls, body: memoryview) -> Self:
-        return cls(*_parse_reason("REFUSE", body))
+        return cls(*parse_reason("REFUSE", body))
 
 
-@_register
+@register
 @dataclass(frozen=True, slots=True)
 class Config(Record):
     """The domain configuration as sxp text (the target needs no config file)."""
@@ -265,7 +222,7 @@ class Config(Record):
         return cls(decode_text("CONFIG", body, MAX_CONFIG_BYTES))
 
 
-@_register
+@register
 @dataclass(frozen=True, slots=True, eq=False)
 class PagesHeader(Record):
     """A PAGES batch without its payload: the descriptor (round and pfn lists).
@@ -331,7 +288,7 @@ class PagesHeader(Record):
         return cls(rnd, data, zero)
 
 
-@_register
+@register
 @dataclass(frozen=True, slots=True)
 class EndRound(Record):
     """Closes a precopy round; ``dirty_next`` is what the next round will send."""
@@ -358,7 +315,7 @@ class EndRound(Record):
         return cls(rnd, sent, dirty)
 
 
-@_register
+@register
 @dataclass(frozen=True, slots=True)
 class Stop(Record):
     """Stop-and-copy begins: the source domain is paused from here on."""
@@ -382,7 +339,7 @@ _DRIVER_CHARS: Final = frozenset(
 )
 
 
-@_register
+@register
 @dataclass(frozen=True, slots=True)
 class VcpuState(Record):
     """vCPU and device state: an opaque blob only the named driver reads back."""
@@ -421,7 +378,30 @@ class VcpuState(Record):
         return cls(raw.decode("ascii"), bytes(blob))
 
 
-@_register
+@register
+@dataclass(frozen=True, slots=True)
+class StreamChunk(Record):
+    """A piece of a driver's own migration stream, for domains whose hypervisor
+    moves memory itself (Xen PV: libxenguest's stream); relocd carries it opaquely."""
+
+    TYPE = RecordType.STREAM
+    MIN_BODY = 1
+    MAX_BODY = None  # bounded by the connection's max frame
+
+    data: bytes
+
+    def serialize_body(self) -> bytes:
+        if not isinstance(self.data, bytes | bytearray | memoryview) or not len(self.data):
+            raise local_error("STREAM", "data must be non-empty bytes")
+        return bytes(self.data)
+
+    @classmethod
+    def parse_body(cls, body: memoryview) -> Self:
+        expect_min("STREAM", body, 1)
+        return cls(bytes(body))
+
+
+@register
 @dataclass(frozen=True, slots=True)
 class Digest(Record):
     """Digest of all guest memory at the stop point (``migrate --verify``)."""
@@ -463,7 +443,7 @@ class _EmptyRecord(Record):
         return cls()
 
 
-@_register
+@register
 @dataclass(frozen=True, slots=True)
 class Commit(_EmptyRecord):
     """End of the stream: build the domain and answer PREPARED."""
@@ -471,7 +451,7 @@ class Commit(_EmptyRecord):
     TYPE = RecordType.COMMIT
 
 
-@_register
+@register
 @dataclass(frozen=True, slots=True)
 class Prepared(_EmptyRecord):
     """The target built the domain (paused) and can resume it on GO."""
@@ -479,7 +459,7 @@ class Prepared(_EmptyRecord):
     TYPE = RecordType.PREPARED
 
 
-@_register
+@register
 @dataclass(frozen=True, slots=True)
 class Go(_EmptyRecord):
     """The source gave up its copy (journaled first): resume yours."""
@@ -487,7 +467,7 @@ class Go(_EmptyRecord):
     TYPE = RecordType.GO
 
 
-@_register
+@register
 @dataclass(frozen=True, slots=True)
 class Done(_EmptyRecord):
     """The source destroyed its copy; the migration is over."""
@@ -495,7 +475,7 @@ class Done(_EmptyRecord):
     TYPE = RecordType.DONE
 
 
-@_register
+@register
 @dataclass(frozen=True, slots=True)
 class Resumed(Record):
     """The target's answer to GO: did the domain resume, and details."""
@@ -521,7 +501,7 @@ class Resumed(Record):
         return cls(bool(ok), decode_json("RESUMED", body[1:], MAX_JSON_BYTES))
 
 
-@_register
+@register
 @dataclass(frozen=True, slots=True)
 class Abort(Record):
     """Either side gives up (before GO only); the source keeps the domain."""
@@ -534,14 +514,14 @@ class Abort(Record):
     message: str
 
     def serialize_body(self) -> bytes:
-        return _reason_body("ABORT", self.reason, self.message)
+        return reason_body("ABORT", self.reason, self.message)
 
     @classmethod
     def parse_body(cls, body: memoryview) -> Self:
-        return cls(*_parse_reason("ABORT", body))
+        return cls(*parse_reason("ABORT", body))
 
 
-@_register
+@register
 @dataclass(frozen=True, slots=True)
 class Query(Record):
     """Recovery: what happened to this migration?"""
@@ -560,7 +540,7 @@ class Query(Record):
         return cls(_QUERY.unpack_from(body)[0])
 
 
-@_register
+@register
 @dataclass(frozen=True, slots=True)
 class Outcome(Record):
     """The target's answer to QUERY."""

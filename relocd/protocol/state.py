@@ -52,6 +52,7 @@ class Step(enum.Enum):
     REFUSE = "REFUSE"
     CONFIG = "CONFIG"
     PAGES = "PAGES"
+    STREAM = "STREAM"
     END_ROUND = "END_ROUND"
     STOP = "STOP"
     VCPU_STATE = "VCPU_STATE"
@@ -138,11 +139,14 @@ TRANSITIONS: Final[dict[tuple[ConversationState, Side, Step], ConversationState]
     (S.RESERVED, I, Step.CONFIG): S.PRECOPY,
     # precopy rounds (zero or more), then stop-and-copy
     (S.PRECOPY, I, Step.PAGES): S.ROUND,
+    (S.PRECOPY, I, Step.STREAM): S.ROUND,
     (S.PRECOPY, I, Step.END_ROUND): S.PRECOPY,
     (S.ROUND, I, Step.PAGES): S.ROUND,
+    (S.ROUND, I, Step.STREAM): S.ROUND,
     (S.ROUND, I, Step.END_ROUND): S.PRECOPY,
     (S.PRECOPY, I, Step.STOP): S.STOPPED,
     (S.STOPPED, I, Step.PAGES): S.STOPPED,
+    (S.STOPPED, I, Step.STREAM): S.STOPPED,
     (S.STOPPED, I, Step.VCPU_STATE): S.VCPU_SENT,
     (S.VCPU_SENT, I, Step.DIGEST): S.DIGEST_SENT,
     (S.VCPU_SENT, I, Step.COMMIT): S.COMMITTED,

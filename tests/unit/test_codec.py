@@ -55,6 +55,7 @@ from relocd.protocol.records import (
     Resumed,
     Role,
     Stop,
+    StreamChunk,
     VcpuState,
 )
 
@@ -82,6 +83,7 @@ GOLDEN: list[tuple[Record, str]] = [
     (Digest(DigestAlgo.SHA256, bytes(range(32))),
      "14 00 0000 00000021 f3f02f10  01 " + bytes(range(32)).hex()),
     (Commit(), "15 00 0000 00000000 5179e026"),
+    (StreamChunk(b"xen"), "16 00 0000 00000003 d713fadf  78656e"),
     (Prepared(), "20 00 0000 00000000 9c54bd3f"),
     (Go(), "21 00 0000 00000000 50febda1"),
     (Resumed(False, {"error": "x"}),

@@ -49,6 +49,7 @@ from relocd.protocol.records import (
     Resumed,
     Role,
     Stop,
+    StreamChunk,
     VcpuState,
 )
 from relocd.protocol.state import Conversation
@@ -95,6 +96,7 @@ records: st.SearchStrategy[Record] = st.one_of(
     st.builds(Config, st.text(st.characters(codec="utf-8"), max_size=2000)),
     st.builds(EndRound, u32, u64, u64),
     st.builds(Stop, u32),
+    st.builds(StreamChunk, st.binary(min_size=1, max_size=200)),
     st.builds(
         VcpuState,
         st.text("abcxyzABC019_.-", min_size=1, max_size=64),

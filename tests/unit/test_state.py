@@ -42,6 +42,7 @@ from relocd.protocol.records import (
     Resumed,
     Role,
     Stop,
+    StreamChunk,
     VcpuState,
 )
 from relocd.protocol.state import (
@@ -401,6 +402,7 @@ def sample(step: Step, conv: Conversation) -> Record:
         Step.RESUMED_OK: Resumed(True, {}),
         Step.RESUMED_FAILED: Resumed(False, {}),
         Step.DONE: Done(),
+        Step.STREAM: StreamChunk(b"chunk"),
         Step.ABORT: Abort(Reason.CANCELLED, "stop"),
         Step.QUERY: Query(MID),
         Step.OUTCOME: Outcome(MID, OutcomeState.PREPARED),

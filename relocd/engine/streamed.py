@@ -1,0 +1,150 @@
+"""Domains whose hypervisor moves memory itself: relocd carries the driver's stream.
+
+A Xen PV guest's page tables hold machine frame numbers that only Xen's own
+save/restore code can translate, so for such drivers (``transfer ==
+"stream"``) the page path of ``source``/``target`` is replaced by this one:
+
+* source: ``Domain.send_stream(live, policy, sink, on_round)`` produces the
+  stream; relocd's policy answers every precopy round through the driver's
+  callback; each chunk travels in a STREAM record, each round ends with
+  END_ROUND, the policy's stop becomes STOP; VCPU_STATE (empty: the state is
+  in the stream) and COMMIT close it;
+* target: ``Driver.receive_stream(config, chunks, name=...)`` builds the
+  domain, paused, from the chunks, while records keep arriving.
+
+Everything else (reservation, journal, PREPARED/GO/RESUMED, rollback and
+recovery) is shared with the page path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from relocd.drivers.base import INCOMING_SUFFIX, Domain, DomainConfig, Driver
+from relocd.engine.journal import Phase
+from relocd.engine.result import RoundReport
+from relocd.errors import ProtocolError
+from relocd.protocol.records import Commit, Digest, EndRound, Stop, StreamChunk, VcpuState
+
+if TYPE_CHECKING:
+    from relocd.engine.source import SourceMigration
+    from relocd.engine.target import TargetSession
+
+#: chunks queued between the connection and a slower driver (bounded memory)
+QUEUE_CHUNKS = 8
+
+
+def uses_stream(obj: Domain | Driver) -> bool:
+    """Does this domain's (or driver's) hypervisor move memory itself?"""
+    return getattr(obj, "transfer", "pages") == "stream"
+
+
+async def send_stream(mig: SourceMigration) -> None:
+    """Source: from after CONFIG to COMMIT, for a stream domain."""
+    dom: Any = mig.domain
+    result = mig.result
+    live = mig.opts.live
+
+    async def stop(round_no: int) -> None:
+        mig.journal.set_phase(mig.mid, Phase.STOPPED)
+        result.mark("paused")
+        mig._paused_at = time.monotonic()
+        await mig._send(Stop(round_no))
+
+    async def sink(chunk: bytes) -> None:
+        await mig._send(StreamChunk(chunk))
+        delay = mig.limiter.delay_for(len(chunk))
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def on_round(decision: Any) -> None:
+        round_no = len(result.rounds) + 1
+        pages, dirty = int(decision.pages_sent), int(decision.dirty_pages)
+        await mig._send(EndRound(round_no, pages, dirty))
+        result.iterations = round_no
+        result.pages_sent += pages
+        result.rounds.append(
+            RoundReport(round_no, pages, int(decision.bytes_sent), round(decision.duration_s * 1000, 3), dirty)
+        )
+        await mig.progress(
+            phase="precopy",
+            round=round_no,
+            pages_left=dirty,
+            expected_downtime_ms=decision.expected_downtime_ms,
+        )
+        if decision.stop_reason is not None:
+            result.stop_reason = decision.stop_reason
+            await stop(round_no + 1)
+
+    if live:
+        mig.journal.set_phase(mig.mid, Phase.STREAMING)
+    else:
+        await stop(1)
+    await dom.send_stream(live, mig.opts.policy, sink, on_round)
+    # The domain is suspended now: a rollback must resume it the driver's way.
+    mig._stream_suspended = True
+    mig._we_paused = True
+    await mig.hooks.paused(dom)
+    if live and result.stop_reason is None:
+        # The driver stopped iterating on its own (e.g. its own round limit).
+        raise ProtocolError("the driver's stream ended without relocd's stop decision", remote=False)
+    result.iterations += 1
+    await mig._send(VcpuState(dom.config.driver, b""))
+    mig._committed = True
+    await mig._send(Commit())
+    result.mark("committed")
+
+
+async def receive_stream(session: TargetSession, driver: Driver, config: DomainConfig) -> Domain:
+    """Target: from after CONFIG to COMMIT, for a stream driver; returns the paused domain."""
+    ch = session.channel
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_CHUNKS)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while (chunk := await queue.get()) is not None:
+            yield chunk
+
+    build = asyncio.ensure_future(
+        driver.receive_stream(config, chunks(), name=config.name + INCOMING_SUFFIX)  # type: ignore[attr-defined]
+    )
+
+    async def hand_over(item: bytes | None) -> None:
+        put = asyncio.ensure_future(queue.put(item))
+        done, _ = await asyncio.wait({put, build}, return_when=asyncio.FIRST_COMPLETED)
+        if build in done and put not in done:
+            put.cancel()
+            build.result()  # the driver failed: raise why
+            raise ProtocolError("the driver finished building before the stream ended", remote=False)
+
+    try:
+        while True:
+            record = await ch.recv()
+            session.ctx.reservations.touch(session.mid)
+            if isinstance(record, StreamChunk):
+                await hand_over(record.data)
+            elif isinstance(record, EndRound):
+                await session.progress(phase="precopy", round=record.round, dirty=record.dirty_next)
+            elif isinstance(record, Stop):
+                await session.progress(phase="stop-and-copy")
+            elif isinstance(record, VcpuState):
+                if record.driver != config.driver:
+                    raise ProtocolError(f"vCPU state for driver {record.driver!r}, domain uses {config.driver!r}")
+            elif isinstance(record, Digest):
+                pass  # memory is the driver's to check; the stream carries its own integrity checks
+            elif isinstance(record, Commit):
+                await hand_over(None)
+                break
+            else:
+                raise ProtocolError(f"{type(record).__name__} in a stream migration")
+        domain: Domain = await build
+    except BaseException:
+        if not build.done():
+            build.cancel()
+            await asyncio.gather(build, return_exceptions=True)
+        raise
+    session.domain = domain
+    session.ctx.incoming[session.mid] = domain
+    return domain
