@@ -102,6 +102,13 @@ class Domain(abc.ABC):
     """A handle on one domain.  Methods that may block are async."""
 
     config: DomainConfig
+    #: How its memory moves.  "pages": the engine reads memory() and the dirty
+    #: log and sends pages itself.  "stream": the hypervisor must do it (a Xen
+    #: PV guest's page tables hold machine frames only Xen can translate), so
+    #: the domain offers ``send_stream(live, policy, sink, on_round)`` and
+    #: ``cancel_send()``, and its driver ``receive_stream(config, chunks, name=)``
+    #: (engine/streamed.py).
+    transfer: ClassVar[str] = "pages"
 
     @property
     def name(self) -> str:
@@ -187,6 +194,8 @@ class Driver(abc.ABC):
     """A hypervisor on this host."""
 
     name: ClassVar[str]
+    #: "pages" or "stream", as for its domains (see Domain.transfer)
+    transfer: ClassVar[str] = "pages"
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir

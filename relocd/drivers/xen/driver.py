@@ -202,6 +202,8 @@ class XenDriver(Driver):
     """The domUs of the dom0 this daemon runs in."""
 
     name = "xen"
+    #: incoming domains are built from the stream (receive_stream), not at RESERVE
+    transfer: ClassVar[str] = "stream"
 
     def __init__(self, state_dir: Path) -> None:
         super().__init__(state_dir)
