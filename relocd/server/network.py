@@ -21,6 +21,9 @@ from relocd.net.vif import VifHandle
 
 log = structlog.get_logger("relocd.network")
 
+#: drivers whose domains get relocd's veth + namespace vifs
+EMULATED_VIF_DRIVERS = frozenset({"sim", "kvm"})
+
 #: How long RESUMED waits for the announce's first round (errors show there).
 FIRST_ROUND_WAIT_S = 0.02
 
@@ -36,10 +39,20 @@ class NetworkHooks(DomainHooks):
         self.announce = announce
         self._tasks: set[asyncio.Task[tuple[int, list[str]]]] = set()
 
+    @staticmethod
+    def _ours(domain: Domain) -> bool:
+        """Only sim/kvm vifs are relocd's veth stand-ins; a Xen domain's vifs are
+        its backend's (vif scripts plug vifD.N into the bridge), not ours to build."""
+        return domain.config.driver in EMULATED_VIF_DRIVERS
+
     def _handles(self, domain: Domain) -> list[VifHandle]:
+        if not self._ours(domain):
+            return []
         return [vif_handle(domain.name, v, netns_prefix=self.prefix) for v in domain.config.vifs if v.bridge]
 
     async def attach(self, domain: Domain, *, up: bool) -> None:
+        if not self._ours(domain):
+            return
         for vif in domain.config.vifs:
             if not vif.bridge:
                 continue
