@@ -31,6 +31,30 @@ XCFLAGS_LIVE = 1 << 0
 XC_STREAM_PLAIN = 0
 SHUTDOWN_SUSPEND = 2  # xen/sched.h
 SUSPEND_TIMEOUT_S = 60.0  # libxl waits as long (and TCG is slow)
+XTL_WARN = 7  # xentoollog.h: warnings and errors only, not libxc's per-batch progress lines
+XTL_STDIOSTREAM_HIDE_PROGRESS = 0o4
+
+_quiet_logger: int | None = None
+
+
+def quiet_logger() -> int | None:
+    """One libxentoollog logger for the process: libxc's warnings and errors on stderr, no progress.
+
+    libxc's default logger prints a progress line every 2048 pages and info
+    lines per save, which would fill a daemon's log.  None (libxc's default)
+    where the library or libc's ``stderr`` cannot be had.
+    """
+    global _quiet_logger
+    if _quiet_logger is None:
+        try:
+            lib = libxc.load_library("xentoollog", "libxentoollog.so.1")
+            stderr = ctypes.c_void_p.in_dll(ctypes.CDLL(None), "stderr").value
+        except (DriverError, ValueError):
+            return None
+        lib.xtl_createlogger_stdiostream.restype = ctypes.c_void_p
+        lib.xtl_createlogger_stdiostream.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint]
+        _quiet_logger = lib.xtl_createlogger_stdiostream(stderr, XTL_WARN, XTL_STDIOSTREAM_HIDE_PROGRESS) or None
+    return _quiet_logger
 
 
 class PrecopyStats(ctypes.Structure):
@@ -83,7 +107,8 @@ class GuestSaver:
         self.callback_error: str | None = None
 
     def _open(self) -> int:
-        handle = self._xenctrl.xc_interface_open(None, None, 0)
+        logger = quiet_logger()
+        handle = self._xenctrl.xc_interface_open(logger, logger, 0)
         if not handle:
             raise DriverError(f"xen driver: xc_interface_open failed: {libxc.errno_text()}")
         return int(handle)
