@@ -201,6 +201,36 @@ async def test_loop_caller_cut_frees_a_thread_stuck_on_the_transport() -> None:
         await asyncio.to_thread(caller.call, queue.put(b"late"))
 
 
+def fake_xl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> None:
+    script = tmp_path / "xl"
+    script.write_text("#!/bin/sh\n" + body + "\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("RELOCD_XL", str(script))
+
+
+def test_restore_receiver_feeds_xl_a_whole_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_xl(tmp_path, monkeypatch, f'echo "$@" >{tmp_path}/argv; cat >{tmp_path}/image')
+    receiver = stream.XlRestoreReceiver({"c_info": {"name": "d--incoming"}}, tmp_path / "xl.log")
+    for chunk in (b"libxenguest ", b"stream"):
+        receiver.feed(chunk)
+    receiver.finish(timeout=10)
+    image = (tmp_path / "image").read_bytes()
+    prefix = xlimage.read_prefix(image)
+    assert prefix.config == {"c_info": {"name": "d--incoming"}}
+    assert image[prefix.size :] == b"libxenguest stream" + xlimage.image_suffix()
+    assert (tmp_path / "argv").read_text().split() == ["restore", "-p", "/dev/stdin"]
+
+
+def test_restore_receiver_reports_xl_failing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_xl(tmp_path, monkeypatch, 'head -c 8 >/dev/null; echo "libxl: cannot (re-)build domain: -3" >&2; exit 1')
+    receiver = stream.XlRestoreReceiver(None, tmp_path / "xl.log")
+    with pytest.raises(DriverError) as failed:
+        for _ in range(64):
+            receiver.feed(bytes(1 << 20))  # far more than a pipe holds: xl's exit must show
+    assert failed.value.message == "xen driver: xl restore failed: libxl: cannot (re-)build domain: -3"
+    receiver.abort()
+
+
 def test_xl_image_prefix_is_what_xl_restore_reads() -> None:
     config = {"c_info": {"name": "domu--incoming", "type": "pv"}, "b_info": {"max_memkb": 131072}}
     prefix = xlimage.image_prefix(config)

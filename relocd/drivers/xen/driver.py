@@ -352,9 +352,14 @@ class XenDriver(Driver):
         if libxl_json is None:
             config_file = self.state_dir / f"{name}.restore.cfg"
             config_file.write_text(xencfg.to_xl_config(config.model_copy(update={"name": name})))
-        receiver = await asyncio.to_thread(
-            stream.XlRestoreReceiver, libxl_json, self.state_dir / f"xl-restore-{name}.log", config_file=config_file
-        )
+        try:
+            receiver = await asyncio.to_thread(
+                stream.XlRestoreReceiver, libxl_json, self.state_dir / f"xl-restore-{name}.log", config_file=config_file
+            )
+        except BaseException:
+            if config_file is not None:
+                config_file.unlink(missing_ok=True)
+            raise
         try:
             async for chunk in chunks:
                 await asyncio.to_thread(receiver.feed, chunk)

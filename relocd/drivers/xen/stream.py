@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import subprocess
@@ -165,12 +166,22 @@ class XlRestoreReceiver:
         except OSError as exc:
             self._log.close()
             raise DriverError(f"xen driver: cannot run xl: {exc}") from None
-        self.feed(xlimage.image_prefix(config))
+        try:
+            self.feed(xlimage.image_prefix(config))
+        except DriverError:
+            self.abort()
+            raise
 
     def feed(self, chunk: bytes) -> None:
+        """Pass one chunk on; DriverError with xl's last words if xl has gone."""
         assert self._proc.stdin is not None
-        self._proc.stdin.write(chunk)
-        self._proc.stdin.flush()
+        try:
+            self._proc.stdin.write(chunk)
+            self._proc.stdin.flush()
+        except OSError:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(10)  # let xl finish its message
+            raise DriverError(f"xen driver: xl restore failed: {self.last_log_line()}") from None
         self.bytes_fed += len(chunk)
 
     def finish(self, timeout: float = RESTORE_TIMEOUT_S) -> None:
@@ -197,6 +208,9 @@ class XlRestoreReceiver:
         if self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
+        if self._proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()
         self._log.close()
 
     def last_log_line(self) -> str:
