@@ -58,6 +58,8 @@ class ReservationRequest(BaseModel):
     live: StrictBool = False
     #: the source will send a DIGEST: the target hashes its copy as soon as it is complete
     verify: StrictBool = False
+    #: the source machine's boot id (same value: the two daemons share a hypervisor)
+    host_id: StrictStr | None = Field(default=None, max_length=64)
     source_port: StrictInt | None = Field(default=None, ge=1, le=65535)
 
     @field_validator("uuid")

@@ -98,6 +98,14 @@ def digest_algo_for(peer_features: int) -> DigestAlgo:
     return DigestAlgo.BLAKE3 if peer_features & FEATURES & Feature.DIGEST_BLAKE3 else DigestAlgo.SHA256
 
 
+def host_id() -> str | None:
+    """This machine's boot id: two daemons that share a hypervisor share it."""
+    try:
+        return open("/proc/sys/kernel/random/boot_id").read().strip()[:64] or None
+    except OSError:
+        return None
+
+
 def node_name() -> str:
     """This host's name for HELLO: at most 255 bytes of UTF-8, cut on a character boundary."""
     return socket.gethostname().encode()[:255].decode("utf-8", errors="ignore")
@@ -310,6 +318,7 @@ class SourceMigration:
             "bridges": sorted({v.bridge for v in cfg.vifs if v.bridge}),
             "live": self.opts.live,
             "verify": self.opts.verify,
+            "host_id": host_id(),
             "source_port": self.opts.source_port,
         }
         await self.progress(phase="reserve")

@@ -27,7 +27,7 @@ from relocd.engine.reservation import (
     check_reservation,
 )
 from relocd.engine.result import Progress, no_progress
-from relocd.engine.source import FEATURES, digest_algo_for, node_name
+from relocd.engine.source import FEATURES, digest_algo_for, host_id, node_name
 from relocd.engine.stream import PeerGone, RecordChannel
 from relocd.engine.streamed import receive_stream, uses_stream
 from relocd.errors import (
@@ -245,6 +245,11 @@ class TargetSession:
                 raise ReservationRefused(f"driver {req.driver!r} is not available on this host", reason=Reason.DRIVER)
             caps = await driver.capabilities()
             domains = ctx.all_domains()
+            if uses_stream(driver) and req.host_id is not None and req.host_id == host_id():
+                # Two daemons on one hypervisor (a lab, or a daemon per dom0
+                # address): the source's own copy is visible here too and is
+                # not a clash -- only a second domain of that name would be.
+                domains = [d for d in domains if d.config.uuid != req.uuid]
             check_reservation(
                 req,
                 caps,

@@ -197,3 +197,24 @@ async def test_a_failed_build_on_the_target_resumes_the_source(tmp_path: Path) -
     assert dom.state == DomainState.RUNNING and not dom.suspended  # type: ignore[attr-defined]
     assert b.driver.domains() == []
     assert b.ctx.reservations.all() == [] and b.ctx.incoming == {}
+
+
+async def test_two_daemons_on_one_hypervisor(tmp_path: Path) -> None:
+    """Both daemons see the same domains (one Xen dom0): the source's own copy is no clash."""
+    a, b = Host(tmp_path, "a"), Host(tmp_path, "b")
+    b.driver = a.driver
+    b.ctx.drivers = {"fakestream": a.driver}
+    dom = await a.driver.create(DomainConfig(name="pv", memory_mib=1, driver="fakestream"))
+    result = await move(a, b, dom, live=True)
+    assert result.status == "completed", result.error
+    assert [(d.name, d.state) for d in a.driver.domains()] == [("pv", DomainState.RUNNING)]
+    assert a.driver.domains()[0] is not dom and dom.destroyed  # type: ignore[attr-defined]
+
+
+async def test_a_second_domain_of_that_name_still_clashes(tmp_path: Path) -> None:
+    a, b = Host(tmp_path, "a"), Host(tmp_path, "b")
+    await b.driver.create(DomainConfig(name="pv", memory_mib=1, driver="fakestream"))
+    dom = await a.driver.create(DomainConfig(name="pv", memory_mib=1, driver="fakestream"))
+    result = await move(a, b, dom, live=True)
+    assert result.status == "failed" and "pv" in (result.error or "")
+    assert dom.state == DomainState.RUNNING
