@@ -27,6 +27,7 @@ from relocd.engine.journal import JournalEntry, Phase
 from relocd.engine.policy import XendPolicy
 from relocd.engine.source import SendOptions, SourceMigration, drop_prepared_copy
 from relocd.engine.stream import RecordChannel
+from relocd.engine.streamed import uses_stream
 from relocd.errors import RelocdError
 from relocd.protocol.records import Role
 from relocd.protocol.state import Conversation
@@ -92,7 +93,11 @@ async def _recover_source(daemon: Daemon, entry: JournalEntry, dom: Domain | Non
     if dom is not None:
         if dom.name != entry.domain and dom.name.endswith(MIGRATED_AWAY_SUFFIX):
             await dom.rename(entry.domain)
-        if dom.state == DomainState.PAUSED:
+        if uses_stream(dom):
+            # A stream domain may have been suspended by its driver's save (a
+            # Xen PV guest): only the driver's own undo brings it back.
+            await dom.cancel_send()  # type: ignore[attr-defined]
+        elif dom.state == DomainState.PAUSED:
             await dom.resume()
         lg.info("interrupted migration rolled back: domain resumed here")
     journal.set_phase(entry.migration_id, Phase.ABORTED)
