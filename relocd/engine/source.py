@@ -36,7 +36,7 @@ from relocd.engine.pages import (
 from relocd.engine.policy import PrecopyPolicy, RateLimiter, RoundStats
 from relocd.engine.result import MigrationResult, Progress, RoundReport, no_progress
 from relocd.engine.stream import PeerGone, RecordChannel
-from relocd.engine.streamed import send_stream, uses_stream
+from relocd.engine.streamed import carried_config, send_stream, uses_stream
 from relocd.errors import MigrationAborted, Reason, RelocdError, ReservationRefused
 from relocd.protocol.records import (
     PROTOCOL_MAJOR,
@@ -261,7 +261,7 @@ class SourceMigration:
             journaled = True
             self.journal.set_phase(self.mid, Phase.RESERVED)
             self.result.mark("reserved")
-            await self._send(Config(config_to_sxp(self.domain.config)))
+            await self._send(Config(config_to_sxp(await carried_config(self.domain))))
             await fault_point("source", "config")
             if uses_stream(self.domain):
                 await send_stream(self)  # the hypervisor moves memory, relocd decides rounds

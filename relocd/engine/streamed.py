@@ -42,6 +42,20 @@ def uses_stream(obj: Domain | Driver) -> bool:
     return getattr(obj, "transfer", "pages") == "stream"
 
 
+async def carried_config(dom: Domain) -> DomainConfig:
+    """The config CONFIG carries.
+
+    A stream driver lists its domains cheaply (no boot details, e.g. Xen's
+    xenstore view); the target's builder needs the whole config, which such a
+    driver reads on demand with ``read_config()``.
+    """
+    read = getattr(dom, "read_config", None)
+    if uses_stream(dom) and read is not None:
+        config: DomainConfig = await read()
+        return config
+    return dom.config
+
+
 async def send_stream(mig: SourceMigration) -> None:
     """Source: from after CONFIG to COMMIT, for a stream domain."""
     dom: Any = mig.domain
