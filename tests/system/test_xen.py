@@ -48,6 +48,7 @@ from relocd.engine.policy import (
     DowntimePolicy,
     XendPolicy,
 )
+from relocd.engine.streamed import carried_config
 from relocd.errors import DriverError
 from tests.xenlab.lab import LabUnavailable, XenLab, build_image
 
@@ -303,6 +304,27 @@ def test_config_without_kernel_is_refused() -> None:
         xencfg.to_xl_config(DomainConfig(name="x", memory_mib=64, driver="xen"))
 
 
+class ListedXenDomain:
+    """A xen domain as the driver lists it: the cheap config, the whole one on request."""
+
+    transfer = "stream"
+
+    def __init__(self, listed: DomainConfig, whole: DomainConfig) -> None:
+        self.config, self._whole = listed, whole
+
+    async def read_config(self) -> DomainConfig:
+        self.config = self._whole
+        return self._whole
+
+
+async def test_config_carried_for_a_stream_domain_is_the_whole_one() -> None:
+    """Found in the lab: CONFIG carried the xenstore listing, and the target's xl restore had no kernel."""
+    whole = xencfg.from_libxl_json(LIBXL_JSON)
+    listed = DomainConfig(name="web1", uuid=whole.uuid, memory_mib=256, driver="xen", extra={xencfg.TYPE: "pv"})
+    carried = await carried_config(ListedXenDomain(listed, whole))  # type: ignore[arg-type]
+    assert carried == whole and xencfg.libxl_json_for(carried, "web1--incoming") is not None
+
+
 @pytest.mark.skipif(Path("/proc/xen/capabilities").exists(), reason="this host is a Xen domain")
 async def test_driver_refuses_clearly_without_xen(tmp_path: Path) -> None:
     driver = load_driver("xen", tmp_path)  # lazy: loading never touches Xen
@@ -476,3 +498,34 @@ def test_target_refusing_the_stream_leaves_the_domu_running(stream_steps: dict[s
     assert step["state"] == "running" and step["listed"] == ["domu"]
     assert step["domid_now"] == step["domid"]
     assert_one_copy_counting(step)
+
+
+def relocd_cli(lab: XenLab, daemon: str, args: str, timeout: float = 120) -> Any:
+    """``relocd ARGS --json`` against daemon ``a`` or ``b`` in dom0; its JSON."""
+    out = lab.run(f"python3 -m relocd {args} --json --control /run/relocd-{daemon}/control.sock", timeout=timeout)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.system
+def test_relocd_migrate_between_two_daemons_in_dom0(lab: XenLab) -> None:
+    """Issue 7: `relocd migrate --live` moves the PV domU from one daemon to another in one dom0, and back."""
+    lab.run("sh /lab/xenlab/relocd-daemons.sh start", timeout=400)
+    try:
+        for source, target, address in (("a", "b", "127.0.0.2"), ("b", "a", "127.0.0.1")):
+            before = last_count(lab)
+            result = relocd_cli(lab, source, f"migrate domu {address} --port 8002 --live", timeout=400)
+            assert result["status"] == "completed", result
+            rounds = result["rounds"]
+            assert rounds and rounds[0]["pages_sent"] == 32768, result  # 128 MiB, all of it in round 1
+            assert result["iterations"] == len(rounds) + 1  # the precopy rounds, then stop-and-copy
+            assert result["stop_reason"] is not None and rounds[-1]["round"] == len(rounds)
+            assert domu_copies(lab) == ["domu"], lab.run("xl list")
+            at_end = last_count(lab)
+            lab.run("sleep 4")
+            after = last_count(lab)
+            assert at_end >= before and after >= at_end + 2, f"console stopped counting: {before} -> {at_end} -> {after}"
+            assert restarts(lab) == 1, "the guest rebooted instead of moving"
+            listed = {d["name"]: d["state"] for d in relocd_cli(lab, target, "list")}
+            assert listed.get("domu") == "running", listed
+    finally:
+        lab.run("sh /lab/xenlab/relocd-daemons.sh stop", timeout=120, check=False)
