@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import socket
 import time
 import uuid as uuidlib
 from collections.abc import Awaitable, Callable
@@ -25,6 +24,7 @@ import structlog
 from relocd.config.domain import config_to_sxp
 from relocd.drivers.base import MIGRATED_AWAY_SUFFIX, Domain
 from relocd.engine.faults import fault_point
+from relocd.engine.handshake import digest_algo_for, hello, host_id
 from relocd.engine.hooks import DomainHooks
 from relocd.engine.journal import Journal, Phase
 from relocd.engine.pages import (
@@ -39,8 +39,6 @@ from relocd.engine.stream import PeerGone, RecordChannel
 from relocd.engine.streamed import carried_config, send_stream, uses_stream
 from relocd.errors import MigrationAborted, Reason, RelocdError, ReservationRefused
 from relocd.protocol.records import (
-    PROTOCOL_MAJOR,
-    PROTOCOL_MINOR,
     Abort,
     Commit,
     Config,
@@ -48,9 +46,7 @@ from relocd.protocol.records import (
     DigestAlgo,
     Done,
     EndRound,
-    Feature,
     Go,
-    Hello,
     Outcome,
     OutcomeState,
     Prepared,
@@ -69,9 +65,6 @@ from relocd.units import PAGE_SIZE
 log = structlog.get_logger("relocd.source")
 
 Pfns = npt.NDArray[np.uint64]
-
-FEATURES = Feature.ZERO_PAGES | Feature.DIGEST_SHA256 | Feature.QUERY | Feature.DIGEST_BLAKE3
-
 
 @dataclasses.dataclass
 class SendOptions:
@@ -93,45 +86,8 @@ _T = TypeVar("_T")
 _FOLLOW_UPS: set[asyncio.Task[bool]] = set()
 
 
-def digest_algo_for(peer_features: int) -> DigestAlgo:
-    """BLAKE3 when the peer hashes it too (5x faster: --verify hashes while paused)."""
-    return DigestAlgo.BLAKE3 if peer_features & FEATURES & Feature.DIGEST_BLAKE3 else DigestAlgo.SHA256
-
-
-def host_id() -> str | None:
-    """This machine's boot id: two daemons that share a hypervisor share it."""
-    try:
-        return open("/proc/sys/kernel/random/boot_id").read().strip()[:64] or None
-    except OSError:
-        return None
-
-
-def node_name() -> str:
-    """This host's name for HELLO: at most 255 bytes of UTF-8, cut on a character boundary."""
-    return socket.gethostname().encode()[:255].decode("utf-8", errors="ignore")
-
-
 def new_migration_id() -> str:
     return str(uuidlib.uuid4())
-
-
-async def hello(channel: RecordChannel, role: Role, migration_id: str) -> Hello:
-    """Exchange preamble and HELLO as the connecting side; returns the peer's HELLO."""
-    await channel.send_preamble()
-    await channel.send(
-        Hello(
-            PROTOCOL_MAJOR,
-            PROTOCOL_MINOR,
-            FEATURES,
-            role,
-            uuidlib.UUID(migration_id).bytes,
-            node_name(),
-        )
-    )
-    await channel.recv_preamble()
-    peer = await channel.recv()
-    assert isinstance(peer, Hello)
-    return peer
 
 
 async def drop_prepared_copy(reconnect: Reconnect, migration_id: str, message: str, within_s: float) -> bool:

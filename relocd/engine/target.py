@@ -27,7 +27,7 @@ from relocd.engine.reservation import (
     check_reservation,
 )
 from relocd.engine.result import Progress, no_progress
-from relocd.engine.source import FEATURES, digest_algo_for, host_id, node_name
+from relocd.engine.handshake import answer_hello, digest_algo_for, host_id
 from relocd.engine.stream import PeerGone, RecordChannel
 from relocd.engine.streamed import receive_stream, uses_stream
 from relocd.errors import (
@@ -39,8 +39,6 @@ from relocd.errors import (
     ReservationRefused,
 )
 from relocd.protocol.records import (
-    PROTOCOL_MAJOR,
-    PROTOCOL_MINOR,
     Abort,
     Commit,
     Config,
@@ -49,7 +47,6 @@ from relocd.protocol.records import (
     Done,
     EndRound,
     Go,
-    Hello,
     Outcome,
     OutcomeState,
     PagesHeader,
@@ -82,18 +79,6 @@ class TargetContext:
 
     def all_domains(self) -> list[Domain]:
         return [d for drv in self.drivers.values() for d in drv.domains()]
-
-
-async def answer_hello(channel: RecordChannel) -> Hello:
-    """Read the initiator's preamble and HELLO, answer with ours."""
-    await channel.recv_preamble()
-    peer = await channel.recv()
-    assert isinstance(peer, Hello)
-    await channel.send_preamble()
-    await channel.send(
-        Hello(PROTOCOL_MAJOR, PROTOCOL_MINOR, FEATURES, Role.TARGET, bytes(16), node_name())
-    )
-    return peer
 
 
 class TargetSession:

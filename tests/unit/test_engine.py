@@ -107,10 +107,10 @@ async def test_refused_reservation_leaves_source_running(hosts: tuple[Host, Host
 
 async def test_verify_with_a_peer_that_only_knows_sha256(hosts: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch) -> None:
     """An older source (no DIGEST_BLAKE3 in its HELLO): both sides fall back to SHA-256."""
-    from relocd.engine import source as source_module
+    from relocd.engine import handshake
     from relocd.protocol.records import Feature
 
-    monkeypatch.setattr(source_module, "FEATURES", Feature.ZERO_PAGES | Feature.DIGEST_SHA256 | Feature.QUERY)
+    monkeypatch.setattr(handshake, "FEATURES", Feature.ZERO_PAGES | Feature.DIGEST_SHA256 | Feature.QUERY)
     a, b = hosts
     await a.driver.create(DomainConfig(name="old", memory_mib=16, workload="hotset:size=2MiB,rate=20MB/s"))
     result = await migrate(a, b, "old", live=True, verify=True)
