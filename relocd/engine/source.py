@@ -196,6 +196,9 @@ class SourceMigration:
         )
         self.name = original_name
         self._we_paused = True
+        # After GO a stream domain is suspended by its driver's save (a Xen PV
+        # guest), not merely paused: rolling back must use the driver's undo.
+        self._stream_suspended = uses_stream(domain)
         self._renamed = domain.name != original_name
         return self
 

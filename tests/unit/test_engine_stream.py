@@ -218,3 +218,31 @@ async def test_a_second_domain_of_that_name_still_clashes(tmp_path: Path) -> Non
     result = await move(a, b, dom, live=True)
     assert result.status == "failed" and "pv" in (result.error or "")
     assert dom.state == DomainState.RUNNING
+
+
+async def test_in_doubt_after_restart_resumes_a_suspended_stream_domain_the_drivers_way(tmp_path: Path) -> None:
+    """A source restarted after GO finds its stream domain suspended; the target holds no copy:
+    the domain must come back with cancel_send() (a Xen guest is suspended, not paused)."""
+    a, b = Host(tmp_path, "a"), Host(tmp_path, "b")
+    dom = await a.driver.create(DomainConfig(name="pv", memory_mib=1, driver="fakestream"))
+    dom.suspended = True  # type: ignore[attr-defined]  # as send_stream left it
+    await dom.pause()
+    mid = new_migration_id()
+    a.journal.begin(mid, "source", "pv", dom.config.uuid, "b", True)
+    a.journal.set_phase(mid, Phase.GO_SENT)
+    sessions: list[asyncio.Task[Any]] = []
+
+    async def reconnect() -> RecordChannel:
+        src_t, dst_t = memory_pipe()
+        dst = RecordChannel(dst_t, Conversation(Role.TARGET), max_frame=16 << 20)
+        sessions.append(asyncio.ensure_future(TargetSession(dst, b.ctx, peer="a").run()))
+        return RecordChannel(src_t, Conversation(Role.QUERY), max_frame=16 << 20)
+
+    mig = SourceMigration.in_doubt(
+        dom, "pv", SendOptions(live=True, verify=False, policy=DowntimePolicy(50), recovery_s=10),
+        journal=a.journal, migration_id=mid, target="b", reconnect=reconnect,
+    )  # fmt: skip
+    result = await mig.resolve()
+    await asyncio.gather(*sessions, return_exceptions=True)
+    assert result.status == "rolled-back", result
+    assert dom.state == DomainState.RUNNING and not dom.suspended  # type: ignore[attr-defined]
