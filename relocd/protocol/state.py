@@ -98,6 +98,8 @@ class ConversationState(enum.Enum):
     SAVE_STOPPED = "SAVE_STOPPED"
     SAVE_VCPU = "SAVE_VCPU"
     SAVE_DIGEST = "SAVE_DIGEST"
+    SAVE_STREAM = "SAVE_STREAM"  # a stream domain's savefile: STREAM*, then VCPU_STATE
+    SAVE_STREAM_VCPU = "SAVE_STREAM_VCPU"
     # terminal
     DONE = "DONE"  # the domain moved; the source copy is gone
     SAVED = "SAVED"  # a complete savefile stream
@@ -162,7 +164,7 @@ TRANSITIONS: Final[dict[tuple[ConversationState, Side, Step], ConversationState]
     (S.QUERY_SENT, R, Step.OUTCOME): S.ANSWERED,
     (S.ANSWERED, I, Step.GO): S.GO_SENT,
     (S.ANSWERED, I, Step.DONE): S.DONE,  # after OUTCOME(RESUMED): source copy gone
-    # savefile stream: no handshake, no handoff, DIGEST required
+    # savefile stream: no handshake, no handoff, DIGEST required (page form)
     (S.SAVE_CONFIG, I, Step.CONFIG): S.SAVE_PRECOPY,
     (S.SAVE_PRECOPY, I, Step.PAGES): S.SAVE_ROUND,
     (S.SAVE_PRECOPY, I, Step.END_ROUND): S.SAVE_PRECOPY,
@@ -173,6 +175,12 @@ TRANSITIONS: Final[dict[tuple[ConversationState, Side, Step], ConversationState]
     (S.SAVE_STOPPED, I, Step.VCPU_STATE): S.SAVE_VCPU,
     (S.SAVE_VCPU, I, Step.DIGEST): S.SAVE_DIGEST,
     (S.SAVE_DIGEST, I, Step.COMMIT): S.SAVED,
+    # a stream domain's savefile (non-live): its driver's stream where the
+    # pages would be, state and memory inside it, so no DIGEST
+    (S.SAVE_STOPPED, I, Step.STREAM): S.SAVE_STREAM,
+    (S.SAVE_STREAM, I, Step.STREAM): S.SAVE_STREAM,
+    (S.SAVE_STREAM, I, Step.VCPU_STATE): S.SAVE_STREAM_VCPU,
+    (S.SAVE_STREAM_VCPU, I, Step.COMMIT): S.SAVED,
     # either side may give up before GO
     **{(state, side, Step.ABORT): S.ABORTED for state in ABORTABLE for side in Side},
 }
