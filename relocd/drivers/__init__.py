@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from relocd.drivers.base import Domain, DomainConfig, DomainState, Driver, HostCaps, Vif
+from relocd.drivers.base import Domain, DomainConfig, DomainState, Driver, ForeignImage, HostCaps, Vif
 from relocd.errors import DriverError
 
-__all__ = ["Domain", "DomainConfig", "DomainState", "Driver", "HostCaps", "Vif", "load_driver"]
+__all__ = [
+    "Domain", "DomainConfig", "DomainState", "Driver", "ForeignImage", "HostCaps", "Vif",
+    "load_driver", "read_foreign_image",
+]  # fmt: skip
 
 DRIVER_NAMES = ("sim", "kvm", "xen")
 
@@ -31,3 +34,15 @@ def load_driver(name: str, state_dir: Path) -> Driver:
 
         return XenDriver(state_dir)
     raise DriverError(f"unknown or unavailable driver {name!r} (known: {', '.join(DRIVER_NAMES)})")
+
+
+def read_foreign_image(fd: int, size: int) -> ForeignImage | None:
+    """The save image another toolstack wrote in open file ``fd`` (e.g. ``xl save``), or None.
+
+    Asks each driver package that knows such a format, whether or not its
+    driver runs here (so a daemon without it can say where the file belongs).
+    DriverError: the file is such an image, but not one relocd can restore.
+    """
+    from relocd.drivers.xen import xlimage
+
+    return xlimage.read_image(fd, size)

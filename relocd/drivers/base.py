@@ -16,6 +16,7 @@ state as an opaque, driver-versioned blob that only the same driver reads back.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import enum
 import uuid as uuidlib
 from pathlib import Path
@@ -96,6 +97,26 @@ class HostCaps(BaseModel):
     max_vcpus: int
     cpu_features: frozenset[str] = frozenset()
     bridges: frozenset[str] = frozenset()
+
+
+@dataclasses.dataclass(frozen=True)
+class ForeignImage:
+    """A save image a hypervisor's own toolstack wrote (e.g. ``xl save``), as its driver package reads it.
+
+    relocd restores it without a relocd savefile around it: bytes
+    ``stream_start .. stream_end`` of the file are the driver's own stream,
+    which ``Driver.receive_stream`` (a stream driver's) builds the domain
+    from, and ``config`` is what the image says about the domain.
+    """
+
+    #: the driver that restores it, e.g. "xen"
+    driver: str
+    #: what it is and where it restores, for messages: "an xl save image", "a Xen host"
+    kind: str
+    host: str
+    config: DomainConfig
+    stream_start: int
+    stream_end: int
 
 
 class Domain(abc.ABC):

@@ -21,10 +21,13 @@ Records are ``type:u32 length:u32 body`` little-endian, padded to 8 bytes.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from typing import Any
 
+from relocd.drivers.base import ForeignImage
+from relocd.drivers.xen import config as xencfg
 from relocd.errors import DriverError
 
 XL_MAGIC = b"Xen saved domain, xl format\n \0 \r"
@@ -76,6 +79,7 @@ class ImagePrefix:
     libxl_version: int
     first_record: int
     size: int  # bytes consumed: the libxenguest stream starts here
+    libxl_options: int = 0
 
 
 def read_prefix(data: bytes) -> ImagePrefix:
@@ -95,9 +99,83 @@ def read_prefix(data: bytes) -> ImagePrefix:
         raise DriverError(f"xen driver: xl save image's config is not JSON: {exc}") from None
     if len(data) < at + _LIBXL_HEADER.size + _RECORD.size:
         raise DriverError("xen driver: xl save image is truncated")
-    ident, version, _options = _LIBXL_HEADER.unpack_from(data, at)
+    ident, version, options = _LIBXL_HEADER.unpack_from(data, at)
     if ident != LIBXL_IDENT:
         raise DriverError("xen driver: xl save image has no libxl stream")
     at += _LIBXL_HEADER.size
     rtype, rlen = _RECORD.unpack_from(data, at)
-    return ImagePrefix(mandatory, config, version, rtype, at + _RECORD.size + rlen + (-rlen % 8))
+    return ImagePrefix(mandatory, config, version, rtype, at + _RECORD.size + rlen + (-rlen % 8), options)
+
+
+# -- restoring a file ``xl save`` wrote (``relocd restore FILE``) ----------------
+
+#: what a message calls such a file, and where it can be restored
+IMAGE_KIND = "an xl save image"
+IMAGE_HOST = "a Xen host"
+#: longest optional-data block (xl's JSON config) read from a file
+MAX_OPTIONAL = 16 << 20
+
+
+def is_image(head: bytes) -> bool:
+    return head.startswith(XL_MAGIC)
+
+
+def read_image(fd: int, size: int) -> ForeignImage | None:
+    """The xl save image in open file ``fd`` (``size`` bytes), ready for ``XenDriver.receive_stream``.
+
+    None when the file is no xl save image; DriverError when it is one
+    relocd cannot restore (truncated, no JSON config, another stream
+    version).  The whole file is not checked here: the libxenguest stream
+    carries its own checks, and xl's restore refuses a bad one before the
+    domain runs.  What is checked: the header, the config, that the
+    libxenguest stream starts where relocd's own images start it (after an
+    empty ``LIBXC_CONTEXT``), and that the file ends with libxl's END record
+    (a file cut short does not).  The stream range excludes that END: the
+    driver's receiver writes its own.
+    """
+    head = os.pread(fd, _XL_HEADER.size, 0)
+    if not is_image(head):
+        return None
+
+    def refuse(why: str) -> DriverError:
+        return DriverError(f"{IMAGE_KIND}, but {why}")
+
+    if len(head) < _XL_HEADER.size:
+        raise refuse("truncated (no header)")
+    optlen = _XL_HEADER.unpack_from(head)[4]
+    if optlen > MAX_OPTIONAL:
+        raise refuse(f"its config block is {optlen} bytes long (at most {MAX_OPTIONAL})")
+    want = _XL_HEADER.size + optlen + _LIBXL_HEADER.size + _RECORD.size
+    data = os.pread(fd, want, 0)
+    try:
+        prefix = read_prefix(data)
+    except DriverError as exc:
+        raise refuse(exc.message.removeprefix("xen driver: ")) from None
+    if prefix.mandatory_flags & ~(XL_FLAG_JSON | XL_FLAG_STREAM_V2):
+        raise refuse(f"it needs xl features relocd does not know (mandatory flags {prefix.mandatory_flags:#x})")
+    if not prefix.mandatory_flags & XL_FLAG_STREAM_V2:
+        raise refuse("it holds a legacy (pre-4.6) stream; restore it with xl")
+    if not prefix.mandatory_flags & XL_FLAG_JSON or not prefix.config:
+        raise refuse("it carries no JSON domain config; restore it with xl and a config file")
+    if prefix.libxl_version != LIBXL_VERSION or prefix.libxl_options != 0:
+        raise refuse(
+            f"its libxl stream is version {prefix.libxl_version} with options {prefix.libxl_options:#x}"
+            f" (relocd reads version {LIBXL_VERSION}, little-endian, native)"
+        )
+    if prefix.first_record != REC_LIBXC_CONTEXT:
+        raise refuse(f"its libxl stream starts with record type {prefix.first_record}, not LIBXC_CONTEXT")
+    end = image_suffix()
+    if size < prefix.size + len(end) or os.pread(fd, len(end), size - len(end)) != end:
+        raise refuse("truncated (it does not end with libxl's END record)")
+    try:
+        config = xencfg.from_libxl_json(prefix.config)
+    except DriverError as exc:
+        raise refuse(exc.message.removeprefix("xen driver: ")) from None
+    return ForeignImage(
+        driver=xencfg.DRIVER_NAME,
+        kind=IMAGE_KIND,
+        host=IMAGE_HOST,
+        config=config,
+        stream_start=prefix.size,
+        stream_end=size - len(end),
+    )
