@@ -16,6 +16,7 @@ import dataclasses
 import os
 import time
 import uuid as uuidlib
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import structlog
 
 from relocd import __version__
 from relocd.config.domain import config_from_sxp, config_to_sxp
-from relocd.drivers.base import INCOMING_SUFFIX, Domain, DomainState
+from relocd.drivers.base import INCOMING_SUFFIX, Domain, DomainConfig, DomainState, Driver
 from relocd.engine.hooks import DomainHooks
 from relocd.engine.journal import Journal
 from relocd.engine.pages import bitmap_to_pfns, memory_digest
@@ -34,8 +35,17 @@ from relocd.engine.reservation import ReservationRequest, check_reservation
 from relocd.engine.result import Progress, no_progress
 from relocd.engine.savefile_format import ChunkedDigest, FileHeader, Trailer
 from relocd.engine.savefile_io import FileWriter, OpenSavefile, WriteMode, image_digest, io_error
+from relocd.engine.savefile_stream import (
+    OpenForeign,
+    StreamSave,
+    checkpoint_refusal,
+    no_driver_for,
+    open_foreign,
+    receive_stream_records,
+)
 from relocd.engine.source import SendOptions, SourceMigration
 from relocd.engine.stream import PeerGone, RecordChannel
+from relocd.engine.streamed import carried_config, uses_stream
 from relocd.engine.target import TargetContext
 from relocd.errors import ConfigError, ProtocolError, RelocdError, SaveFileError
 from relocd.protocol.codec import DEFAULT_MAX_LENGTH, HEADER_SIZE, PAGES_FIXED_SIZE
@@ -48,6 +58,7 @@ from relocd.protocol.records import (
     PagesHeader,
     Role,
     Stop,
+    StreamChunk,
     VcpuState,
 )
 from relocd.protocol.state import Conversation
@@ -73,6 +84,8 @@ class SaveResult:
     pause_ms: float = 0.0
     total_ms: float = 0.0
     error: str | None = None
+    #: a stream domain's save: bytes of its driver's stream (pages stays 0)
+    stream_bytes: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,6 +176,9 @@ async def save_domain(
     hooks = hooks or DomainHooks()
     final = Path(path).absolute()
     result = SaveResult(domain=domain.name, file=str(final), checkpoint=checkpoint)
+    stream = uses_stream(domain)
+    if stream and checkpoint:
+        raise checkpoint_refusal(domain)
     if not final.parent.is_dir():
         raise SaveFileError(f"cannot save to {final}: no directory {final.parent}")
     if final.is_dir():
@@ -179,15 +195,22 @@ async def save_domain(
     was_running = domain.state == DomainState.RUNNING
     paused = False
     logging = False
+    streamed: StreamSave | None = None
     try:
-        cfg = domain.config
+        cfg = await carried_config(domain)
         header = FileHeader(
             name=cfg.name, uuid=cfg.uuid, memory_bytes=cfg.memory_bytes, vcpus=cfg.vcpus,
             driver=cfg.driver, writer=__version__, created_ns=time.time_ns(), checkpoint=checkpoint,
         )  # fmt: skip
         await writer.write([header.pack()])
         await channel.send(Config(config_to_sxp(cfg)))
-        if checkpoint and was_running:
+        if stream:
+            # The driver's stream, non-live: it suspends the domain itself.
+            paused_at = time.monotonic()
+            streamed = StreamSave(domain, channel, hooks)
+            await streamed.run(policy, progress)
+            result.iterations = 1
+        elif checkpoint and was_running:
             writer.mode = WriteMode.COPY
             logging = True  # precopy() starts the log; we stop it
             dirty = await sender.precopy()
@@ -232,7 +255,8 @@ async def save_domain(
             finally:
                 value = await mem_digest
             result.iterations = 1
-        await channel.send(Digest(DigestAlgo.BLAKE3, value))
+        if not stream:
+            await channel.send(Digest(DigestAlgo.BLAKE3, value))
         await channel.send(Commit())
         await progress(phase="sync")
         file_digest = await asyncio.to_thread(digest.finish)
@@ -249,6 +273,12 @@ async def save_domain(
         if fd >= 0:
             os.close(fd)
         tmp.unlink(missing_ok=True)
+        if streamed is not None:
+            try:
+                await streamed.undo()
+            except RelocdError as undo_exc:
+                log.error("save failed and the domain could not be resumed", domain=domain.name,
+                          error=undo_exc.message)  # fmt: skip
         await _put_back(domain, paused=paused and was_running, logging=logging)
         if paused and was_running and not checkpoint:
             await hooks.resumed_here(domain)
@@ -256,6 +286,7 @@ async def save_domain(
             raise io_error(str(final), "save to", exc) from None
         raise
     result.bytes_written = writer.offset
+    result.stream_bytes = streamed.stream_bytes if streamed is not None else 0
     result.pages = sender.result.pages_sent
     result.zero_pages = sender.result.zero_pages
     if not checkpoint:
@@ -295,19 +326,47 @@ def check_savefile(path: str) -> OpenSavefile:
 
 
 async def inspect_savefile(path: str) -> dict[str, Any]:
-    """The header of a savefile and whether its digest holds; restores nothing."""
+    """The header of a savefile and whether its digest holds; restores nothing.
+
+    ``transfer`` says what the records carry: "pages", or "stream" (a stream
+    domain's driver stream).  An image another toolstack wrote (``xl
+    save``) shows what it says about its domain; it has no digest to check
+    (``digest_ok`` None).
+    """
+    foreign = await asyncio.to_thread(open_foreign, path)
+    if foreign is not None:
+        with foreign:
+            info = foreign.info()
+        info.update(file=str(Path(path).absolute()), transfer="stream", digest_ok=None, problem=None)
+        return info
     opened = OpenSavefile.open(path)
     try:
-        info: dict[str, Any] = {"file": str(Path(path).absolute()), "size": opened.size}
+        info = {"file": str(Path(path).absolute()), "size": opened.size}
         info.update(opened.header.to_json())
         try:
             await asyncio.to_thread(opened.verify)
             info["digest_ok"], info["problem"] = True, None
+            info["transfer"] = await _transfer_of(opened)
         except SaveFileError as exc:
             info["digest_ok"], info["problem"] = False, exc.message
         return info
     finally:
         opened.close()
+
+
+async def _transfer_of(opened: OpenSavefile) -> str | None:
+    """"pages" or "stream", from the first records after STOP (None: not to be told)."""
+    channel = opened.channel()
+    try:
+        for _ in range(64):
+            record = await channel.recv()
+            if isinstance(record, StreamChunk):
+                return "stream"
+            if isinstance(record, PagesHeader | VcpuState):
+                return "pages"
+    except (ProtocolError, PeerGone, SaveFileError):
+        pass
+    return None
 
 
 async def restore_savefile(
@@ -317,13 +376,27 @@ async def restore_savefile(
     verify_memory: bool = False,
     progress: Progress = no_progress,
 ) -> RestoreResult:
-    """Bring a saved domain back, running, exactly where it stopped.  Raises RelocdError."""
+    """Bring a saved domain back, running, exactly where it stopped.  Raises RelocdError.
+
+    ``path`` is a relocd savefile, or an image another toolstack wrote that
+    a driver package recognises (``xl save``'s, restored by the xen driver).
+    """
     t0 = time.monotonic()
     await progress(phase="verify")
+    foreign = await asyncio.to_thread(open_foreign, path)
+    if foreign is not None:
+        with foreign:
+            result = await _restore_foreign(foreign, ctx, progress)
+    else:
+        result = await _restore_relocd(path, ctx, verify_memory, progress)
+    result.total_ms = round((time.monotonic() - t0) * 1000, 3)
+    log.info("domain restored", domain=result.domain, file=result.file, ms=result.total_ms)
+    return result
+
+
+async def _restore_relocd(path: str, ctx: TargetContext, verify_memory: bool, progress: Progress) -> RestoreResult:
     opened = await asyncio.to_thread(check_savefile, path)
-    rid = f"restore-{uuidlib.uuid4()}"
-    reserved = False
-    domain: Domain | None = None
+    counts = {"pages": 0, "stream_bytes": 0}
     try:
         channel = opened.channel()
         first = await channel.recv()
@@ -335,60 +408,116 @@ async def restore_savefile(
         h = opened.header
         if (config.name, config.uuid, config.memory_bytes, config.driver) != (h.name, h.uuid, h.memory_bytes, h.driver):
             raise SaveFileError(f"{path}: header and domain config disagree")
-        driver = ctx.drivers.get(config.driver)
-        if driver is None:
-            raise SaveFileError(f"{path}: domain {config.name} needs driver {config.driver!r}, not available here")
-        request = ReservationRequest.for_domain(config, live=False)
-        domains = ctx.all_domains()
-        check_reservation(
-            request,
-            await driver.capabilities(),
-            max_memory=ctx.max_memory,
-            reserved_bytes=ctx.reservations.reserved_bytes,
-            existing_names={d.name for d in domains} | ctx.reservations.names,
-            existing_uuids={d.config.uuid for d in domains} | ctx.reservations.uuids,
-        )
-        ctx.reservations.add(rid, request)
-        reserved = True
-        await progress(phase="restore")
-        domain = await driver.create(config.model_copy(update={"name": config.name + INCOMING_SUFFIX}), start=False)
-        ctx.incoming[rid] = domain
-        memory = domain.memory()
-        blob, expected, pages = await _read_stream(channel, memory, ctx, rid)
-        if verify_memory:
-            await progress(phase="verify-memory")
-            if await asyncio.to_thread(memory_digest, memory, expected.algo) != expected.value:
-                raise SaveFileError(f"{path}: restored memory does not match the saved digest")
-        await domain.load_state(blob)
-        await domain.rename(config.name)
-        await ctx.hooks.before_resume(domain)
-        await domain.resume()
-        ctx.incoming.pop(rid, None)
-        details = await ctx.hooks.after_resume(domain)
-        result = RestoreResult(
-            domain=config.name, uuid=config.uuid, file=str(Path(path).absolute()),
-            memory_mib=config.memory_mib, pages=pages, bytes_read=channel.bytes_received,
-            verified_memory=verify_memory, details=details,
-        )  # fmt: skip
-        domain = None
+        verified = False
+
+        async def build(driver: Driver, rid: str) -> Domain:
+            nonlocal verified
+            incoming = config.name + INCOMING_SUFFIX
+            if uses_stream(driver):
+                # Its driver builds it from the stream, as a migration's target does.
+                domain, counts["stream_bytes"] = await receive_stream_records(
+                    channel, driver, config, name=incoming, touch=lambda: ctx.reservations.touch(rid)
+                )
+                ctx.incoming[rid] = domain
+                return domain
+            domain = await driver.create(config.model_copy(update={"name": incoming}), start=False)
+            ctx.incoming[rid] = domain
+            memory = domain.memory()
+            blob, expected, counts["pages"] = await _read_stream(channel, memory, ctx, rid)
+            if verify_memory:
+                await progress(phase="verify-memory")
+                if await asyncio.to_thread(memory_digest, memory, expected.algo) != expected.value:
+                    raise SaveFileError(f"{path}: restored memory does not match the saved digest")
+                verified = True
+            await domain.load_state(blob)
+            return domain
+
+        details = await _bring_up(path, config, ctx, build, progress)
     except PeerGone as exc:
         raise SaveFileError(exc.message) from None
     except ProtocolError as exc:
         raise SaveFileError(f"{path}: corrupted record stream: {exc.message}") from None
     finally:
         opened.close()
-        if domain is not None:
-            ctx.incoming.pop(rid, None)
+    if counts["stream_bytes"]:
+        details = {"stream_bytes": counts["stream_bytes"], **details}
+    return RestoreResult(
+        domain=config.name, uuid=config.uuid, file=str(Path(path).absolute()),
+        memory_mib=config.memory_mib, pages=counts["pages"], bytes_read=channel.bytes_received,
+        verified_memory=verified, details=details,
+    )  # fmt: skip
+
+
+async def _restore_foreign(foreign: OpenForeign, ctx: TargetContext, progress: Progress) -> RestoreResult:
+    """An image another toolstack wrote: its driver's stream is a byte range of the file."""
+    image = foreign.image
+    config = image.config
+    if image.driver not in ctx.drivers:
+        raise no_driver_for(foreign.path, image)
+
+    async def build(driver: Driver, rid: str) -> Domain:
+        domain = await driver.receive_stream(  # type: ignore[attr-defined]
+            config, foreign.chunks(), name=config.name + INCOMING_SUFFIX
+        )
+        ctx.incoming[rid] = domain
+        assert isinstance(domain, Domain)
+        return domain
+
+    details = await _bring_up(foreign.path, config, ctx, build, progress)
+    return RestoreResult(
+        domain=config.name, uuid=config.uuid, file=str(Path(foreign.path).absolute()),
+        memory_mib=config.memory_mib, bytes_read=foreign.size,
+        details={"format": image.kind, "stream_bytes": image.stream_end - image.stream_start, **details},
+    )  # fmt: skip
+
+
+async def _bring_up(
+    path: str,
+    config: DomainConfig,
+    ctx: TargetContext,
+    build: Callable[[Driver, str], Awaitable[Domain]],
+    progress: Progress,
+) -> dict[str, object]:
+    """Reserve room for ``config`` as an incoming migration would, ``build`` it paused, rename it, run it.
+
+    Nothing is built unless the reservation holds (driver, name, uuid,
+    memory); ``build`` registers its domain in ``ctx.incoming`` as soon as it
+    exists, and whatever it left there is destroyed if anything fails.
+    """
+    driver = ctx.drivers.get(config.driver)
+    if driver is None:
+        raise SaveFileError(f"{path}: domain {config.name} needs driver {config.driver!r}, not available here")
+    request = ReservationRequest.for_domain(config, live=False)
+    domains = ctx.all_domains()
+    check_reservation(
+        request,
+        await driver.capabilities(),
+        max_memory=ctx.max_memory,
+        reserved_bytes=ctx.reservations.reserved_bytes,
+        existing_names={d.name for d in domains} | ctx.reservations.names,
+        existing_uuids={d.config.uuid for d in domains} | ctx.reservations.uuids,
+    )
+    rid = f"restore-{uuidlib.uuid4()}"
+    ctx.reservations.add(rid, request)
+    ok = False
+    try:
+        await progress(phase="restore")
+        domain = await build(driver, rid)
+        await domain.rename(config.name)
+        await ctx.hooks.before_resume(domain)
+        await domain.resume()
+        ok = True
+        ctx.incoming.pop(rid, None)
+        return await ctx.hooks.after_resume(domain)
+    finally:
+        half = ctx.incoming.pop(rid, None)
+        if half is not None and not ok:
             try:
-                await domain.destroy()
-                await ctx.hooks.destroyed(domain)
+                await half.destroy()
+                await ctx.hooks.destroyed(half)
             except RelocdError as exc:
-                log.error("could not destroy a half-restored domain", domain=domain.name, error=exc.message)
-        if reserved:
-            ctx.reservations.release(rid)
-    result.total_ms = round((time.monotonic() - t0) * 1000, 3)
-    log.info("domain restored", domain=result.domain, file=result.file, ms=result.total_ms)
-    return result
+                log.error("could not destroy a half-restored domain", domain=half.name, error=exc.message)
+        ctx.reservations.release(rid)
 
 
 async def _read_stream(

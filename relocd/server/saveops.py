@@ -21,8 +21,9 @@ import structlog
 from relocd.drivers.base import INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX, Domain, DomainState
 from relocd.engine.policy import make_policy
 from relocd.engine.savefile import inspect_savefile, restore_savefile, save_domain
-from relocd.engine.savefile_format import FileHeader
 from relocd.engine.savefile_io import OpenSavefile
+from relocd.engine.savefile_stream import open_foreign
+from relocd.engine.streamed import uses_stream
 from relocd.errors import DomainNotFound, RelocdError
 from relocd.server.requests import arg, progress_to
 
@@ -113,8 +114,8 @@ async def restore(daemon: Daemon, args: dict[str, Any], sink: Any) -> dict[str, 
         raise RelocdError("the daemon is not ready")
     # Read the header first so the marker names the domain; restore_savefile
     # checks everything again (trailer, digest) before it creates anything.
-    header = _peek(file)
-    with _Marker(daemon, "restore", {"name": header.name, "uuid": header.uuid, "file": file}):
+    name, uuid = _peek(file)
+    with _Marker(daemon, "restore", {"name": name, "uuid": uuid, "file": file}):
         result = await _run_to_end(
             daemon, restore_savefile(file, daemon.ctx, verify_memory=verify, progress=progress_to(sink))
         )
@@ -122,9 +123,14 @@ async def restore(daemon: Daemon, args: dict[str, Any], sink: Any) -> dict[str, 
     return out
 
 
-def _peek(file: str) -> FileHeader:
+def _peek(file: str) -> tuple[str, str]:
+    """(name, uuid) of the domain in a savefile, or in an image another toolstack wrote (xl save)."""
+    foreign = open_foreign(file)
+    if foreign is not None:
+        with foreign:
+            return foreign.image.config.name, foreign.image.config.uuid
     with OpenSavefile.open(file) as opened:
-        return opened.header
+        return opened.header.name, opened.header.uuid
 
 
 async def inspect(daemon: Daemon, args: dict[str, Any], sink: Any) -> dict[str, Any]:
@@ -153,7 +159,11 @@ async def _undo(daemon: Daemon, info: dict[str, Any]) -> None:
         final = Path(info["file"])
         for partial in final.parent.glob(f".{final.name}.*.partial"):
             partial.unlink(missing_ok=True)
-        if dom is not None and info.get("was_running") and dom.state == DomainState.PAUSED:
+        if dom is not None and info.get("was_running") and uses_stream(dom):
+            # Its driver may have suspended it for the save: only the driver's undo brings it back.
+            await dom.cancel_send()  # type: ignore[attr-defined]
+            log.warning("save interrupted by a daemon restart: domain resumed", domain=dom.name)
+        elif dom is not None and info.get("was_running") and dom.state == DomainState.PAUSED:
             await dom.resume()
             log.warning("save interrupted by a daemon restart: domain resumed", domain=dom.name)
     elif info["op"] == "restore" and dom is not None and dom.name.endswith(INCOMING_SUFFIX):

@@ -1,0 +1,266 @@
+"""Savefiles of stream domains, and images another toolstack wrote (``xl save``).
+
+A stream domain's memory and state leave only through its driver's own
+stream (``streamed.py``: a Xen PV guest's page tables hold machine frames
+only Xen's save code can translate), so its savefile carries that stream
+where a page domain's carries pages, non-live as ``xm save``::
+
+    CONFIG STOP(1) STREAM* VCPU_STATE(driver, empty) COMMIT
+
+The file header and the trailer digest are the same as for pages; there is
+no DIGEST record (the driver's stream carries its own checks, the trailer
+guards every byte).  Restoring feeds the STREAM chunks to the driver's
+``receive_stream``, as a migration target does.
+
+A foreign image (``ForeignImage``: a driver package recognised the file, e.g.
+an ``xl save`` image) is restored the same way: its driver's stream is a byte
+range of the file.  The flows around both (reservation, rename, resume,
+cleanup) are ``savefile.py``'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import stat
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from relocd.drivers import read_foreign_image
+from relocd.drivers.base import Domain, DomainConfig, Driver, ForeignImage
+from relocd.engine.hooks import DomainHooks
+from relocd.engine.policy import PrecopyPolicy
+from relocd.engine.result import Progress
+from relocd.engine.savefile_format import MAGIC
+from relocd.engine.savefile_io import io_error
+from relocd.engine.stream import RecordChannel
+from relocd.errors import DriverError, ProtocolError, SaveFileError
+from relocd.protocol.records import (
+    Commit,
+    PagesHeader,
+    Stop,
+    StreamChunk,
+    VcpuState,
+)
+
+#: chunks queued between the file and a slower driver (bounded memory)
+QUEUE_CHUNKS = 8
+#: bytes per chunk read from a foreign image
+FOREIGN_CHUNK = 1 << 20
+
+
+def checkpoint_refusal(domain: Domain) -> SaveFileError:
+    return SaveFileError(
+        f"cannot checkpoint {domain.name}: save --checkpoint is not supported for {domain.config.driver} domains"
+        " (their memory leaves only through the hypervisor's own save, which stops them); save without it"
+    )
+
+
+class StreamSave:
+    """The records of a stream domain's save after CONFIG: STOP(1), the driver's stream, VCPU_STATE.
+
+    ``undo`` after a failure brings the domain back the driver's way (its
+    ``cancel_send``, as a migration's rollback does): a suspended stream
+    domain is not resumed by ``resume()``.
+    """
+
+    def __init__(self, domain: Domain, channel: RecordChannel, hooks: DomainHooks) -> None:
+        self.domain = domain
+        self.channel = channel
+        self.hooks = hooks
+        self.stream_bytes = 0
+        self.chunks = 0
+        #: send_stream was entered: the driver may have suspended the domain
+        self.started = False
+        #: send_stream returned: the domain is suspended for sure
+        self.suspended = False
+        self._sink_error: Exception | None = None
+
+    async def run(self, policy: PrecopyPolicy, progress: Progress) -> None:
+        dom: Any = self.domain
+
+        async def sink(chunk: bytes) -> None:
+            try:
+                await self.channel.send(StreamChunk(chunk))
+            except Exception as exc:
+                self._sink_error = exc  # the cause; the driver reports only that its receiver failed
+                raise
+            self.stream_bytes += len(chunk)
+            self.chunks += 1
+
+        async def on_round(decision: Any) -> None:
+            pass  # non-live: no precopy rounds to report
+
+        await progress(phase="stop-and-copy")
+        await self.channel.send(Stop(1))
+        self.started = True
+        try:
+            await dom.send_stream(False, policy, sink, on_round)
+        except Exception:
+            if self._sink_error is not None:
+                raise self._sink_error from None
+            raise
+        self.suspended = True
+        await self.hooks.paused(self.domain)
+        await self.channel.send(VcpuState(self.domain.config.driver, b""))
+
+    async def undo(self) -> None:
+        """The save failed: the domain runs again, as if never asked."""
+        if not self.started:
+            return
+        await self.domain.cancel_send()  # type: ignore[attr-defined]  # idempotent, as for rollback
+        self.started = self.suspended = False
+        await self.hooks.resumed_here(self.domain)
+
+
+async def receive_stream_records(
+    channel: RecordChannel, driver: Driver, config: DomainConfig, *, name: str, touch: Callable[[], object]
+) -> tuple[Domain, int]:
+    """Restore: the records after CONFIG into ``driver.receive_stream``; (the paused domain, stream bytes).
+
+    The driver builds while the file is read; a failure on either side
+    cancels the build, which leaves nothing behind (the driver's contract).
+    """
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_CHUNKS)
+    fed = 0
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while (chunk := await queue.get()) is not None:
+            yield chunk
+
+    build = asyncio.ensure_future(_receive(driver, config, chunks(), name))
+
+    async def hand_over(item: bytes | None) -> None:
+        put = asyncio.ensure_future(queue.put(item))
+        done, _ = await asyncio.wait({put, build}, return_when=asyncio.FIRST_COMPLETED)
+        if build in done and put not in done:
+            put.cancel()
+            build.result()  # the driver failed: raise why
+            raise ProtocolError("the driver finished building before the stream ended", remote=False)
+
+    try:
+        while True:
+            record = await channel.recv()
+            touch()
+            if isinstance(record, StreamChunk):
+                fed += len(record.data)
+                await hand_over(record.data)
+            elif isinstance(record, Stop):
+                pass
+            elif isinstance(record, VcpuState):
+                if record.driver != config.driver:
+                    raise ProtocolError(f"vCPU state for driver {record.driver!r}, domain uses {config.driver!r}")
+            elif isinstance(record, Commit):
+                break
+            else:
+                what = "PAGES" if isinstance(record, PagesHeader) else type(record).__name__
+                raise ProtocolError(f"{what} in the savefile of a {config.driver} domain (a stream driver)")
+        reader = channel.transport
+        if getattr(reader, "pos", None) != getattr(reader, "end", None):
+            raise ProtocolError("bytes after COMMIT")
+        if fed == 0:
+            raise ProtocolError("no STREAM record: the domain's stream is missing")
+        await hand_over(None)
+        domain = await build
+    except BaseException:
+        if not build.done():
+            build.cancel()
+        [built] = await asyncio.gather(build, return_exceptions=True)
+        if isinstance(built, Domain):  # it finished early, on a stream we then refused
+            await built.destroy()
+        raise
+    return domain, fed
+
+
+async def _receive(driver: Driver, config: DomainConfig, chunks: AsyncIterator[bytes], name: str) -> Domain:
+    receive: Callable[..., Awaitable[Domain]] = driver.receive_stream  # type: ignore[attr-defined]
+    return await receive(config, chunks, name=name)
+
+
+# -- foreign images (xl save) ----------------------------------------------------
+
+
+@dataclasses.dataclass
+class OpenForeign:
+    """A foreign image, open: one descriptor from the check to the last chunk read."""
+
+    path: str
+    fd: int
+    size: int
+    image: ForeignImage
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return file_chunks(self.path, self.fd, self.image.stream_start, self.image.stream_end)
+
+    def info(self) -> dict[str, Any]:
+        cfg = self.image.config
+        return {
+            "file": self.path, "size": self.size, "format": self.image.kind, "driver": cfg.driver,
+            "name": cfg.name, "uuid": cfg.uuid, "memory_bytes": cfg.memory_bytes,
+            "memory_mib": cfg.memory_mib, "vcpus": cfg.vcpus, "checkpoint": False,
+            "stream_bytes": self.image.stream_end - self.image.stream_start,
+        }  # fmt: skip
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> OpenForeign:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_foreign(path: str) -> OpenForeign | None:
+    """The file as a foreign image, or None when it is a relocd savefile or nothing a driver knows.
+
+    SaveFileError when a driver package knows the format but the file is
+    not one relocd can restore (says why).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise io_error(path, "open", exc) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or os.pread(fd, len(MAGIC), 0) == MAGIC:
+            image = None
+        else:
+            image = read_foreign_image(fd, st.st_size)
+    except OSError as exc:
+        os.close(fd)
+        raise io_error(path, "read", exc) from None
+    except DriverError as exc:
+        os.close(fd)
+        raise SaveFileError(f"{path}: {exc.message}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    if image is None:
+        os.close(fd)
+        return None
+    return OpenForeign(path, fd, st.st_size, image)
+
+
+async def file_chunks(path: str, fd: int, start: int, end: int) -> AsyncIterator[bytes]:
+    at = start
+    while at < end:
+        n = min(FOREIGN_CHUNK, end - at)
+        try:
+            data = await asyncio.to_thread(os.pread, fd, n, at)
+        except OSError as exc:
+            raise io_error(path, "read", exc) from None
+        if len(data) != n:
+            raise SaveFileError(f"{path}: file shrank while being read")
+        yield data
+        at += n
+
+
+def no_driver_for(path: str, image: ForeignImage) -> SaveFileError:
+    return SaveFileError(
+        f"{path}: {image.kind} (domain {image.config.name}): restore it on {image.host};"
+        f" this daemon has no {image.driver} driver"
+    )
