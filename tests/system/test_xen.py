@@ -418,9 +418,9 @@ def test_xl_migrate_to_localhost_reference(lab: XenLab) -> None:
 @pytest.fixture(scope="module")
 def stream_steps(lab: XenLab) -> dict[str, dict[str, Any]]:
     """check_stream.py's steps, in one dom0 run (importing relocd there takes 15 s of TCG)."""
-    steps = ["xend-3", "downtime", "cancel", "cut", "savefile", "seam", "badtarget"]
+    steps = ["xend-3", "downtime", "cancel", "cut", "savefile", "seam", "badtarget", "relocdsave", "relocdsavefull", "xlsave"]
     out = lab.run(
-        f"cd /tmp && timeout 500 python3 /lab/xenlab/check_stream.py {' '.join(steps)} 2>/tmp/stream.err", timeout=550
+        f"cd /tmp && timeout 900 python3 /lab/xenlab/check_stream.py {' '.join(steps)} 2>/tmp/stream.err", timeout=950
     )
     m = re.search(r"^XENSTREAM (.*)$", out, re.MULTILINE)
     assert m, out + lab.run("grep -v progress /tmp/stream.err | tail -30", check=False)
@@ -529,3 +529,54 @@ def test_relocd_migrate_between_two_daemons_in_dom0(lab: XenLab) -> None:
             assert listed.get("domu") == "running", listed
     finally:
         lab.run("sh /lab/xenlab/relocd-daemons.sh stop", timeout=120, check=False)
+
+
+@pytest.mark.system
+def test_relocd_save_and_restore_of_the_domu(stream_steps: dict[str, dict[str, Any]]) -> None:
+    """Issue 7: relocd's save of a Xen PV domU to a relocd savefile (xm save: it goes), relocd's restore of it."""
+    step = stream_steps["relocdsave"]
+    assert "save --checkpoint is not supported for xen domains" in step["checkpoint"], step["checkpoint"]
+    assert not step["checkpoint_left"] and step["running_after_checkpoint"] == "running"
+    save = step["save"]
+    assert save["status"] == "completed" and not save["checkpoint"], save
+    assert save["stream_bytes"] > 128 << 20 and step["size"] > save["stream_bytes"]  # all of it, in STREAM records
+    assert "domu" not in step["after_save"] and step["partials"] == []
+    info = step["inspect"]
+    assert info["digest_ok"] is True and info["transfer"] == "stream", info
+    assert (info["name"], info["driver"], info["memory_mib"]) == ("domu", "xen", 128)
+    assert step["restore"]["domain"] == "domu"
+    assert step["restore"]["details"]["stream_bytes"] == save["stream_bytes"]
+    assert "a domain named domu already exists" in step["second_restore"]
+    assert step["left_over"] == {"reservations": 0, "incoming": 0}
+    assert step["listed"] == ["domu"] and step["state"] == "running"
+    assert step["domid_now"] != step["domid"]
+    assert_one_copy_counting(step)
+
+
+@pytest.mark.system
+def test_relocd_save_onto_a_full_disk_leaves_the_domu_running(stream_steps: dict[str, dict[str, Any]]) -> None:
+    """No space left in the middle of the stream, with the guest suspended: no file, the same domU runs on."""
+    step = stream_steps["relocdsavefull"]
+    assert step["error"] == "cannot write /run/relocd-full/domu.save: No space left on device", step["error"]
+    assert step["left"] == [], "a partial file was left behind"
+    assert step["shutdown"] is False and step["state"] == "running"
+    assert step["domid_now"] == step["domid"]
+    assert_one_copy_counting(step)
+
+
+@pytest.mark.system
+def test_xl_save_image_restored_by_relocd(stream_steps: dict[str, dict[str, Any]]) -> None:
+    """Issue 7's extra: `relocd restore` of a file `xl save` wrote."""
+    step = stream_steps["xlsave"]
+    assert "domu" not in step["after_save"]
+    info = step["inspect"]
+    assert info["format"] == "an xl save image" and info["digest_ok"] is None, info
+    assert (info["name"], info["driver"], info["memory_mib"]) == ("domu", "xen", 128)
+    assert info["stream_bytes"] > 128 << 20
+    restored = step["restore"]
+    assert restored["domain"] == "domu" and restored["details"]["format"] == "an xl save image", restored
+    assert "a domain named domu already exists" in step["second_restore"]
+    assert step["left_over"] == {"reservations": 0, "incoming": 0}
+    assert step["listed"] == ["domu"] and step["state"] == "running"
+    assert step["domid_now"] != step["domid"]
+    assert_one_copy_counting(step)

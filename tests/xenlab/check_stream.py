@@ -9,6 +9,9 @@ counter before and after, and ``xl list``'s names.  Expects ``domu`` running.
     python3 check_stream.py savefile           # save to an xl save image, destroy, xl restore
     python3 check_stream.py seam               # a move through XenDomain.send_stream / XenDriver.receive_stream
     python3 check_stream.py badtarget          # the same, xl restore refusing: the domU must run on
+    python3 check_stream.py relocdsave         # relocd's save to a relocd savefile, domU gone, relocd's restore
+    python3 check_stream.py relocdsavefull     # relocd's save onto a full filesystem: the domU must run on
+    python3 check_stream.py xlsave             # xl save, then relocd's restore of xl's image
 
 ``cancel``: relocd's policy cancels in round 1 (ABORT).  ``cut``: the
 stream's receiver dies once the guest has suspended; relocd resumes it.
@@ -33,7 +36,10 @@ from relocd.drivers.xen.libxc import XenCtrl, XenStore
 from relocd.drivers.xen.precopy import RoundDecision
 from relocd.drivers.xen.stream import move_within_host, save_to_file, send_stream
 from relocd.engine.policy import DowntimePolicy, PrecopyPolicy, RoundStats, XendPolicy
-from relocd.errors import DriverError
+from relocd.engine.reservation import ReservationTable
+from relocd.engine.savefile import inspect_savefile, restore_savefile, save_domain
+from relocd.engine.target import TargetContext
+from relocd.errors import DriverError, RelocdError
 
 CONSOLE_LOGS = Path("/var/log/xen/console")
 
@@ -226,6 +232,98 @@ async def seam_refused() -> dict[str, Any]:
     return await after_effects(out)
 
 
+async def started_driver() -> XenDriver:
+    driver = load_driver("xen", Path("/run/relocd-save"))
+    assert isinstance(driver, XenDriver)
+    await driver.start()
+    return driver
+
+
+async def restore_with_relocd(driver: XenDriver, path: Path, out: dict[str, Any]) -> None:
+    """relocd's restore of ``path`` (the engine's, as `relocd restore` runs it), then a second one (refused)."""
+    ctx = TargetContext(drivers={"xen": driver}, reservations=ReservationTable(120), journal=None)  # type: ignore[arg-type]
+    out["inspect"] = await inspect_savefile(str(path))
+    t0 = time.monotonic()
+    out["restore"] = (await restore_savefile(str(path), ctx)).to_json()
+    out["restore_s"] = round(time.monotonic() - t0, 2)
+    try:
+        await restore_savefile(str(path), ctx)
+        out["second_restore"] = None
+    except RelocdError as exc:
+        out["second_restore"] = exc.message
+    out["left_over"] = {"reservations": len(ctx.reservations.all()), "incoming": len(ctx.incoming)}
+    out["listed"] = [d.name for d in driver.domains()]
+    out["state"] = next((d.state.value for d in driver.domains() if d.name == "domu"), None)
+
+
+async def relocd_save() -> dict[str, Any]:
+    """relocd's save of the running domU to a relocd savefile (xm save: the domU goes), then relocd's restore."""
+    driver = await started_driver()
+    dom = driver.lookup("domu")
+    assert isinstance(dom, XenDomain)
+    out: dict[str, Any] = {"kind": "relocdsave", "domid": dom.domid, "before": latest(counts())}
+    path = Path("/var/tmp/domu.relocd-save")
+    try:
+        await save_domain(dom, path, checkpoint=True, policy=XendPolicy())
+        out["checkpoint"] = None
+    except RelocdError as exc:
+        out["checkpoint"] = exc.message
+    out["checkpoint_left"] = path.exists()
+    out["running_after_checkpoint"] = dom.state.value
+    t0 = time.monotonic()
+    out["save"] = (await save_domain(dom, path, checkpoint=False, policy=XendPolicy())).to_json()
+    out["save_s"] = round(time.monotonic() - t0, 2)
+    out["size"] = path.stat().st_size
+    out["after_save"] = xl_names()
+    out["partials"] = [p.name for p in path.parent.glob(f".{path.name}.*.partial")]
+    await restore_with_relocd(driver, path, out)
+    path.unlink()
+    await driver.close()
+    return await after_effects(out)
+
+
+async def relocd_save_full() -> dict[str, Any]:
+    """relocd's save onto a 16 MiB filesystem: no space in the middle of the stream (the domU is suspended)."""
+    full = Path("/run/relocd-full")
+    full.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(full)], check=True)
+    try:
+        driver = await started_driver()
+        dom = driver.lookup("domu")
+        assert isinstance(dom, XenDomain)
+        out: dict[str, Any] = {"kind": "relocdsavefull", "domid": dom.domid, "before": latest(counts())}
+        try:
+            await save_domain(dom, full / "domu.save", checkpoint=False, policy=XendPolicy())
+            out["error"] = None
+        except RelocdError as exc:
+            out["error"] = exc.message
+        out["left"] = sorted(p.name for p in full.iterdir())
+        info = dom._driver.ctrl.domain(dom.domid)
+        out["shutdown"] = info.shutdown if info else None
+        out["state"] = dom.state.value
+        await driver.close()
+    finally:
+        subprocess.run(["umount", str(full)], check=False)
+    return await after_effects(out)
+
+
+async def xl_save_relocd_restore() -> dict[str, Any]:
+    """`xl save domu FILE` (xl's own image; the domU goes), then relocd's restore of that file."""
+    domid = domid_of("domu")
+    out: dict[str, Any] = {"kind": "xlsave", "domid": domid, "before": latest(counts())}
+    path = Path("/var/tmp/domu.xl-save")
+    t0 = time.monotonic()
+    await xl.run_xl("save", "domu", str(path))
+    out["save_s"] = round(time.monotonic() - t0, 2)
+    out["size"] = path.stat().st_size
+    out["after_save"] = xl_names()
+    driver = await started_driver()
+    await restore_with_relocd(driver, path, out)
+    path.unlink()
+    await driver.close()
+    return await after_effects(out)
+
+
 async def main(steps: list[str]) -> list[dict[str, Any]]:
     results = []
     for step in steps:
@@ -237,6 +335,12 @@ async def main(steps: list[str]) -> list[dict[str, Any]]:
             results.append(await seam_move())
         elif step == "badtarget":
             results.append(await seam_refused())
+        elif step == "relocdsave":
+            results.append(await relocd_save())
+        elif step == "relocdsavefull":
+            results.append(await relocd_save_full())
+        elif step == "xlsave":
+            results.append(await xl_save_relocd_restore())
         else:
             results.append(await move_once(step))
     return results
