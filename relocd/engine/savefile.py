@@ -6,7 +6,9 @@ appears under its final name only by the last rename, after fsync; anything
 that fails before leaves no file and the domain as it was.  A restore checks
 the header, the trailer and the whole-file digest, and reserves memory and the
 domain's name, before it creates anything; if it fails midway it destroys
-what it built.
+what it built.  Stream domains (Xen PV) and images another toolstack wrote
+(``xl save``) go through the same flows; what differs is in
+``savefile_stream``.
 """
 
 from __future__ import annotations
