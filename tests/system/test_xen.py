@@ -418,7 +418,8 @@ def test_xl_migrate_to_localhost_reference(lab: XenLab) -> None:
 @pytest.fixture(scope="module")
 def stream_steps(lab: XenLab) -> dict[str, dict[str, Any]]:
     """check_stream.py's steps, in one dom0 run (importing relocd there takes 15 s of TCG)."""
-    steps = ["xend-3", "downtime", "cancel", "cut", "savefile", "seam", "badtarget", "relocdsave", "relocdsavefull", "xlsave"]
+    steps = ["xend-3", "downtime", "cancel", "cut", "savefile", "seam", "badtarget",
+             "relocdsave", "relocdsavefull", "xlsave"]  # fmt: skip
     out = lab.run(
         f"cd /tmp && timeout 900 python3 /lab/xenlab/check_stream.py {' '.join(steps)} 2>/tmp/stream.err", timeout=950
     )

@@ -241,7 +241,8 @@ async def started_driver() -> XenDriver:
 
 async def restore_with_relocd(driver: XenDriver, path: Path, out: dict[str, Any]) -> None:
     """relocd's restore of ``path`` (the engine's, as `relocd restore` runs it), then a second one (refused)."""
-    ctx = TargetContext(drivers={"xen": driver}, reservations=ReservationTable(120), journal=None)  # type: ignore[arg-type]
+    tables = ReservationTable(120)
+    ctx = TargetContext(drivers={"xen": driver}, reservations=tables, journal=None)  # type: ignore[arg-type]
     out["inspect"] = await inspect_savefile(str(path))
     t0 = time.monotonic()
     out["restore"] = (await restore_savefile(str(path), ctx)).to_json()
