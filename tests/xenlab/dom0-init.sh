@@ -5,7 +5,11 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/usr/li
 export PYTHONPATH=/lab:/opt/relocd-deps
 export HOME=/root
 echo 1 >/proc/sys/kernel/printk
-hostname xenlab
+LAB_HOSTNAME=xenlab
+LAB_ADDRESS=
+# Written by lab.py for labs on a lab network (two Xen hosts): name, address.
+[ -f /lab/host.env ] && . /lab/host.env
+hostname "$LAB_HOSTNAME"
 for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xen-blkback xen-netback; do
     modprobe "$m" 2>/dev/null
 done
@@ -17,6 +21,23 @@ until xenstore-read / >/dev/null 2>&1 || [ $i -ge 50 ]; do sleep 0.1; i=$((i + 1
 xen-init-dom0
 xenconsoled --log=guest --log-dir=/var/log/xen/console --pid-file=/run/xenconsoled.pid
 ip link set lo up
+if [ -n "$LAB_ADDRESS" ]; then
+    # The lab's one NIC (the initramfs's udev names it, ens3 under QEMU's PC).
+    modprobe virtio_net 2>/dev/null
+    nic=
+    i=0
+    while [ -z "$nic" ] && [ $i -lt 50 ]; do
+        for n in /sys/class/net/*; do [ -e "$n/device" ] && nic=${n##*/} && break; done
+        [ -n "$nic" ] || sleep 0.1
+        i=$((i + 1))
+    done
+    if [ -n "$nic" ]; then
+        ip link set "$nic" up
+        ip addr add "$LAB_ADDRESS" dev "$nic"
+    else
+        echo "xenlab: no NIC for $LAB_ADDRESS" >/dev/console
+    fi
+fi
 stty -F /dev/hvc0 -echo -onlcr 2>/dev/null
 echo "XENLAB-READY $(uname -r)"
 while :; do

@@ -16,9 +16,11 @@ editing relocd needs no image rebuild.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -73,8 +75,13 @@ def build_image(timeout: float = 1800.0) -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
-def build_payload(dest: Path) -> Path:
-    """An ext4 image with relocd's package and the dom0 scripts, from the working tree."""
+def build_payload(dest: Path, host_env: dict[str, str] | None = None) -> Path:
+    """An ext4 image with relocd's package and the dom0 scripts, from the working tree.
+
+    ``host_env`` becomes ``/lab/host.env``, which dom0-init.sh reads: the
+    dom0's name (``LAB_HOSTNAME``) and its address on the lab network
+    (``LAB_ADDRESS``, CIDR).
+    """
     stage = dest / "payload"
     if stage.exists():
         shutil.rmtree(stage)
@@ -82,6 +89,8 @@ def build_payload(dest: Path) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(REPO / "relocd", stage / "relocd", ignore=ignore)
     shutil.copytree(HERE, stage / "xenlab", ignore=ignore)
+    if host_env:
+        (stage / "host.env").write_text("".join(f"{k}='{v}'\n" for k, v in host_env.items()))
     image = dest / "payload.img"
     image.unlink(missing_ok=True)
     subprocess.run(
@@ -91,6 +100,25 @@ def build_payload(dest: Path) -> Path:
     )
     shutil.rmtree(stage)
     return image
+
+
+def free_udp_port() -> int:
+    """A loopback UDP port nobody holds now (for QEMU's socket network)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def udp_link() -> tuple[str, str]:
+    """The netdev options of two labs joined by one virtual Ethernet wire.
+
+    QEMU's ``-netdev socket,udp=...`` sends each frame as one UDP datagram to
+    the other QEMU; neither side listens first, so the two labs boot in any
+    order (``listen=``/``connect=`` would need one up before the other).
+    """
+    a, b = free_udp_port(), free_udp_port()
+    return f"udp=127.0.0.1:{b},localaddr=127.0.0.1:{a}", f"udp=127.0.0.1:{a},localaddr=127.0.0.1:{b}"
 
 
 def pick_accel() -> str:
@@ -107,9 +135,22 @@ class XenLab:
     """One booted lab: QEMU running Xen, dom0 waiting on its console."""
 
     def __init__(
-        self, image: Path, workdir: Path, *, accel: str | None = None, memory_mib: int = 3072, xen_args: str = XEN_ARGS
+        self,
+        image: Path,
+        workdir: Path,
+        *,
+        accel: str | None = None,
+        memory_mib: int = 3072,
+        xen_args: str = XEN_ARGS,
+        net: str | None = None,
+        mac: str = "52:54:00:12:34:56",
+        host_env: dict[str, str] | None = None,
     ) -> None:
+        """``net``: options of a ``-netdev socket`` (see ``udp_link``); None: no NIC."""
         self.image = image
+        self.net = net
+        self.mac = mac
+        self.host_env = host_env
         self.xen_args = xen_args
         self.workdir = workdir
         self.accel = accel or pick_accel()
@@ -121,6 +162,7 @@ class XenLab:
         self._cond = threading.Condition()
         self._reader: threading.Thread | None = None
         self._token = 0
+        self._t0 = 0.0
         self.boot_s = 0.0
 
     # -- life ----------------------------------------------------------------
@@ -135,19 +177,30 @@ class XenLab:
             "-initrd", f"{self.image / 'vmlinuz'} {DOM0_ARGS},{self.image / 'initrd.img'}",
             "-drive", f"file={self.image / 'root.img'},if=virtio,format=raw,snapshot=on",
             "-drive", f"file={payload},if=virtio,format=raw,readonly=on",
-            "-nic", "none",
-        ]  # fmt: skip
+        ] + self.nic_argv()  # fmt: skip
+
+    def nic_argv(self) -> list[str]:
+        if self.net is None:
+            return ["-nic", "none"]
+        return ["-netdev", f"socket,id=lab0,{self.net}", "-device", f"virtio-net-pci,netdev=lab0,mac={self.mac}"]
 
     def start(self, boot_timeout: float = 600.0) -> None:
-        payload = build_payload(self.workdir)
-        t0 = time.monotonic()
+        self.launch()
+        self.wait_ready(boot_timeout)
+
+    def launch(self) -> None:
+        """Start QEMU and return at once (``wait_ready`` waits for dom0): labs boot side by side."""
+        payload = build_payload(self.workdir, self.host_env)
+        self._t0 = time.monotonic()
         self._proc = subprocess.Popen(
             self.qemu_argv(payload), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         self._reader = threading.Thread(target=self._read, name="xenlab-serial", daemon=True)
         self._reader.start()
+
+    def wait_ready(self, boot_timeout: float = 600.0) -> None:
         self.expect(rb"XENLAB-READY", boot_timeout)
-        self.boot_s = time.monotonic() - t0
+        self.boot_s = time.monotonic() - self._t0
 
     def close(self) -> None:
         proc = self._proc
@@ -233,6 +286,26 @@ class XenLab:
         if check and rc != 0:
             raise LabCommandFailed(f"dom0: {command!r} exited {rc}:\n{output[-2000:]}")
         return output
+
+    # -- the domU and relocd in this dom0 -----------------------------------
+
+    def console_counts(self) -> list[int]:
+        """Every ``count N`` the domU printed here, over each console log it had on this host.
+
+        xenconsoled names a guest's log when it connects the console ring, so a
+        copy restored under a temporary name (``domu--incoming``) logs to that
+        name's file after the move.
+        """
+        out = self.run("cat /var/log/xen/console/guest-domu*.log 2>/dev/null | tr -d '\\r' | grep '^count ' || true")
+        return [int(m) for m in re.findall(r"^count (\d+)$", out, re.MULTILINE)]
+
+    def domu_copies(self) -> list[str]:
+        return [line.split()[0] for line in self.run("xl list").splitlines() if line.startswith("domu")]
+
+    def relocd(self, daemon: str, args: str, timeout: float = 120) -> Any:
+        """``relocd ARGS --json`` against the daemon NAME of relocd-daemons.sh; its JSON."""
+        out = self.run(f"python3 -m relocd {args} --json --control /run/relocd-{daemon}/control.sock", timeout=timeout)
+        return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv: list[str]) -> int:

@@ -1,30 +1,32 @@
 #!/bin/sh
-# In the lab's dom0: start or stop two relocd daemons on two loopback
-# addresses (a: 127.0.0.1, b: 127.0.0.2, both port 8002), each with its own
-# state dir, control socket and log under /run/relocd-NAME.
-#   sh relocd-daemons.sh start    # returns once both control sockets exist
-#   sh relocd-daemons.sh stop
+# In the lab's dom0: start or stop relocd daemons, each with its own state
+# dir, control socket and log under /run/relocd-NAME.
+#   sh relocd-daemons.sh start                  # a: 127.0.0.1, b: 127.0.0.2 (two daemons, one dom0)
+#   sh relocd-daemons.sh start-one NAME ADDRESS [HOSTS-ALLOW]
+#                                               # one daemon (one per Xen host on a lab network)
+#   sh relocd-daemons.sh stop                   # every daemon started here
+# start and start-one return once the control sockets exist.
 set -u
-start() {  # NAME ADDRESS
+start() {  # NAME ADDRESS [HOSTS-ALLOW]
+    # The state dir (journal) outlives a daemon: a restart recovers from it.
+    # RELOCD_FAULT in the environment reaches the daemon (the fault tests).
     dir=/run/relocd-$1
-    rm -rf "$dir"
     mkdir -p "$dir"
+    rm -f "$dir/control.sock" "$dir/pid"
     cat >"$dir/config.sxp" <<CFG
 (xend-relocation-server yes)
 (xend-relocation-address '$2')
 (xend-relocation-port 8002)
+(xend-relocation-hosts-allow '${3:-}')
 (relocd-control-socket $dir/control.sock)
 (relocd-state-dir $dir/state)
 (relocd-log-format json)
 CFG
-    python3 -m relocd serve --config "$dir/config.sxp" >"$dir/daemon.log" 2>&1 &
+    python3 -m relocd serve --config "$dir/config.sxp" >>"$dir/daemon.log" 2>&1 &
     echo $! >"$dir/pid"
 }
-case "${1:-}" in
-start)
-    start a 127.0.0.1
-    start b 127.0.0.2
-    for d in a b; do
+wait_ready() {  # NAME...
+    for d in "$@"; do
         i=0
         until [ -S /run/relocd-$d/control.sock ]; do
             kill -0 "$(cat /run/relocd-$d/pid)" 2>/dev/null || { echo "daemon $d exited"; tail -20 /run/relocd-$d/daemon.log; exit 1; }
@@ -33,21 +35,32 @@ start)
             i=$((i + 1))
         done
     done
+}
+case "${1:-}" in
+start)
+    start a 127.0.0.1
+    start b 127.0.0.2
+    wait_ready a b
+    ;;
+start-one)
+    [ $# -ge 3 ] || { echo "usage: $0 start-one NAME ADDRESS [HOSTS-ALLOW]" >&2; exit 2; }
+    start "$2" "$3" "${4:-}"
+    wait_ready "$2"
     ;;
 stop)
-    for d in a b; do
-        [ -f /run/relocd-$d/pid ] && kill "$(cat /run/relocd-$d/pid)" 2>/dev/null
+    for pid in /run/relocd-*/pid; do
+        [ -f "$pid" ] && kill "$(cat "$pid")" 2>/dev/null
     done
-    for d in a b; do
+    for pid in /run/relocd-*/pid; do
         i=0
-        while [ -f /run/relocd-$d/pid ] && kill -0 "$(cat /run/relocd-$d/pid)" 2>/dev/null && [ $i -lt 30 ]; do
+        while [ -f "$pid" ] && kill -0 "$(cat "$pid")" 2>/dev/null && [ $i -lt 30 ]; do
             sleep 1
             i=$((i + 1))
         done
     done
     ;;
 *)
-    echo "usage: $0 start|stop" >&2
+    echo "usage: $0 start|start-one NAME ADDRESS [HOSTS-ALLOW]|stop" >&2
     exit 2
     ;;
 esac
