@@ -24,7 +24,7 @@ import asyncio
 import dataclasses
 import os
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from relocd.drivers import read_foreign_image
@@ -35,6 +35,7 @@ from relocd.engine.result import Progress
 from relocd.engine.savefile_format import MAGIC
 from relocd.engine.savefile_io import io_error
 from relocd.engine.stream import RecordChannel
+from relocd.engine.streamed import DriverFeed
 from relocd.errors import DriverError, ProtocolError, SaveFileError
 from relocd.protocol.records import (
     Commit,
@@ -44,8 +45,6 @@ from relocd.protocol.records import (
     VcpuState,
 )
 
-#: chunks queued between the file and a slower driver (bounded memory)
-QUEUE_CHUNKS = 8
 #: bytes per chunk read from a foreign image
 FOREIGN_CHUNK = 1 << 20
 
@@ -122,30 +121,15 @@ async def receive_stream_records(
     The driver builds while the file is read; a failure on either side
     cancels the build, which leaves nothing behind (the driver's contract).
     """
-    queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_CHUNKS)
+    feed = DriverFeed(driver, config, name)
     fed = 0
-
-    async def chunks() -> AsyncIterator[bytes]:
-        while (chunk := await queue.get()) is not None:
-            yield chunk
-
-    build = asyncio.ensure_future(_receive(driver, config, chunks(), name))
-
-    async def hand_over(item: bytes | None) -> None:
-        put = asyncio.ensure_future(queue.put(item))
-        done, _ = await asyncio.wait({put, build}, return_when=asyncio.FIRST_COMPLETED)
-        if build in done and put not in done:
-            put.cancel()
-            build.result()  # the driver failed: raise why
-            raise ProtocolError("the driver finished building before the stream ended", remote=False)
-
     try:
         while True:
             record = await channel.recv()
             touch()
             if isinstance(record, StreamChunk):
                 fed += len(record.data)
-                await hand_over(record.data)
+                await feed.put(record.data)
             elif isinstance(record, Stop):
                 pass
             elif isinstance(record, VcpuState):
@@ -161,21 +145,11 @@ async def receive_stream_records(
             raise ProtocolError("bytes after COMMIT")
         if fed == 0:
             raise ProtocolError("no STREAM record: the domain's stream is missing")
-        await hand_over(None)
-        domain = await build
+        domain = await feed.finish()
     except BaseException:
-        if not build.done():
-            build.cancel()
-        [built] = await asyncio.gather(build, return_exceptions=True)
-        if isinstance(built, Domain):  # it finished early, on a stream we then refused
-            await built.destroy()
+        await feed.abandon()
         raise
     return domain, fed
-
-
-async def _receive(driver: Driver, config: DomainConfig, chunks: AsyncIterator[bytes], name: str) -> Domain:
-    receive: Callable[..., Awaitable[Domain]] = driver.receive_stream  # type: ignore[attr-defined]
-    return await receive(config, chunks, name=name)
 
 
 # -- foreign images (xl save) ----------------------------------------------------

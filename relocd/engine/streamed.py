@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from relocd.drivers.base import INCOMING_SUFFIX, Domain, DomainConfig, Driver
@@ -112,33 +112,57 @@ async def send_stream(mig: SourceMigration) -> None:
     result.mark("committed")
 
 
+class DriverFeed:
+    """A stream driver's ``receive_stream`` building a domain from chunks as they arrive.
+
+    Used by a migration's target and by restore.  Memory stays bounded
+    (``QUEUE_CHUNKS`` chunks queued); a driver that fails stops the feed with
+    its own error; ``abandon`` cancels the build and destroys a domain it
+    finished anyway (on a stream refused after its last chunk).
+    """
+
+    def __init__(self, driver: Driver, config: DomainConfig, name: str) -> None:
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_CHUNKS)
+        receive: Callable[..., Awaitable[Domain]] = driver.receive_stream  # type: ignore[attr-defined]
+        self._build: asyncio.Future[Domain] = asyncio.ensure_future(receive(config, self._chunks(), name=name))
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        while (chunk := await self._queue.get()) is not None:
+            yield chunk
+
+    async def put(self, chunk: bytes | None) -> None:
+        """Hand one chunk (None: the end) to the driver, waiting while it is behind."""
+        put = asyncio.ensure_future(self._queue.put(chunk))
+        both: set[asyncio.Future[Any]] = {put, self._build}
+        done, _ = await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+        if self._build in done and put not in done:
+            put.cancel()
+            self._build.result()  # the driver failed: raise why
+            raise ProtocolError("the driver finished building before the stream ended", remote=False)
+
+    async def finish(self) -> Domain:
+        """The end of the stream: the domain the driver built (paused)."""
+        await self.put(None)
+        return await self._build
+
+    async def abandon(self) -> None:
+        if not self._build.done():
+            self._build.cancel()
+        [built] = await asyncio.gather(self._build, return_exceptions=True)
+        if isinstance(built, Domain):
+            await built.destroy()
+
+
 async def receive_stream(session: TargetSession, driver: Driver, config: DomainConfig) -> Domain:
     """Target: from after CONFIG to COMMIT, for a stream driver; returns the paused domain."""
     ch = session.channel
-    queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_CHUNKS)
-
-    async def chunks() -> AsyncIterator[bytes]:
-        while (chunk := await queue.get()) is not None:
-            yield chunk
-
-    build = asyncio.ensure_future(
-        driver.receive_stream(config, chunks(), name=config.name + INCOMING_SUFFIX)  # type: ignore[attr-defined]
-    )
-
-    async def hand_over(item: bytes | None) -> None:
-        put = asyncio.ensure_future(queue.put(item))
-        done, _ = await asyncio.wait({put, build}, return_when=asyncio.FIRST_COMPLETED)
-        if build in done and put not in done:
-            put.cancel()
-            build.result()  # the driver failed: raise why
-            raise ProtocolError("the driver finished building before the stream ended", remote=False)
-
+    feed = DriverFeed(driver, config, config.name + INCOMING_SUFFIX)
     try:
         while True:
             record = await ch.recv()
             session.ctx.reservations.touch(session.mid)
             if isinstance(record, StreamChunk):
-                await hand_over(record.data)
+                await feed.put(record.data)
             elif isinstance(record, EndRound):
                 await session.progress(phase="precopy", round=record.round, dirty=record.dirty_next)
             elif isinstance(record, Stop):
@@ -149,15 +173,12 @@ async def receive_stream(session: TargetSession, driver: Driver, config: DomainC
             elif isinstance(record, Digest):
                 pass  # memory is the driver's to check; the stream carries its own integrity checks
             elif isinstance(record, Commit):
-                await hand_over(None)
                 break
             else:
                 raise ProtocolError(f"{type(record).__name__} in a stream migration")
-        domain: Domain = await build
+        domain = await feed.finish()
     except BaseException:
-        if not build.done():
-            build.cancel()
-            await asyncio.gather(build, return_exceptions=True)
+        await feed.abandon()
         raise
     session.domain = domain
     session.ctx.incoming[session.mid] = domain

@@ -121,6 +121,7 @@ class StreamDriver(Driver):
         super().__init__(state_dir)
         self.doms: set[StreamDomain] = set()
         self.fail_build = False
+        self.finish_early = False
 
     async def start(self) -> None:
         pass
@@ -145,6 +146,8 @@ class StreamDriver(Driver):
             data += chunk
             if self.fail_build:
                 raise DriverError("restore failed")
+            if self.finish_early:
+                break  # a driver that thinks it has the whole domain after one chunk
         dom = StreamDomain(self, config.model_copy(update={"name": name}), bytes(data[-config.memory_bytes :]), False)
         self.doms.add(dom)
         return dom
@@ -196,6 +199,17 @@ async def test_a_failed_build_on_the_target_resumes_the_source(tmp_path: Path) -
     assert result.status == "rolled-back", result
     assert dom.state == DomainState.RUNNING and not dom.suspended  # type: ignore[attr-defined]
     assert b.driver.domains() == []
+    assert b.ctx.reservations.all() == [] and b.ctx.incoming == {}
+
+
+async def test_a_driver_done_before_the_stream_ends_leaves_no_copy_on_the_target(tmp_path: Path) -> None:
+    a, b = Host(tmp_path, "a"), Host(tmp_path, "b")
+    b.driver.finish_early = True
+    dom = await a.driver.create(DomainConfig(name="pv", memory_mib=1, driver="fakestream"))
+    result = await move(a, b, dom, live=True)
+    assert result.status == "rolled-back" and "before the stream ended" in (result.error or ""), result
+    assert dom.state == DomainState.RUNNING and not dom.suspended  # type: ignore[attr-defined]
+    assert b.driver.domains() == [], "the copy the driver built early is destroyed"
     assert b.ctx.reservations.all() == [] and b.ctx.incoming == {}
 
 
