@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from relocd.drivers.base import INCOMING_SUFFIX, Domain, DomainConfig, Driver
+from relocd.engine.faults import fault_point
 from relocd.engine.journal import Phase
 from relocd.engine.result import RoundReport
 from relocd.errors import ProtocolError
@@ -78,6 +79,7 @@ async def send_stream(mig: SourceMigration) -> None:
         round_no = len(result.rounds) + 1
         pages, dirty = int(decision.pages_sent), int(decision.dirty_pages)
         await mig._send(EndRound(round_no, pages, dirty))
+        await fault_point("source", f"precopy-{round_no}")
         result.iterations = round_no
         result.pages_sent += pages
         result.rounds.append(
@@ -102,6 +104,7 @@ async def send_stream(mig: SourceMigration) -> None:
     mig._stream_suspended = True
     mig._we_paused = True
     await mig.hooks.paused(dom)
+    await fault_point("source", "stop-and-copy")
     if live and result.stop_reason is None:
         # The driver stopped iterating on its own (e.g. its own round limit).
         raise ProtocolError("the driver's stream ended without relocd's stop decision", remote=False)
@@ -165,8 +168,10 @@ async def receive_stream(session: TargetSession, driver: Driver, config: DomainC
                 await feed.put(record.data)
             elif isinstance(record, EndRound):
                 await session.progress(phase="precopy", round=record.round, dirty=record.dirty_next)
+                await fault_point("target", f"precopy-{record.round}")
             elif isinstance(record, Stop):
                 await session.progress(phase="stop-and-copy")
+                await fault_point("target", "stop-and-copy")
             elif isinstance(record, VcpuState):
                 if record.driver != config.driver:
                     raise ProtocolError(f"vCPU state for driver {record.driver!r}, domain uses {config.driver!r}")

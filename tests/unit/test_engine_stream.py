@@ -260,3 +260,25 @@ async def test_in_doubt_after_restart_resumes_a_suspended_stream_domain_the_driv
     await asyncio.gather(*sessions, return_exceptions=True)
     assert result.status == "rolled-back", result
     assert dom.state == DomainState.RUNNING and not dom.suspended  # type: ignore[attr-defined]
+
+
+async def test_a_stream_move_passes_the_fault_points_of_a_page_move(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RELOCD_FAULT's phases (docs/faults.md) exist on the stream path too, so the lab can kill there."""
+    import relocd.engine.streamed as streamed
+
+    seen: list[tuple[str, str]] = []
+
+    async def record(side: str, phase: str) -> None:
+        seen.append((side, phase))
+
+    monkeypatch.setattr(streamed, "fault_point", record)
+    a, b = Host(tmp_path, "a"), Host(tmp_path, "b")
+    dom = await a.driver.create(DomainConfig(name="pv", memory_mib=1, driver="fakestream"))
+    result = await move(a, b, dom, live=True)
+    assert result.status == "completed", result.error
+    for side in ("source", "target"):
+        phases = [phase for s, phase in seen if s == side]
+        assert phases[0] == "precopy-1" and phases[-1] == "stop-and-copy", seen
+        assert phases[:-1] == [f"precopy-{r}" for r in range(1, len(phases))]
