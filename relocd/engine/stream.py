@@ -90,6 +90,10 @@ class RecordChannel:
         self.npages_limit = npages_limit
         self._staging_pages = staging_pages
         self._staging_buf: memoryview | None = None
+        #: one record at a time on the wire: a transport's write may yield
+        #: part-way (a full socket buffer), and a stream driver's chunks and
+        #: its round reports come from two threads (engine/streamed.py)
+        self._send_lock = asyncio.Lock()
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -104,7 +108,8 @@ class RecordChannel:
     # -- preamble -----------------------------------------------------------
 
     async def send_preamble(self) -> None:
-        await self.transport.write([PREAMBLE])
+        async with self._send_lock:
+            await self.transport.write([PREAMBLE])
         self.bytes_sent += len(PREAMBLE)
 
     async def recv_preamble(self) -> None:
@@ -114,9 +119,10 @@ class RecordChannel:
     # -- sending -------------------------------------------------------------
 
     async def send(self, record: Record) -> None:
-        self.conversation.send(record)
         data = encode(record)
-        await self.transport.write([data])
+        async with self._send_lock:
+            self.conversation.send(record)
+            await self.transport.write([data])
         self.bytes_sent += len(data)
 
     async def send_pages(
@@ -124,10 +130,11 @@ class RecordChannel:
     ) -> int:
         """Send one PAGES record with payload taken straight from guest memory."""
         header = encode_pages_header(round_no, data_pfns, zero_pfns)
-        self.conversation.send(PagesHeader(round_no, data_pfns, zero_pfns))
         buffers: list[bytes | memoryview] = [header]
         buffers.extend(page_buffers(memory, data_pfns))
-        await self.transport.write(buffers)
+        async with self._send_lock:
+            self.conversation.send(PagesHeader(round_no, data_pfns, zero_pfns))
+            await self.transport.write(buffers)
         n = len(header) + len(data_pfns) * PAGE_SIZE
         self.bytes_sent += n
         return n
