@@ -5,158 +5,27 @@ the target's driver builds the domain from them, and the handoff is the usual on
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 
-from relocd.drivers.base import Domain, DomainConfig, DomainState, Driver, HostCaps
+from relocd.drivers.base import Domain, DomainConfig, DomainState
 from relocd.engine.journal import Journal, Phase
-from relocd.engine.policy import DowntimePolicy, PrecopyPolicy, RoundStats
+from relocd.engine.policy import DowntimePolicy
 from relocd.engine.reservation import ReservationTable
 from relocd.engine.source import SendOptions, SourceMigration, new_migration_id
 from relocd.engine.stream import RecordChannel, memory_pipe
 from relocd.engine.target import TargetContext, TargetSession
-from relocd.errors import DriverError
 from relocd.protocol.records import Role
 from relocd.protocol.state import Conversation
-
-CHUNK = 64 << 10
-
-
-@dataclasses.dataclass
-class Decision:
-    pages_sent: int
-    bytes_sent: int
-    duration_s: float
-    dirty_pages: int
-    stop_reason: str | None
-    expected_downtime_ms: float | None = None
-
-
-class StreamDomain(Domain):
-    transfer: ClassVar[str] = "stream"
-
-    def __init__(self, driver: StreamDriver, config: DomainConfig, image: bytes, running: bool) -> None:
-        self.driver = driver
-        self.config = config
-        self.image = bytearray(image)
-        self._state = DomainState.RUNNING if running else DomainState.PAUSED
-        self.suspended = False
-        self.destroyed = False
-
-    @property
-    def state(self) -> DomainState:
-        return self._state
-
-    def memory(self) -> memoryview:
-        raise DriverError("a stream domain has no flat memory")
-
-    async def pause(self) -> None:
-        self._state = DomainState.PAUSED
-
-    async def resume(self) -> None:
-        assert not self.suspended, "a suspended domain comes back with cancel_send()"
-        self._state = DomainState.RUNNING
-
-    async def destroy(self) -> None:
-        self.destroyed = True
-        self.driver.doms.discard(self)
-
-    async def rename(self, new_name: str) -> None:
-        self.config = self.config.model_copy(update={"name": new_name})
-
-    async def dirty_log_start(self) -> None:
-        raise DriverError("no dirty log here")
-
-    async def dirty_log_fetch(self) -> Any:
-        raise DriverError("no dirty log here")
-
-    async def dirty_log_stop(self) -> None:
-        raise DriverError("no dirty log here")
-
-    async def save_state(self) -> bytes:
-        raise DriverError("state is in the stream")
-
-    async def load_state(self, blob: bytes) -> None:
-        raise DriverError("state is in the stream")
-
-    async def send_stream(
-        self,
-        live: bool,
-        policy: PrecopyPolicy,
-        sink: Callable[[bytes], Awaitable[None]],
-        on_round: Callable[[Decision], Awaitable[None]],
-    ) -> None:
-        npages = len(self.image) // 4096
-        if live:
-            rnd, dirty = 0, npages
-            while True:
-                rnd += 1
-                for off in range(0, dirty * 4096, CHUNK):
-                    await sink(bytes(self.image[off : off + CHUNK]))
-                dirty = max(1, dirty // 8)  # the guest dirties less each round
-                stats = RoundStats(rnd, npages, npages * 4096, npages * 4096, 0.01, dirty, npages)
-                reason = policy.should_stop(stats)
-                await on_round(Decision(npages, npages * 4096, 0.01, dirty, reason))
-                if reason is not None:
-                    break
-        self.suspended = True
-        self._state = DomainState.PAUSED
-        for off in range(0, len(self.image), CHUNK):  # the final copy, then the state
-            await sink(bytes(self.image[off : off + CHUNK]))
-
-    async def cancel_send(self) -> None:
-        self.suspended = False
-        self._state = DomainState.RUNNING
-
-
-class StreamDriver(Driver):
-    name = "fakestream"
-    transfer: ClassVar[str] = "stream"
-
-    def __init__(self, state_dir: Path) -> None:
-        super().__init__(state_dir)
-        self.doms: set[StreamDomain] = set()
-        self.fail_build = False
-        self.finish_early = False
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    def domains(self) -> list[Domain]:
-        return list(self.doms)
-
-    async def create(self, config: DomainConfig, *, start: bool = True) -> Domain:
-        dom = StreamDomain(self, config, bytes(range(256)) * 16 * config.npages, running=start)
-        self.doms.add(dom)
-        return dom
-
-    async def capabilities(self) -> HostCaps:
-        return HostCaps(driver=self.name, free_memory_bytes=1 << 34, max_vcpus=8)
-
-    async def receive_stream(self, config: DomainConfig, chunks: AsyncIterator[bytes], *, name: str) -> Domain:
-        data = bytearray()
-        async for chunk in chunks:
-            data += chunk
-            if self.fail_build:
-                raise DriverError("restore failed")
-            if self.finish_early:
-                break  # a driver that thinks it has the whole domain after one chunk
-        dom = StreamDomain(self, config.model_copy(update={"name": name}), bytes(data[-config.memory_bytes :]), False)
-        self.doms.add(dom)
-        return dom
+from tests.unit.fakestream import StreamDriver
 
 
 class Host:
     def __init__(self, root: Path, name: str) -> None:
         (root / name).mkdir()
-        self.driver = StreamDriver(root / name)
+        self.driver = StreamDriver(state_dir=root / name)
         self.journal = Journal(root / name / "journal.sqlite")
         self.ctx = TargetContext(
             drivers={"fakestream": self.driver}, reservations=ReservationTable(30), journal=self.journal
@@ -266,7 +135,7 @@ async def test_a_stream_move_passes_the_fault_points_of_a_page_move(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """RELOCD_FAULT's phases (docs/faults.md) exist on the stream path too, so the lab can kill there."""
-    import relocd.engine.streamed as streamed
+    from relocd.engine import streamed
 
     seen: list[tuple[str, str]] = []
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 
-from relocd.drivers.base import Domain, DomainConfig, DomainState, Driver, HostCaps
+from relocd.drivers.base import DomainConfig, DomainState, Driver
 from relocd.drivers.xen import xlimage
 from relocd.engine.policy import XendPolicy
 from relocd.engine.reservation import ReservationTable
@@ -20,131 +19,22 @@ from relocd.engine.savefile import inspect_savefile, restore_savefile, save_doma
 from relocd.engine.savefile_io import OpenSavefile
 from relocd.engine.savefile_stream import open_foreign
 from relocd.engine.target import TargetContext
-from relocd.errors import DriverError, ProtocolError, RelocdError, SaveFileError
-from relocd.protocol.records import Commit, Config, Digest, DigestAlgo, PagesHeader, Role, Stop, StreamChunk, VcpuState
+from relocd.errors import ProtocolError, RelocdError, SaveFileError
+from relocd.protocol.records import (
+    Commit,
+    Config,
+    Digest,
+    DigestAlgo,
+    PagesHeader,
+    Role,
+    Stop,
+    StreamChunk,
+    VcpuState,
+)
 from relocd.protocol.state import Conversation, ConversationState
+from tests.unit.fakestream import StreamDomain, StreamDriver
 
-CHUNK = 64 << 10
 UUID = "0b5e8a4c-4f6e-4c1a-9d1e-5a6b7c8d9e0f"
-
-
-class StreamDomain(Domain):
-    """Behaves as a XenDomain: send_stream suspends it; a failed save resumes it (unless told not to);
-    a suspended domain comes back only through cancel_send()."""
-
-    transfer: ClassVar[str] = "stream"
-
-    def __init__(self, driver: StreamDriver, config: DomainConfig, image: bytes, running: bool) -> None:
-        self.driver = driver
-        self.config = config
-        self.image = bytes(image)
-        self._state = DomainState.RUNNING if running else DomainState.PAUSED
-        self.suspended = False
-        self.destroyed = False
-        self.cancels = 0
-
-    @property
-    def state(self) -> DomainState:
-        return self._state
-
-    def memory(self) -> memoryview:
-        raise DriverError("a stream domain has no flat memory")
-
-    async def pause(self) -> None:
-        self._state = DomainState.PAUSED
-
-    async def resume(self) -> None:
-        assert not self.suspended, "a suspended domain comes back with cancel_send()"
-        self._state = DomainState.RUNNING
-
-    async def destroy(self) -> None:
-        self.destroyed = True
-        self.driver.doms = [d for d in self.driver.doms if d is not self]
-
-    async def rename(self, new_name: str) -> None:
-        self.config = self.config.model_copy(update={"name": new_name})
-
-    async def read_config(self) -> DomainConfig:
-        """The whole config (the listing's is cheap, as the xen driver's)."""
-        self.config = self.config.model_copy(update={"extra": {**self.config.extra, "whole": "yes"}})
-        return self.config
-
-    async def dirty_log_start(self) -> None:
-        raise DriverError("no dirty log here")
-
-    async def dirty_log_fetch(self) -> Any:
-        raise DriverError("no dirty log here")
-
-    async def dirty_log_stop(self) -> None:
-        raise DriverError("no dirty log here")
-
-    async def save_state(self) -> bytes:
-        raise DriverError("state is in the stream")
-
-    async def load_state(self, blob: bytes) -> None:
-        raise DriverError("state is in the stream")
-
-    async def send_stream(
-        self, live: bool, policy: Any, sink: Callable[[bytes], Awaitable[None]], on_round: Any
-    ) -> list[Any]:
-        assert not live, "a save is non-live"
-        self.suspended, self._state = True, DomainState.PAUSED
-        try:
-            for off in range(0, len(self.image), CHUNK):
-                await sink(self.image[off : off + CHUNK])
-        except Exception as exc:
-            if self.driver.resumes_on_failure:
-                await self.cancel_send()
-            raise DriverError(f"fake driver: the stream's receiver failed: {exc}") from None
-        return []
-
-    async def cancel_send(self) -> None:
-        self.cancels += 1
-        self.suspended, self._state = False, DomainState.RUNNING
-
-
-class StreamDriver(Driver):
-    transfer: ClassVar[str] = "stream"
-
-    def __init__(self, name: str = "fakestream") -> None:
-        super().__init__(Path("/nonexistent"))
-        self.name = name  # type: ignore[misc]
-        self.doms: list[StreamDomain] = []
-        self.builds = 0
-        self.fail_build = False
-        self.resumes_on_failure = True
-        self.received = b""
-
-    async def start(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    def domains(self) -> list[Domain]:
-        return list(self.doms)
-
-    async def create(self, config: DomainConfig, *, start: bool = True) -> Domain:
-        image = (bytes(range(256)) * 16 * config.npages)[: config.memory_bytes]
-        image = image[:-4096] + os.urandom(4096)  # every domain a little different
-        dom = StreamDomain(self, config, image, running=start)
-        self.doms.append(dom)
-        return dom
-
-    async def capabilities(self) -> HostCaps:
-        return HostCaps(driver=self.name, free_memory_bytes=1 << 34, max_vcpus=8, bridges=frozenset({"xenbr0"}))
-
-    async def receive_stream(self, config: DomainConfig, chunks: AsyncIterator[bytes], *, name: str) -> Domain:
-        if any(d.name == name for d in self.doms):
-            raise DriverError(f"domain {name} already exists")
-        self.builds += 1
-        data = bytearray()
-        async for chunk in chunks:
-            data += chunk
-            if self.fail_build:
-                raise DriverError("fake driver: restore failed")
-        self.received = bytes(data)
-        dom = StreamDomain(self, config.model_copy(update={"name": name}), bytes(data), running=False)
-        self.doms.append(dom)
-        return dom
 
 
 def context(*drivers: Driver) -> TargetContext:
