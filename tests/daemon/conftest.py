@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import DaemonProc  # noqa: E402
+from harness import DaemonProc
 
 
 @pytest.fixture
@@ -18,6 +18,15 @@ def daemons(tmp_path: Path) -> Iterator[list[DaemonProc]]:
     yield created
     for d in created:
         d.cleanup()
+
+
+@pytest.fixture
+def host(tmp_path: Path, daemons: list[DaemonProc]) -> DaemonProc:
+    """One daemon: host A on 127.0.0.1."""
+    d = DaemonProc(tmp_path, "hostA", "127.0.0.1")
+    daemons.append(d)
+    d.start()
+    return d
 
 
 @pytest.fixture

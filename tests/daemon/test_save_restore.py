@@ -16,14 +16,6 @@ from harness import DaemonProc
 HOTSET = "hotset:size=16MiB,rate=50MB/s"
 
 @pytest.fixture
-def host(tmp_path: Path, daemons: list[DaemonProc]) -> DaemonProc:
-    d = DaemonProc(tmp_path, "hostA", "127.0.0.1")
-    daemons.append(d)
-    d.start()
-    return d
-
-
-@pytest.fixture
 def two_hosts(tmp_path: Path, daemons: list[DaemonProc]) -> tuple[DaemonProc, DaemonProc]:
     a = DaemonProc(tmp_path, "hostA", "127.0.0.1")
     b = DaemonProc(tmp_path, "hostB", "127.0.0.2")

@@ -17,14 +17,6 @@ LIBXL_CONFIG = {
 }
 
 
-@pytest.fixture
-def host(tmp_path: Path, daemons: list[DaemonProc]) -> DaemonProc:
-    d = DaemonProc(tmp_path, "hostA", "127.0.0.1")
-    daemons.append(d)
-    d.start()
-    return d
-
-
 async def test_xl_image_on_a_daemon_without_xen(host: DaemonProc, tmp_path: Path) -> None:
     image = tmp_path / "domu.xlsave"
     image.write_bytes(xlimage.image_prefix(LIBXL_CONFIG) + b"libxenguest" * 1000 + xlimage.image_suffix())

@@ -1,11 +1,14 @@
 """Issue 7's goal: two Xen hosts, one relocd daemon on each, the PV domU moved there and back.
 
 Two labs (tests/xenlab/), each QEMU running Xen 4.17 with its own dom0, are
-joined by one virtual Ethernet wire (QEMU's UDP socket netdev, no host
-bridge or root-only setup beyond what the lab needs anyway): dom0 A is
-10.80.0.1, dom0 B 10.80.0.2.  Each dom0 runs one relocd daemon on its own
-address, accepting only the other host (hosts-allow).  The domU starts on A;
-``relocd migrate --live`` moves it to B, then B's daemon moves it back.
+joined by one virtual Ethernet wire (QEMU's socket netdev over a loopback
+TCP stream: no host bridge or tap): dom0 A is 10.80.0.1, dom0 B 10.80.0.2.
+Each dom0 runs one relocd daemon on its own
+address, accepting only the lab network (hosts-allow).  The domU starts on
+A; ``relocd migrate --live`` moves it to B, then B's daemon moves it back
+(non-live).
+Then each daemon in turn is killed mid-move (``RELOCD_FAULT``) and
+restarted: the domU must end up running on exactly one host.
 
 Between hosts nothing is shared: B's Xen, xenstore and console daemon know
 nothing of the domU until relocd's stream arrives, and its copy is built under
@@ -18,13 +21,20 @@ under TCG, then about a minute per move.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 from collections.abc import Iterator
 
 import pytest
 
-from tests.xenlab.lab import LabUnavailable, XenLab, build_image, udp_link
+from tests.xenlab.lab import (
+    LabCommandFailed,
+    LabUnavailable,
+    XenLab,
+    image_or_skip,
+    tcp_link,
+    wait_listening,
+)
 
 ADDRESSES = {"a": "10.80.0.1", "b": "10.80.0.2"}
 #: each daemon accepts the lab network only
@@ -33,13 +43,9 @@ HOSTS_ALLOW = "^10[.]80[.]0[.][0-9]+$"
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, XenLab]]:
-    if os.environ.get("RELOCD_XENLAB", "1") == "0":
-        pytest.skip("RELOCD_XENLAB=0")
-    try:
-        image = build_image()
-    except LabUnavailable as exc:
-        pytest.skip(f"Xen lab unavailable: {exc}")
-    links = dict(zip("ab", udp_link(), strict=True))
+    image = image_or_skip()
+    listen, connect, port = tcp_link()
+    links = {"a": listen, "b": connect}
     labs = {
         name: XenLab(
             image,
@@ -51,8 +57,9 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, XenLab
         for i, name in enumerate("ab")
     }
     try:
-        for lab in labs.values():
-            lab.launch()
+        labs["a"].launch()
+        wait_listening(port)  # B's QEMU connects to A's at its start
+        labs["b"].launch()
         for lab in labs.values():
             lab.wait_ready(900)
         a = labs["a"]
@@ -82,17 +89,21 @@ def test_the_lab_network_joins_the_two_dom0s(hosts: dict[str, XenLab]) -> None:
 
 @pytest.mark.system
 def test_relocd_moves_the_domu_between_two_xen_hosts_and_back(hosts: dict[str, XenLab]) -> None:
-    """One copy at every step, its console counting on across both hosts, never rebooted."""
+    """Live there, non-live back: one copy at every step, its console counting on across both hosts, never rebooted."""
     assert hosts["a"].console_counts(), "the domU never counted on host A"
-    for source, target in (("a", "b"), ("b", "a")):
+    for source, target, live in (("a", "b", True), ("b", "a", False)):
         src, dst = hosts[source], hosts[target]
         before = max(src.console_counts())
-        result = src.relocd(source, f"migrate domu {ADDRESSES[target]} --port 8002 --live", timeout=600)
-        assert result["status"] == "completed", result
+        flag = " --live" if live else ""
+        result = src.relocd(source, f"migrate domu {ADDRESSES[target]} --port 8002{flag}", timeout=600)
+        assert result["status"] == "completed" and result["live"] is live, result
         rounds = result["rounds"]
-        assert rounds and rounds[0]["pages_sent"] == 32768, result  # 128 MiB, all of it in round 1
-        assert result["iterations"] == len(rounds) + 1  # the precopy rounds, then stop-and-copy
-        assert result["stop_reason"] is not None and rounds[-1]["round"] == len(rounds)
+        if live:
+            assert rounds and rounds[0]["pages_sent"] == 32768, result  # 128 MiB, all of it in round 1
+            assert result["iterations"] == len(rounds) + 1  # the precopy rounds, then stop-and-copy
+            assert result["stop_reason"] is not None and rounds[-1]["round"] == len(rounds)
+        else:
+            assert rounds == [] and result["iterations"] == 1, result  # paused first, one copy of everything
         assert result["downtime_ms"] > 0
         # Exactly one copy, on the target: the source's is destroyed after the commit.
         assert src.domu_copies() == [], src.run("xl list")
@@ -142,7 +153,25 @@ def wait_dead(lab: XenLab, name: str) -> None:
 
 
 def wait_no_domu(lab: XenLab, timeout: float = 240) -> None:
-    lab.run(f"i=0; while xl list | grep -q '^domu'; do sleep 2; i=$((i+2)); [ $i -ge {int(timeout)} ] && exit 1; done", timeout=timeout + 30)
+    """Until no domu (nor domu--anything) is listed; fails after ``timeout`` seconds."""
+    lab.run(
+        f"i=0; while xl list | grep -q '^domu' && [ $i -lt {int(timeout)} ]; do sleep 2; i=$((i+2)); done; "
+        "! xl list | grep -q '^domu'",
+        timeout=timeout + 30,
+    )
+
+
+@contextlib.contextmanager
+def daemon_logs_on_failure(hosts: dict[str, XenLab]) -> Iterator[None]:
+    """A failure carries the tail of each host's daemon log (the lab is gone once the module ends)."""
+    try:
+        yield
+    except (AssertionError, LabCommandFailed, TimeoutError, ValueError, StopIteration) as exc:
+        tails = []
+        for name, lab in hosts.items():
+            out = lab.run(f"grep -v progress /run/relocd-{name}/daemon.log | tail -c 2500; xl list", check=False)
+            tails.append(f"--- host {name}:\n{out}")
+        raise AssertionError(f"{exc}\n" + "\n".join(tails)) from exc
 
 
 def assert_counting_on(lab: XenLab) -> None:
@@ -160,17 +189,19 @@ def test_target_daemon_killed_at_stop_and_copy_leaves_the_domu_on_the_source(hos
     src, dst = hosts[source], hosts[target]
     domid = src.run("xl domid domu").strip()
     restart(hosts, target, fault="target:stop-and-copy:kill")
-    try:
-        out = migrate_expecting_a_fault(hosts, source, target)
-        result = json.loads(out.strip().splitlines()[-1])
-        assert result["status"] in ("rolled-back", "failed"), result
-        wait_dead(dst, target)
-    finally:
-        restart(hosts, target)
-    assert src.domu_copies() == ["domu"] and src.run("xl domid domu").strip() == domid
-    assert {d["name"]: d["state"] for d in src.relocd(source, "list")}.get("domu") == "running"
-    assert_counting_on(src)
-    wait_no_domu(dst)  # whatever the dead daemon's xl restore had built is gone
+    with daemon_logs_on_failure(hosts):
+        try:
+            out = migrate_expecting_a_fault(hosts, source, target)
+            # The JSON result, then the CLI's one-line error on stderr.
+            result = json.loads(next(line for line in reversed(out.splitlines()) if line.startswith("{")))
+            assert result["status"] in ("rolled-back", "failed"), result
+            wait_dead(dst, target)
+        finally:
+            restart(hosts, target)
+        assert src.domu_copies() == ["domu"] and src.run("xl domid domu").strip() == domid
+        assert {d["name"]: d["state"] for d in src.relocd(source, "list")}.get("domu") == "running"
+        assert_counting_on(src)
+        wait_no_domu(dst)  # whatever the dead daemon's xl restore had built is gone
 
 
 @pytest.mark.system
@@ -180,13 +211,14 @@ def test_source_daemon_killed_after_go_is_recovered_on_restart(hosts: dict[str, 
     source, target = where(hosts)
     src, dst = hosts[source], hosts[target]
     restart(hosts, source, fault="source:go:kill")
-    try:
-        migrate_expecting_a_fault(hosts, source, target)
-        wait_dead(src, source)
-    finally:
-        restart(hosts, source)
-    wait_no_domu(src)  # recovery: QUERY -> RESUMED -> our copy destroyed
-    assert dst.domu_copies() == ["domu"]
-    assert {d["name"]: d["state"] for d in dst.relocd(target, "list")}.get("domu") == "running"
-    assert_counting_on(dst)
-    assert sum(lab.console_counts().count(1) for lab in hosts.values()) == 1, "the guest rebooted"
+    with daemon_logs_on_failure(hosts):
+        try:
+            migrate_expecting_a_fault(hosts, source, target)
+            wait_dead(src, source)
+        finally:
+            restart(hosts, source)
+        wait_no_domu(src)  # recovery: QUERY -> RESUMED -> our copy destroyed
+        assert dst.domu_copies() == ["domu"]
+        assert {d["name"]: d["state"] for d in dst.relocd(target, "list")}.get("domu") == "running"
+        assert_counting_on(dst)
+        assert sum(lab.console_counts().count(1) for lab in hosts.values()) == 1, "the guest rebooted"

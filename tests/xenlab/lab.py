@@ -75,6 +75,18 @@ def build_image(timeout: float = 1800.0) -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
+def image_or_skip() -> Path:
+    """For the lab's pytest fixtures: the cached image, or a skip that says why not."""
+    import pytest
+
+    if os.environ.get("RELOCD_XENLAB", "1") == "0":
+        pytest.skip("RELOCD_XENLAB=0")
+    try:
+        return build_image()
+    except LabUnavailable as exc:
+        pytest.skip(f"Xen lab unavailable: {exc}")
+
+
 def build_payload(dest: Path, host_env: dict[str, str] | None = None) -> Path:
     """An ext4 image with relocd's package and the dom0 scripts, from the working tree.
 
@@ -102,23 +114,38 @@ def build_payload(dest: Path, host_env: dict[str, str] | None = None) -> Path:
     return image
 
 
-def free_udp_port() -> int:
-    """A loopback UDP port nobody holds now (for QEMU's socket network)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+def free_tcp_port() -> int:
+    """A loopback TCP port nobody holds now (for QEMU's socket network)."""
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
 
 
-def udp_link() -> tuple[str, str]:
-    """The netdev options of two labs joined by one virtual Ethernet wire.
+def tcp_link() -> tuple[str, str, int]:
+    """The netdev options of two labs joined by one virtual Ethernet wire, and its port.
 
-    QEMU's ``-netdev socket,udp=...`` sends each frame as one UDP datagram to
-    the other QEMU; neither side listens first, so the two labs boot in any
-    order (``listen=``/``connect=`` would need one up before the other).
+    QEMU's ``-netdev socket`` over a TCP stream: the first lab listens, the
+    second connects (start it once ``wait_listening(port)`` returns).  A
+    stream loses no frame when a busy QEMU reads late, where the UDP form
+    drops whatever overflows its socket buffer and the guests' TCP backs off.
     """
-    a, b = free_udp_port(), free_udp_port()
-    return f"udp=127.0.0.1:{b},localaddr=127.0.0.1:{a}", f"udp=127.0.0.1:{a},localaddr=127.0.0.1:{b}"
+    port = free_tcp_port()
+    return f"listen=127.0.0.1:{port}", f"connect=127.0.0.1:{port}", port
+
+
+def wait_listening(port: int, timeout: float = 30.0) -> None:
+    """Until something listens on loopback TCP ``port`` (read from /proc: a probe connect would take the line)."""
+    want = f"0100007F:{port:04X}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open("/proc/net/tcp") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[1] == want and fields[3] == "0A":  # 0A: LISTEN
+                    return
+        time.sleep(0.1)
+    raise LabUnavailable(f"QEMU did not listen on 127.0.0.1:{port} within {timeout:.0f}s")
 
 
 def pick_accel() -> str:
