@@ -1,18 +1,18 @@
 """The xen driver: Xen domains of this dom0, seen through libxenctrl, xenstore and xl.
 
-What works: listing (every domain but dom0, refreshed from the hypervisor on
-each call, so domains made with ``xl create`` show up), reading a domain's
-libxl configuration, pause/resume, destroy, rename, creating a booted PV
-domain, and host capabilities (free memory from Xen, Xen's PV CPU featureset).
+Listing (every domain but dom0, refreshed from the hypervisor on each call,
+so domains made with ``xl create`` show up), reading a domain's libxl
+configuration, pause/resume, destroy, rename, creating a booted PV domain,
+and host capabilities (free memory from Xen, Xen's PV CPU featureset).
 
-What does not, yet: moving a Xen domain.  The engine's seam hands a driver's
-guest memory out as one flat writable view and its vCPU state as one blob;
-a PV guest's memory holds page tables full of machine frame numbers that only
-Xen's save/restore code (libxenguest) can translate, so the memory, dirty-log
-and state methods refuse with a DriverError that says so (docs/xen.md says
-what the seam needs for Xen).  The stream path that will sit behind that
-seam change (libxenguest's save driven by relocd's policy, xl's restore) is
-``stream.py``, proven in the lab within one dom0.
+Moving and saving: a PV guest's memory holds page tables full of machine
+frame numbers that only Xen's save/restore code (libxenguest) can translate,
+so these domains are ``transfer = "stream"`` domains (engine/streamed.py,
+engine/savefile_stream.py): ``send_stream`` runs libxenguest's save with
+relocd's policy answering each round, ``receive_stream`` feeds the stream to
+``xl restore -p``, ``cancel_send`` resumes a suspended guest.  The page-path
+methods (memory, dirty log, state blob) refuse with a DriverError that says
+so.  Lab-tested in tests/system/test_xen.py and test_xen_hosts.py.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ from relocd.errors import DomainExists, DriverError
 log = logging.getLogger(__name__)
 
 NOT_MOVABLE = (
-    "xen driver: Xen domains cannot be moved by relocd yet "
-    "(their memory and state only travel through Xen's own save/restore; see docs/xen.md)"
+    "xen driver: a Xen domain's memory and state travel only in Xen's own save stream, "
+    "not through relocd's page path (see docs/xen.md)"
 )
 #: domains whose name relocd cannot carry are left out of the list
 _DOM0 = 0
@@ -126,7 +126,7 @@ class XenDomain(Domain):
             "shutdown": info.shutdown,
         }
 
-    # -- the stream seam (docs/xen.md): not called by the engine yet ----------
+    # -- the stream seam (engine/streamed.py, engine/savefile_stream.py) -------
 
     async def send_stream(
         self,
@@ -177,7 +177,7 @@ class XenDomain(Domain):
         saver = self._saver or GuestSaver(self._driver.ctrl, self._driver.store)
         await asyncio.to_thread(saver.resume, self.domid)
 
-    # -- what the engine's memory seam would need (docs/xen.md) ----------------
+    # -- the page path: not for Xen domains (docs/xen.md) ----------------------
 
     def memory(self) -> memoryview:
         raise DriverError(NOT_MOVABLE)
