@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import logging
 import os
 import subprocess
@@ -42,6 +43,19 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 RESTORE_TIMEOUT_S = 300.0
+
+
+def widen_pipe(fd: int) -> None:
+    """Let a pipe hold a whole CHUNK (Linux's default is 64 KiB).
+
+    libxenguest writes its stream in batches of up to 4 MiB; with the default
+    size every read of the pump got at most 64 KiB, so each MiB of guest
+    memory cost 16 records and 16 thread hops to the event loop and back (and
+    as many to xl's stdin on the target).  Best effort: a system whose
+    ``fs.pipe-max-size`` is lower keeps the default.
+    """
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, CHUNK)
 
 
 class _Pump:
@@ -116,6 +130,7 @@ def send_stream(
     says why.
     """
     rfd, wfd = os.pipe()
+    widen_pipe(wfd)
     pump = _Pump(rfd, sink)
     if isinstance(policy, PolicyBridge):
         bridge: PolicyBridge | None = policy
@@ -166,6 +181,8 @@ class XlRestoreReceiver:
         except OSError as exc:
             self._log.close()
             raise DriverError(f"xen driver: cannot run xl: {exc}") from None
+        assert self._proc.stdin is not None
+        widen_pipe(self._proc.stdin.fileno())
         try:
             self.feed(xlimage.image_prefix(config))
         except DriverError:
