@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import mmap
 import subprocess
+import time
 from typing import Any
 
 from relocd.drivers import domproc
@@ -22,6 +23,8 @@ from relocd.errors import DriverError
 __all__ = ["PROCESS_MODULE", "RECORD_FORMAT", "SimDomain", "SimDriver"]
 
 PROCESS_MODULE = "relocd.drivers.sim.process"
+#: how long a just-attached domain's status header may take to appear
+ATTACH_WAIT_S = 2.0
 
 
 class SimDomain(ProcessDomain):
@@ -40,12 +43,30 @@ class SimDomain(ProcessDomain):
         popen: subprocess.Popen[bytes] | None = None,
     ) -> None:
         super().__init__(driver, config, client, pid, memory, status, popen)
-        self._last_header = status_area.StatusHeader.read(status)
+        self._last_header = self._read_header(status, wait_s=ATTACH_WAIT_S)
+
+    def _read_header(self, area: mmap.mmap, wait_s: float = 0.0) -> status_area.StatusHeader:
+        """The status header; a domain process publishes it before it serves, so a bad one is an error.
+
+        Seen once in CI, under load, at attach: an all-zero header from a
+        process that had answered ``hello`` (not understood yet).  At attach
+        the header gets ``wait_s`` to appear; after that, or later in the
+        domain's life, a bad header is a DriverError naming the domain, not
+        an internal error.
+        """
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return status_area.StatusHeader.read(area)
+            except ValueError as exc:
+                if time.monotonic() >= deadline:
+                    raise DriverError(f"sim domain {self.config.name}: unreadable status area ({exc})") from None
+            time.sleep(0.01)
 
     def _header(self) -> status_area.StatusHeader:
         """The guest's counters, or the last ones read once the status area is unmapped."""
         if self._shared is not None and not self._shared.closed:
-            self._last_header = status_area.StatusHeader.read(self._shared)
+            self._last_header = self._read_header(self._shared)
         return self._last_header
 
     @property
