@@ -412,7 +412,7 @@ def test_xl_migrate_to_localhost_reference(lab: XenLab) -> None:
 @pytest.fixture(scope="module")
 def stream_steps(lab: XenLab) -> dict[str, dict[str, Any]]:
     """check_stream.py's steps, in one dom0 run (importing relocd there takes 15 s of TCG)."""
-    steps = ["xend-3", "downtime", "cancel", "cut", "savefile", "seam", "badtarget",
+    steps = ["xend-3", "downtime", "cancel", "cut", "nosuspend", "savefile", "seam", "badtarget",
              "relocdsave", "relocdsavefull", "xlsave"]  # fmt: skip
     out = lab.run(
         f"cd /tmp && timeout 900 python3 /lab/xenlab/check_stream.py {' '.join(steps)} 2>/tmp/stream.err", timeout=950
@@ -451,14 +451,20 @@ def test_relocd_stream_moves_the_domu_within_dom0(stream_steps: dict[str, dict[s
 
 @pytest.mark.system
 def test_failed_stream_saves_leave_the_domu_running(stream_steps: dict[str, dict[str, Any]]) -> None:
-    cancel, cut = stream_steps["cancel"], stream_steps["cut"]
+    cancel, cut, nosuspend = stream_steps["cancel"], stream_steps["cut"], stream_steps["nosuspend"]
     assert cancel["error"] == (
         f"xen driver: xc_domain_save of domain {cancel['domid']} failed: precopy policy: cancelled by the operator"
     )
     assert not cancel["suspended"]
     assert cut["error"] == "xen driver: the stream's receiver failed: the receiver went away"
     assert cut["suspended"], "the cut came before the guest suspended: the resume path went untested"
-    for step in (cancel, cut):
+    # A guest that never answers the suspend request (kept paused): the save gives up, withdraws the request.
+    assert nosuspend["error"] == (
+        f"xen driver: xc_domain_save of domain {nosuspend['domid']} failed: "
+        "the guest did not answer the suspend request within 5s (request withdrawn; it runs on)"
+    )
+    assert not nosuspend["suspended"] and nosuspend["request_left"] in ("", None)
+    for step in (cancel, cut, nosuspend):
         assert step["shutdown"] is False and step["domid_now"] == step["domid"]
         assert_one_copy_counting(step)
 

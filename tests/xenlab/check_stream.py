@@ -5,7 +5,7 @@ the move's report (every precopy round with relocd's decision), the console
 counter before and after, and ``xl list``'s names.  Expects ``domu`` running.
 
     python3 check_stream.py xend-3 downtime    # one move per policy named, in order
-    python3 check_stream.py cancel cut         # failed saves: the domU must run on
+    python3 check_stream.py cancel cut nosuspend  # failed saves: the domU must run on
     python3 check_stream.py savefile           # save to an xl save image, destroy, xl restore
     python3 check_stream.py seam               # a move through XenDomain.send_stream / XenDriver.receive_stream
     python3 check_stream.py badtarget          # the same, xl restore refusing: the domU must run on
@@ -15,6 +15,9 @@ counter before and after, and ``xl list``'s names.  Expects ``domu`` running.
 
 ``cancel``: relocd's policy cancels in round 1 (ABORT).  ``cut``: the
 stream's receiver dies once the guest has suspended; relocd resumes it.
+``nosuspend``: the guest never answers the suspend request (it is kept
+paused with ``xl pause``; the timeout is cut to 5 s for the lab): the save
+fails, the request is withdrawn, and once unpaused the guest runs on.
 """
 
 from __future__ import annotations
@@ -117,7 +120,7 @@ async def after_effects(out: dict[str, Any]) -> dict[str, Any]:
 async def failed_save(kind: str) -> dict[str, Any]:
     ctrl, store = XenCtrl(), XenStore()
     domid = domid_of("domu")
-    saver = GuestSaver(ctrl, store)
+    saver = GuestSaver(ctrl, store, suspend_timeout=5.0 if kind == "nosuspend" else 60.0)
     out: dict[str, Any] = {"kind": kind, "domid": domid, "before": latest(counts())}
 
     def sink(chunk: bytes) -> None:
@@ -125,11 +128,16 @@ async def failed_save(kind: str) -> dict[str, Any]:
             raise BrokenPipeError("the receiver went away")
 
     policy = CancellingPolicy() if kind == "cancel" else DowntimePolicy()
+    if kind == "nosuspend":
+        await xl.run_xl("pause", "domu")  # a guest that cannot answer
     try:
-        await asyncio.to_thread(send_stream, saver, domid, sink, policy)
+        await asyncio.to_thread(send_stream, saver, domid, sink, policy, live=kind != "nosuspend")
         out["error"] = None
     except DriverError as exc:
         out["error"] = exc.message
+    if kind == "nosuspend":
+        out["request_left"] = store.read(f"/local/domain/{domid}/control/shutdown")
+        await xl.run_xl("unpause", "domu")
     out["suspended"] = saver.suspended_at is not None
     info = ctrl.domain(domid)
     out["shutdown"] = info.shutdown if info else None
@@ -328,7 +336,7 @@ async def xl_save_relocd_restore() -> dict[str, Any]:
 async def main(steps: list[str]) -> list[dict[str, Any]]:
     results = []
     for step in steps:
-        if step in ("cancel", "cut"):
+        if step in ("cancel", "cut", "nosuspend"):
             results.append(await failed_save(step))
         elif step == "savefile":
             results.append(await savefile())

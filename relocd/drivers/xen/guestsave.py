@@ -123,7 +123,13 @@ class GuestSaver:
 
         def on_suspend(_data: int | None) -> int:
             try:
-                return 1 if self.suspend(domid) else 0
+                if self.suspend(domid):
+                    return 1
+                self.callback_error = (
+                    f"the guest did not answer the suspend request within {self.suspend_timeout:.0f}s"
+                    " (request withdrawn; it runs on)"
+                )
+                return 0
             except Exception as exc:  # noqa: BLE001 - a callback must not raise into C
                 self.callback_error = f"suspend: {exc}"
                 return 0
