@@ -97,17 +97,7 @@ class SocketTransport:
                 continue
             except (ConnectionError, OSError) as exc:
                 raise PeerGone(f"connection lost: {exc.strerror or exc}") from None
-            while sent:
-                head = len(bufs[i])
-                if sent >= head:
-                    sent -= head
-                    i += 1
-                else:
-                    bufs[i] = bufs[i][sent:]
-                    sent = 0
-            # skip empty buffers so the loop ends
-            while i < len(bufs) and len(bufs[i]) == 0:
-                i += 1
+            i = _advance(bufs, i, sent)
 
     async def _bulk(self, fn: Any, arg: Any) -> None:
         """Run a blocking transfer in a worker thread; cancelling it closes the connection."""
@@ -146,17 +136,7 @@ class SocketTransport:
         i = 0
         try:
             while i < len(bufs):
-                sent = self.sock.sendmsg(bufs[i : i + IOV_MAX])
-                while sent:
-                    head = len(bufs[i])
-                    if sent >= head:
-                        sent -= head
-                        i += 1
-                    else:
-                        bufs[i] = bufs[i][sent:]
-                        sent = 0
-                while i < len(bufs) and len(bufs[i]) == 0:
-                    i += 1
+                i = _advance(bufs, i, self.sock.sendmsg(bufs[i : i + IOV_MAX]))
         except TimeoutError:
             raise PeerGone(f"peer accepted nothing for {BULK_TIMEOUT_S:g} s") from None
         except OSError as exc:
@@ -199,6 +179,25 @@ class SocketTransport:
             # be closed and reused by someone else.
             await asyncio.wait({bulk}, timeout=5)
         self.sock.close()
+
+
+def _advance(bufs: list[memoryview], i: int, sent: int) -> int:
+    """After a gather send of ``sent`` bytes from ``bufs[i:]``: the index of the first unsent buffer.
+
+    A buffer sent in part is trimmed in place; empty buffers are skipped, so
+    the caller's loop ends once everything is out.
+    """
+    while sent:
+        head = len(bufs[i])
+        if sent >= head:
+            sent -= head
+            i += 1
+        else:
+            bufs[i] = bufs[i][sent:]
+            sent = 0
+    while i < len(bufs) and len(bufs[i]) == 0:
+        i += 1
+    return i
 
 
 def _swallow(fut: asyncio.Future[None]) -> None:
