@@ -14,7 +14,8 @@ import dataclasses
 import enum
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Self, TypeVar
 
 import blake3
 import numpy as np
@@ -41,6 +42,8 @@ IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 READAHEAD = 1 << 20
 #: Reads at least this big skip the readahead buffer and run off the loop.
 DIRECT_READ = 256 << 10
+
+_T = TypeVar("_T")
 
 
 def io_error(path: str, doing: str, exc: OSError) -> SaveFileError:
@@ -201,40 +204,69 @@ class FileReader:
 
 
 @dataclasses.dataclass
-class OpenSavefile:
+class OpenFile:
+    """A file open for reading: one descriptor from the first check to the last read."""
+
+    path: str
+    fd: int
+    size: int
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_checked(path: str, check: Callable[[int, os.stat_result], _T]) -> tuple[int, os.stat_result, _T]:
+    """Open ``path`` read-only and run ``check(fd, stat)`` on it: (fd, stat, what check returned).
+
+    The descriptor is closed if anything fails; an OSError becomes the
+    one-line "cannot read PATH" error.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise io_error(path, "open", exc) from None
+    try:
+        st = os.fstat(fd)
+        return fd, st, check(fd, st)
+    except OSError as exc:
+        os.close(fd)
+        raise io_error(path, "read", exc) from None
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+@dataclasses.dataclass
+class OpenSavefile(OpenFile):
     """A savefile whose header and trailer parsed; ``verify`` checks the digest.
 
     One descriptor serves both passes (verify, then restore), so a file
     renamed over this one in between cannot slip in unverified bytes.
     """
 
-    path: str
-    fd: int
-    size: int
     header: FileHeader
     trailer: Trailer
 
     @classmethod
     def open(cls, path: str) -> OpenSavefile:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise io_error(path, "open", exc) from None
-        try:
-            st = os.fstat(fd)
+        def check(fd: int, st: os.stat_result) -> tuple[FileHeader, Trailer]:
             if not stat.S_ISREG(st.st_mode):
                 raise SaveFileError(f"{path}: not a regular file")
             head = os.pread(fd, min(st.st_size, MAX_HEADER_SIZE), 0)
             header = parse_header(path, head)
             if st.st_size < header.header_len + TRAILER_SIZE:
                 raise SaveFileError(f"{path}: truncated savefile (no record stream or trailer)")
-            trailer = parse_trailer(path, os.pread(fd, TRAILER_SIZE, st.st_size - TRAILER_SIZE), st.st_size)
-        except OSError as exc:
-            os.close(fd)
-            raise io_error(path, "read", exc) from None
-        except BaseException:
-            os.close(fd)
-            raise
+            return header, parse_trailer(path, os.pread(fd, TRAILER_SIZE, st.st_size - TRAILER_SIZE), st.st_size)
+
+        fd, st, (header, trailer) = open_checked(path, check)
         return cls(path, fd, st.st_size, header, trailer)
 
     def verify(self) -> None:
@@ -259,17 +291,6 @@ class OpenSavefile:
     @property
     def records_left(self) -> int:
         return self.trailer.stream_end - self.header.header_len
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> OpenSavefile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def image_digest(fd: int, locations: npt.NDArray[np.int64]) -> bytes:

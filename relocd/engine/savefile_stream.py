@@ -33,7 +33,7 @@ from relocd.engine.hooks import DomainHooks
 from relocd.engine.policy import PrecopyPolicy
 from relocd.engine.result import Progress
 from relocd.engine.savefile_format import MAGIC
-from relocd.engine.savefile_io import io_error
+from relocd.engine.savefile_io import OpenFile, io_error, open_checked
 from relocd.engine.stream import RecordChannel
 from relocd.engine.streamed import DriverFeed
 from relocd.errors import DriverError, ProtocolError, SaveFileError
@@ -156,12 +156,9 @@ async def receive_stream_records(
 
 
 @dataclasses.dataclass
-class OpenForeign:
+class OpenForeign(OpenFile):
     """A foreign image, open: one descriptor from the check to the last chunk read."""
 
-    path: str
-    fd: int
-    size: int
     image: ForeignImage
 
     def chunks(self) -> AsyncIterator[bytes]:
@@ -176,17 +173,6 @@ class OpenForeign:
             "stream_bytes": self.image.stream_end - self.image.stream_start,
         }  # fmt: skip
 
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> OpenForeign:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 def open_foreign(path: str) -> OpenForeign | None:
     """The file as a foreign image, or None when it is a relocd savefile or nothing a driver knows.
@@ -194,25 +180,16 @@ def open_foreign(path: str) -> OpenForeign | None:
     SaveFileError when a driver package knows the format but the file is
     not one relocd can restore (says why).
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise io_error(path, "open", exc) from None
-    try:
-        st = os.fstat(fd)
+
+    def check(fd: int, st: os.stat_result) -> ForeignImage | None:
         if not stat.S_ISREG(st.st_mode) or os.pread(fd, len(MAGIC), 0) == MAGIC:
-            image = None
-        else:
-            image = read_foreign_image(fd, st.st_size)
-    except OSError as exc:
-        os.close(fd)
-        raise io_error(path, "read", exc) from None
-    except DriverError as exc:
-        os.close(fd)
-        raise SaveFileError(f"{path}: {exc.message}") from None
-    except BaseException:
-        os.close(fd)
-        raise
+            return None
+        try:
+            return read_foreign_image(fd, st.st_size)
+        except DriverError as exc:
+            raise SaveFileError(f"{path}: {exc.message}") from None
+
+    fd, st, image = open_checked(path, check)
     if image is None:
         os.close(fd)
         return None
