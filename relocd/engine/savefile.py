@@ -398,7 +398,7 @@ async def restore_savefile(
 
 async def _restore_relocd(path: str, ctx: TargetContext, verify_memory: bool, progress: Progress) -> RestoreResult:
     opened = await asyncio.to_thread(check_savefile, path)
-    counts = {"pages": 0, "stream_bytes": 0}
+    pages = stream_bytes = 0
     try:
         channel = opened.channel()
         first = await channel.recv()
@@ -413,11 +413,11 @@ async def _restore_relocd(path: str, ctx: TargetContext, verify_memory: bool, pr
         verified = False
 
         async def build(driver: Driver, rid: str) -> Domain:
-            nonlocal verified
+            nonlocal verified, pages, stream_bytes
             incoming = config.name + INCOMING_SUFFIX
             if uses_stream(driver):
                 # Its driver builds it from the stream, as a migration's target does.
-                domain, counts["stream_bytes"] = await receive_stream_records(
+                domain, stream_bytes = await receive_stream_records(
                     channel, driver, config, name=incoming, touch=lambda: ctx.reservations.touch(rid)
                 )
                 ctx.incoming[rid] = domain
@@ -425,7 +425,7 @@ async def _restore_relocd(path: str, ctx: TargetContext, verify_memory: bool, pr
             domain = await driver.create(config.model_copy(update={"name": incoming}), start=False)
             ctx.incoming[rid] = domain
             memory = domain.memory()
-            blob, expected, counts["pages"] = await _read_stream(channel, memory, ctx, rid)
+            blob, expected, pages = await _read_stream(channel, memory, ctx, rid)
             if verify_memory:
                 await progress(phase="verify-memory")
                 if await asyncio.to_thread(memory_digest, memory, expected.algo) != expected.value:
@@ -441,11 +441,11 @@ async def _restore_relocd(path: str, ctx: TargetContext, verify_memory: bool, pr
         raise SaveFileError(f"{path}: corrupted record stream: {exc.message}") from None
     finally:
         opened.close()
-    if counts["stream_bytes"]:
-        details = {"stream_bytes": counts["stream_bytes"], **details}
+    if stream_bytes:
+        details = {"stream_bytes": stream_bytes, **details}
     return RestoreResult(
         domain=config.name, uuid=config.uuid, file=str(Path(path).absolute()),
-        memory_mib=config.memory_mib, pages=counts["pages"], bytes_read=channel.bytes_received,
+        memory_mib=config.memory_mib, pages=pages, bytes_read=channel.bytes_received,
         verified_memory=verified, details=details,
     )  # fmt: skip
 

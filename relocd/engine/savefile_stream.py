@@ -69,11 +69,8 @@ class StreamSave:
         self.channel = channel
         self.hooks = hooks
         self.stream_bytes = 0
-        self.chunks = 0
         #: send_stream was entered: the driver may have suspended the domain
         self.started = False
-        #: send_stream returned: the domain is suspended for sure
-        self.suspended = False
         self._sink_error: Exception | None = None
 
     async def run(self, policy: PrecopyPolicy, progress: Progress) -> None:
@@ -86,7 +83,6 @@ class StreamSave:
                 self._sink_error = exc  # the cause; the driver reports only that its receiver failed
                 raise
             self.stream_bytes += len(chunk)
-            self.chunks += 1
 
         async def on_round(decision: Any) -> None:
             pass  # non-live: no precopy rounds to report
@@ -100,7 +96,6 @@ class StreamSave:
             if self._sink_error is not None:
                 raise self._sink_error from None
             raise
-        self.suspended = True
         await self.hooks.paused(self.domain)
         await self.channel.send(VcpuState(self.domain.config.driver, b""))
 
@@ -109,7 +104,7 @@ class StreamSave:
         if not self.started:
             return
         await self.domain.cancel_send()  # type: ignore[attr-defined]  # idempotent, as for rollback
-        self.started = self.suspended = False
+        self.started = False
         await self.hooks.resumed_here(self.domain)
 
 
