@@ -67,13 +67,18 @@ int main(void) {
 """
 
 
-def test_ctypes_layouts_match_xen_headers(tmp_path: Path) -> None:
-    if shutil.which("cc") is None or not Path("/usr/include/xenctrl.h").exists():
+def c_view(tmp_path: Path, program: str, name: str, header: str) -> list[int]:
+    """Compile ``program`` against Xen's ``header`` and run it: the numbers it prints."""
+    if shutil.which("cc") is None or not Path(f"/usr/include/{header}").exists():
         pytest.skip("needs a C compiler and libxen-dev's headers")
-    src = tmp_path / "layout.c"
-    src.write_text(LAYOUT_PROGRAM)
-    subprocess.run(["cc", "-o", str(tmp_path / "layout"), str(src)], check=True, capture_output=True)
-    c_view = [int(x) for x in subprocess.check_output([str(tmp_path / "layout")]).split()]
+    src = tmp_path / f"{name}.c"
+    src.write_text(program)
+    subprocess.run(["cc", "-o", str(tmp_path / name), str(src)], check=True, capture_output=True)
+    return [int(x) for x in subprocess.check_output([str(tmp_path / name)]).split()]
+
+
+def test_ctypes_layouts_match_xen_headers(tmp_path: Path) -> None:
+    c_layout = c_view(tmp_path, LAYOUT_PROGRAM, "layout", "xenctrl.h")
     ours = [
         ctypes.sizeof(libxc.DomctlDomainInfo),
         ctypes.sizeof(libxc.PhysInfo),
@@ -83,7 +88,7 @@ def test_ctypes_layouts_match_xen_headers(tmp_path: Path) -> None:
         libxc.PhysInfo.free_pages.offset,
         libxc.PhysInfo.hw_cap.offset,
     ]
-    assert ours == c_view
+    assert ours == c_layout
 
 
 SAVE_LAYOUT_PROGRAM = r"""
@@ -106,15 +111,11 @@ int main(void) {
 
 
 def test_save_callback_layouts_match_xenguest_h(tmp_path: Path) -> None:
-    if shutil.which("cc") is None or not Path("/usr/include/xenguest.h").exists():
-        pytest.skip("needs a C compiler and libxen-dev's headers")
-    src = tmp_path / "save_layout.c"
-    src.write_text(SAVE_LAYOUT_PROGRAM)
-    subprocess.run(["cc", "-o", str(tmp_path / "save_layout"), str(src)], check=True, capture_output=True)
+    c_layout = c_view(tmp_path, SAVE_LAYOUT_PROGRAM, "save_layout", "xenguest.h")
     subprocess.run(
-        ["cc", "-shared", "-fPIC", "-o", str(tmp_path / "libpolicy.so"), str(src)], check=True, capture_output=True
-    )
-    c_view = [int(x) for x in subprocess.check_output([str(tmp_path / "save_layout")]).split()]
+        ["cc", "-shared", "-fPIC", "-o", str(tmp_path / "libpolicy.so"), str(tmp_path / "save_layout.c")],
+        check=True, capture_output=True,
+    )  # fmt: skip
     G = guestsave
     ours = [
         ctypes.sizeof(G.PrecopyStats), G.PrecopyStats.total_written.offset, G.PrecopyStats.dirty_count.offset,
@@ -122,7 +123,7 @@ def test_save_callback_layouts_match_xenguest_h(tmp_path: Path) -> None:
         G.SaveCallbacks.switch_qemu_logdirty.offset, G.SaveCallbacks.data.offset,
         G.XCFLAGS_LIVE, G.XC_STREAM_PLAIN, STOP_AND_COPY, ABORT,
     ]  # fmt: skip
-    assert ours == c_view
+    assert ours == c_layout
     seen: list[tuple[int, int, int, int | None]] = []
 
     def policy(stats: guestsave.PrecopyStats, data: int | None) -> int:

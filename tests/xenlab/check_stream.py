@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from relocd.drivers import load_driver
+from relocd.drivers import DomainConfig, load_driver
 from relocd.drivers.xen import XenDomain, XenDriver, xl
 from relocd.drivers.xen.guestsave import GuestSaver
 from relocd.drivers.xen.libxc import XenCtrl, XenStore
@@ -165,14 +165,24 @@ async def savefile() -> dict[str, Any]:
     return await after_effects(out)
 
 
-async def seam_move() -> dict[str, Any]:
-    """Source and target halves joined by a bounded queue, as relocd's transport would join them."""
-    driver = load_driver("xen", Path("/run/relocd-seam"))
+async def started_driver(state_dir: str = "/run/relocd-save") -> XenDriver:
+    driver = load_driver("xen", Path(state_dir))
     assert isinstance(driver, XenDriver)
     await driver.start()
+    return driver
+
+
+async def seam_source() -> tuple[XenDriver, XenDomain, DomainConfig]:
+    """The seam steps' driver, the running domU as the source, and its whole config."""
+    driver = await started_driver("/run/relocd-seam")
     source = driver.lookup("domu")
     assert isinstance(source, XenDomain)
-    config = await source.read_config()
+    return driver, source, await source.read_config()
+
+
+async def seam_move() -> dict[str, Any]:
+    """Source and target halves joined by a bounded queue, as relocd's transport would join them."""
+    driver, source, config = await seam_source()
     out: dict[str, Any] = {"kind": "seam", "domid": source.domid, "before": latest(counts())}
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=8)
     progress: list[tuple[int, int, str | None]] = []
@@ -206,12 +216,7 @@ async def seam_move() -> dict[str, Any]:
 
 async def seam_refused() -> dict[str, Any]:
     """The target's xl refuses the domain (an HVM config on this PV-only Xen): nothing moves, nothing is lost."""
-    driver = load_driver("xen", Path("/run/relocd-seam"))
-    assert isinstance(driver, XenDriver)
-    await driver.start()
-    source = driver.lookup("domu")
-    assert isinstance(source, XenDomain)
-    config = await source.read_config()
+    driver, source, config = await seam_source()
     libxl_json = json.loads(config.extra["libxl_json"])
     libxl_json["c_info"]["type"] = "hvm"
     bad = config.model_copy(update={"extra": {**config.extra, "libxl_json": json.dumps(libxl_json)}})
@@ -238,13 +243,6 @@ async def seam_refused() -> dict[str, Any]:
     out["listed"] = [d.name for d in driver.domains()]
     await driver.close()
     return await after_effects(out)
-
-
-async def started_driver() -> XenDriver:
-    driver = load_driver("xen", Path("/run/relocd-save"))
-    assert isinstance(driver, XenDriver)
-    await driver.start()
-    return driver
 
 
 async def restore_with_relocd(driver: XenDriver, path: Path, out: dict[str, Any]) -> None:
