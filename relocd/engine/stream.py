@@ -119,9 +119,9 @@ class RecordChannel:
     # -- sending -------------------------------------------------------------
 
     async def send(self, record: Record) -> None:
-        data = encode(record)
         async with self._send_lock:
-            self.conversation.send(record)
+            self.conversation.send(record)  # out of turn: refused before anything is encoded
+            data = encode(record)
             await self.transport.write([data])
         self.bytes_sent += len(data)
 
