@@ -1,7 +1,8 @@
-"""Fixtures for system tests: skip cleanly unless root + ip + netns work; the lab."""
+"""Fixtures for system tests: skip cleanly unless root + ip + netns work; the lab; /dev/kvm."""
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 import shutil
@@ -53,3 +54,53 @@ def netlab(needs_netns: None) -> Iterator[NetLab]:
     """A fresh two-host lab with a random tag, torn down even when the test fails."""
     with NetLab() as lab:
         yield lab
+
+
+KVM_DEVICE = "/dev/kvm"
+KVM_GET_API_VERSION = 0xAE00  # _IO(KVMIO, 0x00), from <linux/kvm.h>
+KVM_API_VERSION = 12
+
+
+@functools.cache
+def kvm_device_problem(path: str = KVM_DEVICE) -> str | None:
+    """Why /dev/kvm cannot be used, or None: asked of the kernel directly, never through relocd.
+
+    The probe must not share code with the driver under test: if it did, a
+    regression there would read as "no KVM here" and skip every KVM test.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return f"no {path}"
+    except OSError as exc:
+        return f"cannot open {path}: {exc.strerror or exc}"
+    try:
+        version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
+    except OSError as exc:
+        return f"{path} refuses KVM_GET_API_VERSION: {exc.strerror or exc}"
+    finally:
+        os.close(fd)
+    if version != KVM_API_VERSION:
+        return f"{path} speaks KVM API version {version}, not {KVM_API_VERSION}"
+    return None
+
+
+def kvm_required(path: str = KVM_DEVICE) -> bool:
+    """Root with /dev/kvm present (as on CI, CI=true): KVM tests must run there, never skip."""
+    return os.geteuid() == 0 and os.path.exists(path)
+
+
+def require_kvm() -> None:
+    """Skip where there is no usable /dev/kvm; fail instead where one is required."""
+    problem = kvm_device_problem()
+    if problem is None:
+        return
+    if kvm_required():
+        ci = " (CI)" if os.environ.get("CI") == "true" else ""
+        pytest.fail(f"running as root with {KVM_DEVICE} present{ci}, but {problem}", pytrace=False)
+    pytest.skip(problem)
+
+
+@pytest.fixture
+def needs_kvm() -> None:
+    require_kvm()

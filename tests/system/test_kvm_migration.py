@@ -17,11 +17,12 @@ from relocd.drivers.kvm.driver import kvm_usable  # noqa: E402
 
 HOTSET = "hotset:size=16MiB,rate=20MB/s"
 
-pytestmark = pytest.mark.skipif(kvm_usable() is not None, reason=f"KVM unusable here: {kvm_usable()}")
-
 
 @pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[DaemonProc, DaemonProc]]:
+def pair(tmp_path: Path, needs_kvm: None) -> Iterator[tuple[DaemonProc, DaemonProc]]:
+    """Two daemons, once the kernel (not relocd) has said /dev/kvm works: relocd must agree."""
+    problem = kvm_usable()
+    assert problem is None, f"/dev/kvm works, but relocd's kvm_usable() says: {problem}"
     a = DaemonProc(tmp_path, "hostA", "127.0.0.1")
     b = DaemonProc(tmp_path, "hostB", "127.0.0.2")
     try:
