@@ -26,6 +26,9 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -46,6 +49,10 @@ class LabUnavailable(Exception):
     """The lab cannot run on this host (missing tools or packages); the reason is the message."""
 
 
+class LabBuildFailed(Exception):
+    """The image build failed with every prerequisite there: a failure to report, never a skip."""
+
+
 class LabCommandFailed(Exception):
     """A dom0 command exited non-zero."""
 
@@ -55,7 +62,70 @@ def missing_tools() -> list[str]:
     missing = [t for t in tools if shutil.which(t) is None]
     if not Path("/bin/busybox").exists():
         missing.append("busybox-static")
+    # build-image.sh fetches relocd's wheels with the host's `python3 -m pip`.
+    if shutil.which("python3") is None:
+        missing.append("python3")
+    elif subprocess.run(["python3", "-m", "pip", "--version"], capture_output=True, check=False).returncode:
+        missing.append("python3-pip")
     return missing
+
+
+#: Where build-image.sh fetches from (keep in step with it): Debian's mirror and suite, pip's index.
+DEBIAN_SUITE = "bookworm"
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+DEFAULT_PACKAGE_INDEX = "https://pypi.org/simple"
+#: How much of a failed build's output the failure shows.
+BUILD_TAIL_LINES = 30
+
+
+def _reachable(url: str, timeout: float = 15.0) -> str | None:
+    """None if ``url`` answers a HEAD request, else why not (one line)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return None
+    except urllib.error.HTTPError as exc:
+        return f"{url}: HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        return f"{url}: {getattr(exc, 'reason', exc)}"
+
+
+def sources_problem() -> str | None:
+    """Why the build cannot fetch what it needs (the Debian mirror, pip's index), or None."""
+    mirror = os.environ.get("RELOCD_XENLAB_MIRROR", DEFAULT_MIRROR).rstrip("/")
+    problem = _reachable(f"{mirror}/dists/{DEBIAN_SUITE}/Release")
+    if problem:
+        return f"Debian mirror unreachable: {problem}"
+    index = os.environ.get("PIP_INDEX_URL", DEFAULT_PACKAGE_INDEX).rstrip("/")
+    problem = _reachable(f"{index}/structlog/")  # one of the wheels build-image.sh installs
+    if problem:
+        return f"Python package index unreachable: {problem}"
+    return None
+
+
+def build_outcome(
+    returncode: int | None, stdout: str, stderr: str, sources: Callable[[], str | None] = sources_problem
+) -> Path:
+    """The image directory build-image.sh reported, or the exception that says why there is none.
+
+    LabUnavailable (a skip) only for a missing prerequisite: the script's exit
+    status 3 (a tool or root), or a source the build fetches from that does not
+    answer (asked only once the build has failed).  Any other failure, a
+    timeout (``returncode`` None) included, is LabBuildFailed with the build's
+    last lines.
+    """
+    lines = stdout.strip().splitlines()
+    if returncode == 0 and lines:
+        return Path(lines[-1])
+    if returncode == 3:
+        raise LabUnavailable(stderr.strip() or "build-image.sh: prerequisites missing")
+    problem = sources()
+    if problem:
+        raise LabUnavailable(problem)
+    what = "timed out" if returncode is None else f"exited {returncode}"
+    if returncode == 0:
+        what = "exited 0 without naming the image directory"
+    tail = (stderr.strip() or stdout.strip() or "(no output)").splitlines()[-BUILD_TAIL_LINES:]
+    raise LabBuildFailed(f"build-image.sh {what}; its last output:\n" + "\n".join(tail))
 
 
 def build_image(timeout: float = 1800.0) -> Path:
@@ -65,18 +135,29 @@ def build_image(timeout: float = 1800.0) -> Path:
         raise LabUnavailable(f"missing on this host: {', '.join(missing)}")
     if os.geteuid() != 0:
         raise LabUnavailable("building the Xen lab image needs root")
-    proc = subprocess.run(
-        [str(HERE / "build-image.sh")], capture_output=True, text=True, timeout=timeout, check=False
-    )
-    if proc.returncode == 3:
-        raise LabUnavailable(proc.stderr.strip() or "build-image.sh: prerequisites missing")
-    if proc.returncode != 0:
-        raise LabUnavailable(f"image build failed (mirror unreachable?): {proc.stderr.strip()[-400:]}")
-    return Path(proc.stdout.strip().splitlines()[-1])
+    try:
+        proc = subprocess.run(
+            [str(HERE / "build-image.sh")], capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        return build_outcome(None, _text(exc.stdout), _text(exc.stderr))
+    return build_outcome(proc.returncode, proc.stdout, proc.stderr)
+
+
+def _text(output: bytes | str | None) -> str:
+    """What a timed-out subprocess.run had captured (bytes even with text=True)."""
+    if isinstance(output, bytes):
+        return output.decode(errors="replace")
+    return output or ""
 
 
 def image_or_skip() -> Path:
-    """For the lab's pytest fixtures: the cached image, or a skip that says why not."""
+    """For the lab's pytest fixtures: the cached image; a skip only for a missing prerequisite.
+
+    A build that fails where the tools, root and the sources are all there is
+    a failure, with the build's last lines: as a skip it would hide a broken
+    build-image.sh behind "lab unavailable".
+    """
     import pytest
 
     if os.environ.get("RELOCD_XENLAB", "1") == "0":
@@ -85,6 +166,8 @@ def image_or_skip() -> Path:
         return build_image()
     except LabUnavailable as exc:
         pytest.skip(f"Xen lab unavailable: {exc}")
+    except LabBuildFailed as exc:
+        pytest.fail(f"Xen lab image build failed: {exc}", pytrace=False)
 
 
 def build_payload(dest: Path, host_env: dict[str, str] | None = None) -> Path:
