@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,8 @@ from relocd.engine.reservation import ReservationTable
 from relocd.engine.source import SendOptions, SourceMigration, new_migration_id
 from relocd.engine.stream import RecordChannel, memory_pipe
 from relocd.engine.target import TargetContext, TargetSession
-from relocd.protocol.records import Role
+from relocd.protocol.codes import DigestAlgo
+from relocd.protocol.records import Digest, Role
 from relocd.protocol.state import Conversation
 
 
@@ -46,10 +48,26 @@ async def hosts(tmp_path: Path) -> AsyncIterator[tuple[Host, Host]]:
             h.journal.close()
 
 
-async def migrate(a: Host, b: Host, name: str, *, live: bool, verify: bool = True, policy=None):
+class TappedChannel(RecordChannel):
+    """The target's channel, keeping every record it received: what crossed the wire, as parsed."""
+
+    def __init__(self, *args: Any, received: list[object], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.received = received
+
+    async def recv(self) -> object:
+        record = await super().recv()
+        self.received.append(record)
+        return record
+
+
+async def migrate(
+    a: Host, b: Host, name: str, *, live: bool, verify: bool = True, policy=None, received: list[object] | None = None
+):
     src_t, dst_t = memory_pipe()
     src = RecordChannel(src_t, Conversation(Role.SOURCE), max_frame=16 << 20)
-    dst = RecordChannel(dst_t, Conversation(Role.TARGET), max_frame=16 << 20)
+    received = [] if received is None else received
+    dst = TappedChannel(dst_t, Conversation(Role.TARGET), max_frame=16 << 20, received=received)
     dom = a.driver.lookup(name)
     assert dom is not None
     mig = SourceMigration(
@@ -69,9 +87,11 @@ async def test_live_migration_keeps_every_page(hosts: tuple[Host, Host]) -> None
     a, b = hosts
     await a.driver.create(DomainConfig(name="vm", memory_mib=32, workload="hotset:size=4MiB,rate=50MB/s"))
     await asyncio.sleep(0.2)
-    result = await migrate(a, b, "vm", live=True)
+    received: list[object] = []
+    result = await migrate(a, b, "vm", live=True, received=received)
     assert result.status == "completed", result.error
     assert result.verified is True
+    assert [r.algo for r in received if isinstance(r, Digest)] == [DigestAlgo.BLAKE3]  # both sides offer it
     assert result.iterations >= 2
     assert a.driver.lookup("vm") is None
     moved = b.driver.lookup("vm")
@@ -113,6 +133,8 @@ async def test_verify_with_a_peer_that_only_knows_sha256(hosts: tuple[Host, Host
     monkeypatch.setattr(handshake, "FEATURES", Feature.ZERO_PAGES | Feature.DIGEST_SHA256 | Feature.QUERY)
     a, b = hosts
     await a.driver.create(DomainConfig(name="old", memory_mib=16, workload="hotset:size=2MiB,rate=20MB/s"))
-    result = await migrate(a, b, "old", live=True, verify=True)
+    received: list[object] = []
+    result = await migrate(a, b, "old", live=True, verify=True, received=received)
     assert result.status == "completed", result.error
     assert result.verified is True
+    assert [r.algo for r in received if isinstance(r, Digest)] == [DigestAlgo.SHA256]
