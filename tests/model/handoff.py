@@ -1,0 +1,654 @@
+"""An explicit-state model of relocd's migration handoff, checked breadth-first.
+
+Why: the fault matrix (docs/faults.md) kills and cuts at nine fixed points
+of real runs; this model tries every interleaving of crashes, lost messages
+and timeouts around the handoff, within stated bounds, against the rule the
+daemon exists to keep -- the domain runs on exactly one host, never two,
+never none, and nothing half-moved is left behind.
+
+What is modelled (docs/faults.md, "The handoff model", says what is not):
+
+* two daemons, source and target, each with a durable journal phase (kept
+  across a crash) and volatile memory (``mode``: what the daemon is doing;
+  lost on a crash);
+* one domain copy per host, as the hypervisor shows it: ``absent``,
+  ``partial`` (target only: half received), ``paused`` or ``running``, and
+  its name (normal, ``--incoming``, ``--migratedaway``).  A copy outlives its
+  daemon's crash; with ``Bounds.power_loss`` a crash may take it too;
+* a lossy, reordering link: the set of messages in flight (RESERVE..COMMIT
+  is one COMMIT message); any message may be lost, the link may be cut
+  (every message in flight lost); a message to a daemon that is down is lost;
+* timeouts, which may fire whenever a daemon waits (a slow link looks the
+  same as a dead one);
+* recovery: a crashed daemon restarts and decides from its journal and the
+  hypervisor, never from what it had in memory.
+
+``Protocol()`` is the handoff as relocd intends it; the other flags are
+broken variants the checker must catch (``VARIANTS``).  Run
+``python -m tests.model.handoff [VARIANT]`` to see a search and its trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from typing import NamedTuple
+
+# A domain copy, as its host's hypervisor shows it.
+ABSENT, PARTIAL, PAUSED, RUNNING = "absent", "partial", "paused", "running"
+NORMAL, INCOMING, AWAY = "normal", "--incoming", "--migratedaway"
+COMPLETE = (PAUSED, RUNNING)
+
+# Journal phases (durable).  ABORTING is the model's name for "rolled back
+# here, target not yet confirmed to hold no copy" (see Protocol.drop_in_memory).
+STREAMING, STOPPED, PREPARED, GO_SENT, DONE = "STREAMING", "STOPPED", "PREPARED", "GO_SENT", "DONE"
+ABORTING, ABORTED = "ABORTING", "ABORTED"
+RECEIVING, RESUMING, RESUMED = "RECEIVING", "RESUMING", "RESUMED"
+SOURCE_FINAL = (DONE, ABORTED)
+TARGET_FINAL = (RESUMED, ABORTED)
+BEFORE_GO = (STREAMING, STOPPED, PREPARED)
+
+DOWN = "down"  # the mode of a crashed daemon
+
+# Messages in flight are strings "NAME>s" (to the source) or "NAME>t" (to the target).
+OUTCOMES = ("PREPARED", "RECEIVING", "RESUMED", "ABORTED", "UNKNOWN")
+
+
+class Host(NamedTuple):
+    """One side: its daemon (journal + memory) and its copy of the domain."""
+
+    up: bool
+    phase: str  # journal: survives a crash
+    mode: str  # memory: what the daemon is doing; DOWN while crashed
+    dom: str  # the copy: ABSENT, PARTIAL, PAUSED, RUNNING (survives a daemon crash)
+    name: str  # NORMAL, INCOMING, AWAY
+
+    def show(self) -> str:
+        copy = "-" if self.dom == ABSENT else self.dom + ("" if self.name == NORMAL else self.name)
+        return f"{self.phase}/{self.mode} copy={copy}"
+
+
+class State(NamedTuple):
+    src: Host
+    tgt: Host
+    net: frozenset[str]
+    crashes: int
+    power_losses: int
+    losses: int
+    resume_failures: int
+    #: a power loss destroyed the domain (see Bounds.power_loss); only safety is checked after
+    lost: bool
+
+    def show(self) -> str:
+        net = " ".join(sorted(self.net)) or "-"
+        return f"S {self.src.show()} | T {self.tgt.show()} | net {net}"
+
+
+INITIAL = State(
+    src=Host(True, STREAMING, "streaming", RUNNING, NORMAL),
+    tgt=Host(True, RECEIVING, "receiving", PARTIAL, INCOMING),
+    net=frozenset(),
+    crashes=0,
+    power_losses=0,
+    losses=0,
+    resume_failures=0,
+    lost=False,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """Which handoff the model runs: all False is relocd's intended protocol.
+
+    (a)-(c) are the broken handoffs issue 11 asks the checker to catch;
+    (a) and (d)-(g) are also what relocd's committed code did at 81cf964
+    (target.py, source.py, server/recovery.py), read by hand.
+    """
+
+    #: (a) target journals RESUMED after the resume, no RESUMING intent, and its
+    #: recovery takes PREPARED-with-a-renamed-copy for aborted (target.py, recovery.py at 81cf964)
+    no_resuming_intent: bool = False
+    #: (b) source takes a QUERY with no answer, or a GO_SENT entry it has no
+    #: memory of after a restart, for ABORTED
+    silence_is_aborted: bool = False
+    #: (c) source resumes its own copy when RESUMED does not come after GO
+    resume_on_timeout_after_go: bool = False
+    #: (d) a source restarted at GO_SENT whose copy is gone closes the migration
+    #: without asking the target (recovery.py at 81cf964)
+    give_up_without_copy: bool = False
+    #: (e) a rollback journals the migration finished at once; telling the
+    #: target to drop its prepared copy lives only in memory (source.py's
+    #: _abort_before_go, recovery.py at 81cf964)
+    drop_in_memory: bool = False
+    #: (f) telling the target to drop its copy ends once ABORT is sent, without
+    #: a confirming OUTCOME (drop_prepared_copy at 81cf964)
+    drop_unconfirmed: bool = False
+    #: (g) the source stops asking after a deadline (at 81cf964: recovery_s, 30 s
+    #: on the live path; ROLLBACK_RETRY_S, 1 h, for a drop); no clocks here, so
+    #: giving up may happen at any time
+    retries_give_up: bool = False
+
+
+VARIANTS: dict[str, Protocol] = {
+    "intended": Protocol(),
+    "a": Protocol(no_resuming_intent=True),
+    "b": Protocol(silence_is_aborted=True),
+    "c": Protocol(resume_on_timeout_after_go=True),
+    "d": Protocol(give_up_without_copy=True),
+    "e": Protocol(drop_in_memory=True),
+    "f": Protocol(drop_unconfirmed=True),
+    "g": Protocol(retries_give_up=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """How much adversity one trace may see, and how deep the search goes."""
+
+    max_crashes: int = 2  # daemon crashes (either side), power losses included
+    max_losses: int = 2  # lost messages; a link cut counts as one
+    max_resume_failures: int = 1  # the target's hypervisor fails to resume its copy after GO
+    #: a crash may also be a host power loss that destroys that host's copy (at most one)
+    power_loss: bool = False
+    max_depth: int = 40  # steps from the initial state; the bounds above are exhausted by about 31
+
+
+# -- helpers ----------------------------------------------------------------------
+
+
+def _send(s: State, *msgs: str) -> frozenset[str]:
+    """Add messages to the link; one to a daemon that is down is lost with its connection."""
+    net = set(s.net)
+    for m in msgs:
+        to = s.src if m.endswith(">s") else s.tgt
+        if to.up:
+            net.add(m)
+    return frozenset(net)
+
+
+def _without(s: State, msg: str) -> frozenset[str]:
+    return s.net - {msg}
+
+
+def _resume_here(src: Host) -> Host:
+    """Source takes its copy back: its own name, running (nothing to do if the copy is gone)."""
+    if src.dom == ABSENT:
+        return src._replace(name=NORMAL)
+    return src._replace(dom=RUNNING, name=NORMAL)
+
+
+Step = tuple[str, State]
+
+
+# -- the source daemon ----------------------------------------------------------------
+
+
+def _source_rollback(s: State, p: Protocol, why: str) -> Step:
+    """Before GO: ours is the only copy that may run; then see that the target drops its own."""
+    src = _resume_here(s.src)._replace(phase=ABORTED if p.drop_in_memory else ABORTING, mode="dropping")
+    s2 = s._replace(src=src)
+    return (f"source: {why}: roll back (resume own copy), journal {src.phase}, send QUERY",
+            s2._replace(net=_send(s2, "QUERY>t")))
+
+
+def _source_steps(s: State, p: Protocol) -> Iterator[Step]:
+    src = s.src
+    if not src.up:
+        yield _source_recovery(s, p)
+        return
+    m = src.mode
+    # internal steps
+    if m == "streaming":
+        yield "source: precopy done, journal STOPPED", s._replace(src=src._replace(phase=STOPPED, mode="stopping"))
+    elif m == "stopping":
+        s2 = s._replace(src=src._replace(dom=PAUSED, mode="wait_prepared"))
+        yield "source: pause own copy, send last pages..COMMIT", s2._replace(net=_send(s2, "COMMIT>t"))
+    elif m == "prepared":
+        yield "source: rename own copy --migratedaway", s._replace(src=src._replace(name=AWAY, mode="renamed"))
+    elif m == "renamed":
+        yield "source: journal GO_SENT", s._replace(src=src._replace(phase=GO_SENT, mode="go_journaled"))
+    elif m == "go_journaled":
+        s2 = s._replace(src=src._replace(mode="wait_resumed"))
+        yield "source: send GO", s2._replace(net=_send(s2, "GO>t"))
+    elif m == "finishing":
+        s2 = s._replace(src=src._replace(phase=DONE, mode="done"))
+        yield "source: send DONE, journal DONE", s2._replace(net=_send(s2, "DONE>t"))
+    # timeouts
+    if m == "wait_prepared":
+        yield _source_rollback(s, p, "no PREPARED (timeout)")
+    elif m == "wait_resumed":
+        if p.resume_on_timeout_after_go:
+            s2 = s._replace(src=_resume_here(src)._replace(phase=ABORTED, mode="done"))
+            yield "source: no RESUMED (timeout): resume own copy [variant c]", s2
+        else:
+            s2 = s._replace(src=src._replace(mode="querying"))
+            yield "source: no RESUMED (timeout): keep copy paused, send QUERY", s2._replace(net=_send(s2, "QUERY>t"))
+    elif m == "querying":
+        if p.silence_is_aborted:
+            s2 = s._replace(src=_resume_here(src)._replace(phase=ABORTED, mode="done"))
+            yield "source: QUERY unanswered, taken for ABORTED: resume own copy [variant b]", s2
+        else:
+            yield "source: QUERY unanswered (timeout): send QUERY again", s._replace(net=_send(s, "QUERY>t"))
+    elif m == "dropping":
+        yield "source: no OUTCOME (timeout): send QUERY again", s._replace(net=_send(s, "QUERY>t"))
+    if p.retries_give_up and m in ("querying", "dropping"):
+        new_src = src._replace(mode="gave_up")
+        if m == "dropping" and src.phase == ABORTING:
+            new_src = new_src._replace(phase=ABORTED)
+        yield f"source: retry deadline passed, stop asking ({m}) [variant g]", s._replace(src=new_src)
+    # messages
+    for msg in s.net:
+        if msg.endswith(">s"):
+            yield _source_receives(s, p, msg[:-2])
+
+
+def _source_receives(s: State, p: Protocol, msg: str) -> Step:
+    src = s.src
+    m = src.mode
+    s1 = s._replace(net=_without(s, msg + ">s"))
+    if msg == "PREPARED" and m == "wait_prepared":
+        s2 = s1._replace(src=src._replace(phase=PREPARED, mode="prepared"))
+        return "source: PREPARED received, journal PREPARED", s2
+    if msg == "ABORT" and m in ("streaming", "stopping", "wait_prepared"):
+        return _source_rollback(s1, p, "target sent ABORT")
+    if msg == "RESUMED(ok)" and m in ("wait_resumed", "querying"):
+        return "source: RESUMED(ok): destroy own copy", s1._replace(src=src._replace(dom=ABSENT, mode="finishing"))
+    if msg == "RESUMED(failed)" and m in ("wait_resumed", "querying"):
+        s2 = s1._replace(src=_resume_here(src)._replace(phase=ABORTED, mode="done"))
+        return "source: RESUMED(failed): target dropped its copy, resume own, journal ABORTED", s2
+    if msg.startswith("OUTCOME(") and m in ("querying", "dropping"):
+        state = msg[len("OUTCOME(") : -1]
+        if m == "querying":
+            if state == "PREPARED":
+                s2 = s1._replace(src=src._replace(mode="wait_resumed"))
+                return "source: OUTCOME(PREPARED): send GO", s2._replace(net=_send(s2, "GO>t"))
+            if state == "RESUMED":
+                s2 = s1._replace(src=src._replace(dom=ABSENT, mode="finishing"))
+                return "source: OUTCOME(RESUMED): destroy own copy", s2
+            if state in ("ABORTED", "UNKNOWN"):
+                s2 = s1._replace(src=_resume_here(src)._replace(phase=ABORTED, mode="done"))
+                return f"source: OUTCOME({state}): target holds no copy, resume own, journal ABORTED", s2
+            return f"source: OUTCOME({state}): not settled, ask again later", s1
+        # dropping
+        if state == "PREPARED":
+            if p.drop_unconfirmed:
+                s2 = s1._replace(src=src._replace(phase=ABORTED, mode="done"))
+                return "source: OUTCOME(PREPARED): send ABORT, done [variant f]", s2._replace(net=_send(s2, "ABORT>t"))
+            return "source: OUTCOME(PREPARED): send ABORT", s1._replace(net=_send(s1, "ABORT>t"))
+        if state in ("ABORTED", "UNKNOWN"):
+            return f"source: OUTCOME({state}): target holds no copy, journal ABORTED", s1._replace(
+                src=src._replace(phase=ABORTED, mode="done"))
+        return f"source: OUTCOME({state}): not settled, ask again later", s1
+    return f"source: ignores {msg}", s1
+
+
+def _source_recovery(s: State, p: Protocol) -> Step:
+    """A restarted source: its journal and its copy, nothing else."""
+    src = s.src._replace(up=True)
+    ph = src.phase
+    if ph in BEFORE_GO or ph == ABORTING:
+        return _source_rollback(s._replace(src=src), p, f"restart at {ph}")
+    if ph == GO_SENT:
+        if p.silence_is_aborted:
+            s2 = s._replace(src=_resume_here(src)._replace(phase=ABORTED, mode="done"))
+            return "source: restart at GO_SENT, no migration in memory, taken for ABORTED [variant b]", s2
+        if p.give_up_without_copy and src.dom == ABSENT:
+            return "source: restart at GO_SENT, own copy gone: close it, ask nobody [variant d]", s._replace(
+                src=src._replace(phase=DONE, mode="done"))
+        s2 = s._replace(src=src._replace(mode="querying"))
+        return "source: restart at GO_SENT: keep copy paused, send QUERY", s2._replace(net=_send(s2, "QUERY>t"))
+    return f"source: restart at {ph}: nothing to do", s._replace(src=src._replace(mode="done"))
+
+
+# -- the target daemon ----------------------------------------------------------------
+
+#: target modes in which the prepared copy waits for the source's word
+_IN_DOUBT = ("prepared_journaled", "prepared")
+#: acting on GO: "resume:*" on the migration's connection (answers RESUMED when
+#: done); "recover:*" when a restarted daemon finishes it (no connection to
+#: answer on: the source learns it from a QUERY)
+_RESUME_MODES = ("resume:go", "resume:renamed", "resume:running")
+_RECOVER_MODES = ("recover:go", "recover:renamed", "recover:running")
+
+
+def _outcome(s: State, p: Protocol) -> str:
+    """The target's answer to QUERY: its journal plus what its hypervisor shows."""
+    t = s.tgt
+    if p.no_resuming_intent:
+        # at 81cf964 (outcome_of): PREPARED only while the copy is in
+        # memory's in_doubt table, which a resume leaves only after RESUMED.
+        if t.phase == PREPARED:
+            return "PREPARED" if t.mode in _IN_DOUBT + _RESUME_MODES else "ABORTED"
+        return {RESUMED: "RESUMED", ABORTED: "ABORTED"}.get(t.phase, "RECEIVING")
+    if t.phase == PREPARED:
+        if t.dom in COMPLETE and t.name == INCOMING:
+            return "PREPARED"
+        return "RECEIVING" if t.dom != ABSENT else "ABORTED"
+    if t.phase == RESUMING:
+        return "RECEIVING"  # not settled yet: ask again
+    if t.phase == RESUMED:
+        return "RESUMED"
+    if t.phase == ABORTED:
+        return "ABORTED" if t.dom == ABSENT else "RECEIVING"
+    return "RECEIVING"
+
+
+def _target_steps(s: State, p: Protocol) -> Iterator[Step]:
+    t = s.tgt
+    if not t.up:
+        yield _target_recovery(s, p)
+        return
+    m = t.mode
+    if m == "prepared_journaled":
+        s2 = s._replace(tgt=t._replace(mode="prepared"))
+        yield "target: send PREPARED", s2._replace(net=_send(s2, "PREPARED>s"))
+    elif m in _RESUME_MODES + _RECOVER_MODES:
+        how, step = m.split(":")
+        if step == "go":
+            yield "target: rename copy to its own name", s._replace(tgt=t._replace(name=NORMAL, mode=how + ":renamed"))
+        elif step == "renamed":
+            yield "target: resume copy", s._replace(tgt=t._replace(dom=RUNNING, mode=how + ":running"))
+        else:
+            after = "resumed" if how == "resume" else "done"
+            yield "target: journal RESUMED", s._replace(tgt=t._replace(phase=RESUMED, mode=after))
+    elif m == "resumed":
+        s2 = s._replace(tgt=t._replace(mode="done"))
+        yield "target: send RESUMED(ok)", s2._replace(net=_send(s2, "RESUMED(ok)>s"))
+    if m == "receiving":  # the reservation expires when the source goes quiet
+        s2 = s._replace(tgt=t._replace(dom=ABSENT, phase=ABORTED, mode="done"))
+        yield "target: source quiet (timeout): destroy partial copy, journal ABORTED, send ABORT", s2._replace(
+            net=_send(s2, "ABORT>s"))
+    for msg in s.net:
+        if msg.endswith(">t"):
+            yield _target_receives(s, p, msg[:-2])
+
+
+def _target_receives(s: State, p: Protocol, msg: str) -> Step:
+    t = s.tgt
+    m = t.mode
+    s1 = s._replace(net=_without(s, msg + ">t"))
+    if msg == "COMMIT" and m == "receiving":
+        return "target: COMMIT: copy complete, journal PREPARED", s1._replace(
+            tgt=t._replace(dom=PAUSED, phase=PREPARED, mode="prepared_journaled"))
+    if msg == "GO" and m in _IN_DOUBT and t.phase == PREPARED:
+        if p.no_resuming_intent:
+            return "target: GO (nothing journaled) [variant a]", s1._replace(tgt=t._replace(mode="resume:go"))
+        return "target: GO: journal RESUMING", s1._replace(tgt=t._replace(phase=RESUMING, mode="resume:go"))
+    if msg == "GO" and t.phase == RESUMED and m == "done":
+        return "target: GO again: already RESUMED, send RESUMED(ok)", s1._replace(net=_send(s1, "RESUMED(ok)>s"))
+    if msg == "ABORT" and (m == "receiving" or (m in _IN_DOUBT and t.phase == PREPARED)):
+        return "target: ABORT: destroy copy, journal ABORTED", s1._replace(
+            tgt=t._replace(dom=ABSENT, phase=ABORTED, mode="done"))
+    if msg == "QUERY":
+        answer = _outcome(s, p)
+        return f"target: QUERY: answer OUTCOME({answer})", s1._replace(net=_send(s1, f"OUTCOME({answer})>s"))
+    return f"target: ignores {msg}", s1
+
+
+def _target_recovery(s: State, p: Protocol) -> Step:
+    """A restarted target: its journal and its copy, nothing else."""
+    t = s.tgt._replace(up=True)
+    ph = t.phase
+    gone = t._replace(dom=ABSENT, phase=ABORTED, mode="done")
+    if p.no_resuming_intent:  # at 81cf964 (_recover_target)
+        if ph == PREPARED and t.dom != ABSENT and t.name == INCOMING:
+            kept = s._replace(tgt=t._replace(mode="prepared"))
+            return "target: restart at PREPARED: keep the --incoming copy paused", kept
+        if ph == RESUMED:
+            return "target: restart at RESUMED: nothing to do", s._replace(tgt=t._replace(mode="done"))
+        if t.name == INCOMING:
+            t = t._replace(dom=ABSENT)
+        return f"target: restart at {ph}: taken for aborted, journal ABORTED [variant a]", s._replace(
+            tgt=t._replace(phase=ABORTED, mode="done"))
+    if ph == RECEIVING:
+        return "target: restart at RECEIVING: destroy partial copy, journal ABORTED", s._replace(tgt=gone)
+    if ph == PREPARED:
+        if t.dom in COMPLETE and t.name == INCOMING:
+            kept = s._replace(tgt=t._replace(mode="prepared"))
+            return "target: restart at PREPARED: keep the --incoming copy paused", kept
+        if t.dom == ABSENT:
+            return "target: restart at PREPARED, copy gone: journal ABORTED", s._replace(tgt=gone)
+        # a renamed copy at PREPARED: GO was being acted on (no RESUMING in the model's intended run)
+    if ph in (PREPARED, RESUMING):
+        if t.dom == ABSENT:
+            return f"target: restart at {ph}, copy gone: journal ABORTED", s._replace(tgt=gone)
+        step = "recover:" + ("go" if t.name == INCOMING else "running" if t.dom == RUNNING else "renamed")
+        return f"target: restart at {ph}: finish the resume", s._replace(tgt=t._replace(phase=RESUMING, mode=step))
+    return f"target: restart at {ph}: nothing to do", s._replace(tgt=t._replace(mode="done"))
+
+
+# -- faults -----------------------------------------------------------------------------
+
+
+def _fault_steps(s: State, b: Bounds) -> Iterator[Step]:
+    t = s.tgt
+    if t.up and t.mode.endswith(":renamed") and s.resume_failures < b.max_resume_failures:
+        # The copy cannot run; destroying it lets the source resume its own.
+        # After a power loss that took the source's copy, that was the last one.
+        lost = s.lost or (s.power_losses > 0 and s.src.dom not in COMPLETE)
+        s2 = s._replace(tgt=t._replace(dom=ABSENT, phase=ABORTED, mode="done"),
+                        resume_failures=s.resume_failures + 1, lost=lost)
+        label = "FAULT: hypervisor fails to resume the target's copy: destroy it, journal ABORTED"
+        if t.mode == "resume:renamed":
+            yield label + ", send RESUMED(failed)", s2._replace(net=_send(s2, "RESUMED(failed)>s"))
+        else:
+            yield label, s2
+    if s.losses < b.max_losses:
+        for msg in sorted(s.net):
+            yield f"FAULT: {msg} lost", s._replace(net=_without(s, msg), losses=s.losses + 1)
+        if len(s.net) > 1:
+            yield "FAULT: link cut, everything in flight lost", s._replace(net=frozenset(), losses=s.losses + 1)
+    if s.crashes < b.max_crashes:
+        for side in ("src", "tgt"):
+            host: Host = getattr(s, side)
+            if not host.up:
+                continue
+            who = "source" if side == "src" else "target"
+            to_me = ">s" if side == "src" else ">t"
+            net = frozenset(m for m in s.net if not m.endswith(to_me))
+            down = host._replace(up=False, mode=DOWN)
+            crashed = s._replace(net=net, crashes=s.crashes + 1)
+            yield f"FAULT: {who} daemon crashes", crashed._replace(**{side: down})  # type: ignore[arg-type]
+            if b.power_loss and s.power_losses < 1 and host.dom != ABSENT:
+                dark = crashed._replace(power_losses=s.power_losses + 1, lost=s.lost or _loses_domain(s, side))
+                yield f"FAULT: {who} host loses power (its copy too)", dark._replace(
+                    **{side: down._replace(dom=ABSENT)})  # type: ignore[arg-type]
+
+
+def _loses_domain(s: State, side: str) -> bool:
+    """Does destroying ``side``'s copy lose the domain itself (not the protocol's fault)?
+
+    Yes if that copy was running (the other one is stale), if it was the
+    source's copy before GO (the source still owns the domain, and its
+    recovery rolls back to it), or if no other complete copy is left.
+    """
+    host: Host = getattr(s, side)
+    other: Host = s.tgt if side == "src" else s.src
+    if host.dom == RUNNING or other.dom not in COMPLETE:
+        return True
+    return side == "src" and host.phase in BEFORE_GO
+
+
+# -- properties ---------------------------------------------------------------------------
+
+
+def safety_violation(s: State) -> str | None:
+    """Checked in every state."""
+    if s.src.dom == RUNNING and s.tgt.dom == RUNNING:
+        return "two copies running"
+    if not s.lost and s.src.dom not in COMPLETE and s.tgt.dom not in COMPLETE:
+        return "no copy left that could run (domain lost)"
+    return None
+
+
+def quiescent_violation(s: State) -> str | None:
+    """Checked where no protocol step is left (both daemons up, link empty, recovery done)."""
+    copies = [h for h in (s.src, s.tgt) if h.dom != ABSENT]
+    leftovers = [h.dom + h.name for h in copies if h.dom != RUNNING or h.name != NORMAL]
+    if leftovers:
+        return "settled with a copy left behind: " + ", ".join(leftovers)
+    if not s.lost and len(copies) != 1:
+        return f"settled with {len(copies)} running copies"
+    if s.src.phase not in SOURCE_FINAL or s.tgt.phase not in TARGET_FINAL:
+        return f"settled with unfinished journals: source {s.src.phase}, target {s.tgt.phase}"
+    return None
+
+
+def protocol_steps(s: State, p: Protocol) -> list[Step]:
+    return [*_source_steps(s, p), *_target_steps(s, p)]
+
+
+# -- the search ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+    protocol: Protocol
+    bounds: Bounds
+    states: int
+    transitions: int
+    depth: int  # deepest level reached
+    exhausted: bool  # every state within the bounds was explored
+    seconds: float
+    violation: str | None = None
+    trace: list[tuple[str, State]] = dataclasses.field(default_factory=list)
+    #: settled states by how the move ended (see settled_as)
+    settled: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def summary(self) -> str:
+        scope = "all states within the bounds" if self.exhausted else f"stopped at depth {self.depth}"
+        verdict = f"VIOLATION: {self.violation} ({len(self.trace) - 1} steps)" if self.violation else "no violation"
+        ends = ", ".join(f"{n} {k}" for k, n in sorted(self.settled.items())) or "none"
+        return (f"{self.states} states, {self.transitions} transitions, depth {self.depth} "
+                f"({scope}), settled: {ends}; {self.seconds:.1f} s: {verdict}")
+
+    def format_trace(self) -> str:
+        lines = [f"counterexample: {self.violation}"]
+        for i, (label, state) in enumerate(self.trace):
+            lines.append(f"{i:3}. {label}")
+            lines.append(f"       {state.show()}")
+        return "\n".join(lines)
+
+
+def settled_as(s: State) -> str:
+    """How a settled state ended the move, for the summary."""
+    if s.tgt.dom == RUNNING:
+        return "moved"
+    if s.src.dom == RUNNING:
+        return "rolled back"
+    return "lost with a host"
+
+
+def check(protocol: Protocol = Protocol(), bounds: Bounds = Bounds(), *, settle: bool = True) -> Result:
+    """Breadth-first over every state within ``bounds``; the first violation (a shortest trace) ends it.
+
+    Safety (safety_violation) is checked in every state.  With ``settle``,
+    also every state with no protocol step left (quiescent_violation), and,
+    once the search has exhausted the bounds, that from every reachable state
+    the daemons can still settle without a further fault (no livelock).
+    """
+    t0 = time.monotonic()
+    ids: dict[State, int] = {INITIAL: 0}
+    states: list[State] = [INITIAL]
+    parent: list[tuple[int, str]] = [(-1, "initial: precopy under way, target holds a partial --incoming copy")]
+    # protocol successors, by id (for the liveness pass)
+    edges: list[list[int]] = []
+    depth_of = [0]
+    queue: deque[int] = deque([0])
+    transitions = 0
+    settled: dict[str, int] = {}
+    deepest = 0
+    exhausted = True
+
+    def finish(violation: str | None, at: int | None) -> Result:
+        trace: list[tuple[str, State]] = []
+        i = at if at is not None else -1
+        while i >= 0:
+            pi, label = parent[i]
+            trace.append((label, states[i]))
+            i = pi
+        trace.reverse()
+        return Result(protocol, bounds, len(states), transitions, deepest, exhausted,
+                      time.monotonic() - t0, violation, trace, settled)
+
+    bad = safety_violation(INITIAL)
+    if bad:
+        return finish(bad, 0)
+    while queue:
+        i = queue.popleft()
+        s = states[i]
+        d = depth_of[i]
+        deepest = max(deepest, d)
+        while len(edges) <= i:
+            edges.append([])
+        if d >= bounds.max_depth:
+            exhausted = False
+            continue
+        steps = protocol_steps(s, protocol)
+        if not steps:
+            bad = quiescent_violation(s) if settle else None
+            if bad:
+                return finish(bad, i)
+            end = settled_as(s)
+            settled[end] = settled.get(end, 0) + 1
+        succ: list[int] = []
+        for is_fault, (label, s2) in [(False, st) for st in steps] + [(True, st) for st in _fault_steps(s, bounds)]:
+            transitions += 1
+            j = ids.get(s2)
+            if j is None:
+                j = len(states)
+                ids[s2] = j
+                states.append(s2)
+                parent.append((i, label))
+                depth_of.append(d + 1)
+                bad = safety_violation(s2)
+                if bad:
+                    deepest = max(deepest, d + 1)
+                    return finish(bad, j)
+                queue.append(j)
+            if not is_fault:
+                succ.append(j)
+        edges[i] = succ
+    if settle and exhausted:
+        stuck = _cannot_settle(edges)
+        if stuck is not None:
+            return finish("cannot settle any more without a further fault (livelock)", stuck)
+    return finish(None, None)
+
+
+def _cannot_settle(edges: list[list[int]]) -> int | None:
+    """The first state (lowest id: nearest the start) from which no protocol-only path settles."""
+    preds: list[list[int]] = [[] for _ in edges]
+    for i, succ in enumerate(edges):
+        for j in succ:
+            preds[j].append(i)
+    good = [not succ for succ in edges]  # settled states (their quiescence was checked)
+    queue = deque(i for i, g in enumerate(good) if g)
+    while queue:
+        j = queue.popleft()
+        for i in preds[j]:
+            if not good[i]:
+                good[i] = True
+                queue.append(i)
+    for i, g in enumerate(good):
+        if not g:
+            return i
+    return None
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(VARIANTS)
+    for name in names:
+        for power in (False, True):
+            r = check(VARIANTS[name], Bounds(power_loss=power))
+            print(f"{name:8} power_loss={power!s:5}  {r.summary()}")
+            if r.violation:
+                print(r.format_trace())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
