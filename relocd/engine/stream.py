@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from relocd.engine.faults import record_points
 from relocd.engine.pages import page_buffers, scatter_pages, zero_pages
 from relocd.errors import ProtocolError, Reason, RelocdError
 from relocd.protocol.codec import (
@@ -94,6 +95,8 @@ class RecordChannel:
         #: part-way (a full socket buffer), and a stream driver's chunks and
         #: its round reports come from two threads (engine/streamed.py)
         self._send_lock = asyncio.Lock()
+        #: crash points (engine/faults.py): None unless a fault test watches them
+        self._points = record_points(conversation)
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -122,7 +125,11 @@ class RecordChannel:
         async with self._send_lock:
             self.conversation.send(record)  # out of turn: refused before anything is encoded
             data = encode(record)
+            if self._points is not None:
+                self._points.sending(record.TYPE)
             await self.transport.write([data])
+            if self._points is not None:
+                self._points.sent()
         self.bytes_sent += len(data)
 
     async def send_pages(
@@ -134,7 +141,11 @@ class RecordChannel:
         buffers.extend(page_buffers(memory, data_pfns))
         async with self._send_lock:
             self.conversation.send(PagesHeader(round_no, data_pfns, zero_pfns))
+            if self._points is not None:
+                self._points.sending(RecordType.PAGES)
             await self.transport.write(buffers)
+            if self._points is not None:
+                self._points.sent()
         n = len(header) + len(data_pfns) * PAGE_SIZE
         self.bytes_sent += n
         return n
@@ -157,6 +168,8 @@ class RecordChannel:
             body = await self._read_exactly(header.length)
             record = decode_body(header, body)
         self.conversation.receive(record)
+        if self._points is not None:
+            self._points.received(RecordType(header.type))
         return record
 
     async def recv_pages_into(self, header: PagesHeader, memory: memoryview) -> None:
