@@ -15,6 +15,11 @@ trigger, does one of:
 Only the first connection (the migration) is faulted: later connections
 (the source's recovery QUERY) pass through untouched, so the daemons can
 recover the way they would once a real network heals.
+
+Without a fault, ``raw=True`` forwards bytes as they come without parsing
+them (a TLS link), and ``cut_now()`` cuts every open link at a moment the
+caller picks (a daemon's crash point, ``crashpoints.py``); links opened
+afterwards pass, as once the network heals.
 """
 
 from __future__ import annotations
@@ -118,6 +123,10 @@ class _Link:
                     break
                 if self.stalled.is_set():
                     await asyncio.Event().wait()
+                if self.proxy.raw:
+                    writer.write(chunk)
+                    await writer.drain()
+                    continue
                 buf += chunk
                 out = bytearray()
                 while buf:
@@ -184,7 +193,11 @@ class _Link:
 class FaultProxy:
     """Listens on ``listen_host`` (a free port), forwards to ``upstream``; faults the first link."""
 
-    def __init__(self, listen_host: str, upstream: tuple[str, int], fault: Fault | None) -> None:
+    def __init__(
+        self, listen_host: str, upstream: tuple[str, int], fault: Fault | None, *, raw: bool = False
+    ) -> None:
+        assert not (raw and fault), "a raw proxy does not parse records, so it has no trigger"
+        self.raw = raw
         self.listen_host = listen_host
         self.upstream = upstream
         self.fault = fault
@@ -220,6 +233,13 @@ class FaultProxy:
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
         await asyncio.gather(*pumps, return_exceptions=True)
+
+    async def cut_now(self) -> int:
+        """Cut every open link now (both sides closed); returns how many were open."""
+        links = [link for link in self._links if not link.cut]
+        for link in links:
+            await link._cut()
+        return len(links)
 
     async def close(self) -> None:
         """Drop every link (stalled ones too) and stop listening."""
