@@ -5,8 +5,9 @@ Shared by ``test_fault_matrix.py`` (each cell once) and ``bench/fault_soak.py``
 
 * the domain (by uuid) is listed ``running`` exactly once across both daemons,
   and nowhere in any other state;
-* no ``NAME--incoming`` / ``NAME--migratedaway`` domain and no incoming
-  migration is left on either daemon;
+* no ``NAME--incoming`` / ``NAME--migratedaway`` domain, and no incoming or
+  outgoing migration, reservation or in-doubt migration is left on either
+  daemon (op ``status``'s counts, all 0);
 * its memory verifies (op ``check``);
 * it can migrate again, straight to the other host (so neither daemon holds a
   stale reservation, name or uuid for it).
@@ -102,6 +103,15 @@ async def _call(d: DaemonProc, op: str, **args: Any) -> Any:
     return await asyncio.wait_for(d.call(op, **args), 30)
 
 
+#: status counts that must all be 0 once a cell has settled
+LEFT_OVER = (
+    ("incoming", "incoming migration(s)"),
+    ("outgoing", "outgoing migration(s)"),
+    ("reservations", "reservation(s)"),
+    ("in_doubt", "in-doubt migration(s)"),
+)
+
+
 async def invariant_problems(a: DaemonProc, b: DaemonProc, uuid: str) -> tuple[list[str], DaemonProc | None]:
     """What is wrong right now (empty when the invariant holds), and the host running the domain."""
     problems: list[str] = []
@@ -118,10 +128,12 @@ async def invariant_problems(a: DaemonProc, b: DaemonProc, uuid: str) -> tuple[l
             elif x["uuid"] == uuid:
                 problems.append(f"{d.name} holds {x['name']} {x['state']}")
         status = await _call(d, "status")
-        if status.get("incoming"):
-            problems.append(f"{d.name} reports {status['incoming']} incoming migration(s)")
-        if status.get("outgoing"):
-            problems.append(f"{d.name} reports {status['outgoing']} outgoing migration(s)")
+        for key, what in LEFT_OVER:
+            count = status.get(key)
+            if count is None:
+                problems.append(f"{d.name}'s status has no {key!r} count")
+            elif count:
+                problems.append(f"{d.name} reports {count} {what}")
     if len(running) != 1:
         problems.append(f"domain running on {len(running)} hosts")
     return problems, running[0] if len(running) == 1 else None
