@@ -21,9 +21,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from relocd.engine.faults import crash_point
 from relocd.errors import RelocdError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Columns added after schema 1 (ALTER TABLE on an older journal), with their SQL type.
+_ADDED_COLUMNS = (
+    ("transport", "TEXT NOT NULL DEFAULT 'plain'"),
+    ("server_name", "TEXT"),
+    ("peer_identity", "TEXT"),
+)
+
+#: How the source reached the target, so a restarted daemon dials the same way.
+PLAIN = "plain"
+TLS = "tls"
 
 SOURCE = "source"
 TARGET = "target"
@@ -44,6 +55,7 @@ class Phase(str, enum.Enum):
     DONE = "done"
     # target
     RECEIVING = "receiving"
+    RESUMING = "resuming"  # GO received: renaming and resuming (journaled before either)
     RESUMED = "resumed"
     # both
     ABORTED = "aborted"
@@ -65,7 +77,7 @@ PHASE_ORDER: dict[str, tuple[Phase, ...]] = {
         Phase.GO_SENT,
         Phase.DONE,
     ),
-    TARGET: (Phase.RECEIVING, Phase.PREPARED, Phase.RESUMED),
+    TARGET: (Phase.RECEIVING, Phase.PREPARED, Phase.RESUMING, Phase.RESUMED),
 }
 
 
@@ -94,6 +106,12 @@ class JournalEntry:
     started_at: float
     updated_at: float
     finished_at: float | None
+    #: source: how it dialled the target (PLAIN or TLS; peer holds host:port)
+    transport: str = PLAIN
+    #: source: the name the target's certificate must carry (TLS only)
+    server_name: str | None = None
+    #: target: the source's TLS certificate identity, if it showed one
+    peer_identity: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -120,12 +138,13 @@ CREATE INDEX IF NOT EXISTS migrations_unfinished ON migrations (finished_at);
 
 _COLUMNS = (
     "migration_id, role, domain, uuid, peer, live, phase, outcome, error,"
-    " started_at, updated_at, finished_at"
+    " started_at, updated_at, finished_at, transport, server_name, peer_identity"
 )
 
 
 def _entry(row: tuple[object, ...]) -> JournalEntry:
-    (mid, role, domain, uuid, peer, live, phase, outcome, error, started, updated, finished) = row
+    (mid, role, domain, uuid, peer, live, phase, outcome, error, started, updated, finished,
+     transport, server_name, peer_identity) = row  # fmt: skip
     return JournalEntry(
         migration_id=str(mid),
         role=str(role),
@@ -139,6 +158,9 @@ def _entry(row: tuple[object, ...]) -> JournalEntry:
         started_at=float(started),  # type: ignore[arg-type]
         updated_at=float(updated),  # type: ignore[arg-type]
         finished_at=None if finished is None else float(finished),  # type: ignore[arg-type]
+        transport=str(transport),
+        server_name=None if server_name is None else str(server_name),
+        peer_identity=None if peer_identity is None else str(peer_identity),
     )
 
 
@@ -195,7 +217,12 @@ class Journal:
                 f"journal {self.path} is corrupted ({check}); move it aside to start a new one"
             )
         with self._transaction():
-            db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
+            db.executescript("BEGIN IMMEDIATE;" + _SCHEMA)
+            have = {str(r[1]) for r in db.execute("PRAGMA table_info(migrations)").fetchall()}
+            for column, sqltype in _ADDED_COLUMNS:
+                if column not in have:  # a schema-1 journal: its rows were all plain TCP
+                    db.execute(f"ALTER TABLE migrations ADD COLUMN {column} {sqltype}")
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -222,13 +249,26 @@ class Journal:
     # -- writes ---------------------------------------------------------------
 
     def begin(
-        self, migration_id: str, role: str, domain: str, uuid: str, peer: str, live: bool
+        self,
+        migration_id: str,
+        role: str,
+        domain: str,
+        uuid: str,
+        peer: str,
+        live: bool,
+        *,
+        transport: str = PLAIN,
+        server_name: str | None = None,
+        peer_identity: str | None = None,
     ) -> None:
         """Record a new migration in its role's first phase."""
+        if transport not in (PLAIN, TLS):
+            raise RelocdError(f"journal: unknown transport {transport!r}")
         if role not in ROLES:
             raise RelocdError(f"journal: unknown role {role!r}")
         now = self._clock()
         first = PHASE_ORDER[role][0]
+        crash_point(role, "journal:begin")
         with self._transaction() as db:
             db.execute("BEGIN IMMEDIATE")
             if db.execute(
@@ -236,9 +276,12 @@ class Journal:
             ).fetchone():
                 raise RelocdError(f"journal: migration {migration_id} is already recorded")
             db.execute(
-                f"INSERT INTO migrations ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,NULL,NULL,?,?,NULL)",
-                (migration_id, role, domain, uuid, peer, int(live), first.value, now, now),
+                f"INSERT INTO migrations ({_COLUMNS})"
+                " VALUES (?,?,?,?,?,?,?,NULL,NULL,?,?,NULL,?,?,?)",
+                (migration_id, role, domain, uuid, peer, int(live), first.value, now, now,
+                 transport, server_name, peer_identity),  # fmt: skip
             )
+        crash_point(role, "journal:begin:done")
 
     def set_phase(self, migration_id: str, phase: Phase) -> None:
         """Move a migration forward; on disk when this returns."""
@@ -256,10 +299,12 @@ class Journal:
                     f"journal: {entry.role} migration {migration_id} cannot go "
                     f"from {entry.phase} to {phase}"
                 )
+            crash_point(entry.role, f"journal:{phase}")
             db.execute(
                 "UPDATE migrations SET phase = ?, updated_at = ? WHERE migration_id = ?",
                 (phase.value, self._clock(), migration_id),
             )
+        crash_point(entry.role, f"journal:{phase}:done")
 
     def finish(self, migration_id: str, outcome: str, error: str | None = None) -> None:
         """Close a migration ("completed", "failed", "rolled-back"); once only."""
@@ -271,11 +316,13 @@ class Journal:
                     f"journal: migration {migration_id} already finished ({entry.outcome})"
                 )
             now = self._clock()
+            crash_point(entry.role, f"journal:finish:{outcome}")
             db.execute(
                 "UPDATE migrations SET outcome = ?, error = ?, updated_at = ?, finished_at = ?"
                 " WHERE migration_id = ?",
                 (outcome, error, now, now, migration_id),
             )
+        crash_point(entry.role, f"journal:finish:{outcome}:done")
 
     def _get_locked(self, migration_id: str) -> JournalEntry:
         row = self._db.execute(
