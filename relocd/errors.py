@@ -100,3 +100,9 @@ class DomainExists(RelocdError):
 
 class SaveFileError(RelocdError):
     """A savefile is truncated, corrupted, foreign or from a newer version."""
+
+
+class DomainBusy(RelocdError):
+    """Another operation holds the domain (one claim per domain, issue 11)."""
+
+    reason = Reason.BUSY

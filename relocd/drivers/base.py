@@ -155,6 +155,16 @@ class Domain(abc.ABC):
     @abc.abstractmethod
     async def resume(self) -> None: ...
 
+    async def undo_send(self) -> None:
+        """Roll back an outgoing send before GO: the domain runs here again.
+
+        For a paged domain that is a resume if the send paused it.  A driver
+        whose send does more (a Xen guest suspended by its save) overrides
+        this with its own undo; the engine never asks which it has.
+        """
+        if self.state == DomainState.PAUSED:
+            await self.resume()
+
     @abc.abstractmethod
     async def destroy(self) -> None:
         """Stop the guest and free its memory; idempotent."""

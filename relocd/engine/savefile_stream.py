@@ -103,7 +103,7 @@ class StreamSave:
         """The save failed: the domain runs again, as if never asked."""
         if not self.started:
             return
-        await self.domain.cancel_send()  # type: ignore[attr-defined]  # idempotent, as for rollback
+        await self.domain.undo_send()  # idempotent, as for a migration's rollback
         self.started = False
         await self.hooks.resumed_here(self.domain)
 

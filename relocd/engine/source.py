@@ -26,7 +26,7 @@ from relocd.drivers.base import MIGRATED_AWAY_SUFFIX, Domain
 from relocd.engine.faults import fault_point
 from relocd.engine.handshake import digest_algo_for, hello, host_id
 from relocd.engine.hooks import DomainHooks
-from relocd.engine.journal import Journal, Phase
+from relocd.engine.journal import PLAIN, Journal, Phase
 from relocd.engine.pages import (
     bitmap_to_pfns,
     iter_batches,
@@ -34,10 +34,11 @@ from relocd.engine.pages import (
     split_zero_pages,
 )
 from relocd.engine.policy import PrecopyPolicy, RateLimiter, RoundStats
+from relocd.engine.query import Backoff, Reconnect, ask
 from relocd.engine.result import MigrationResult, Progress, RoundReport, no_progress
 from relocd.engine.stream import PeerGone, RecordChannel
 from relocd.engine.streamed import carried_config, send_stream, uses_stream
-from relocd.errors import MigrationAborted, Reason, RelocdError, ReservationRefused
+from relocd.errors import MigrationAborted, ProtocolError, Reason, RelocdError, ReservationRefused
 from relocd.protocol.records import (
     Abort,
     Commit,
@@ -75,57 +76,59 @@ class SendOptions:
     #: pages per PAGES record: 8 MiB, half the default max frame
     batch_pages: int = 2048
     source_port: int | None = None
-    #: how long to keep asking the target after a lost link post-GO
+    #: how long a lost link post-GO is worked on before the operator is told
+    #: it is in doubt (relocd keeps asking after that, until the target answers)
     recovery_s: float = 30.0
+    #: how the target was dialled (journaled, so a restart dials the same way)
+    transport: str = PLAIN
+    server_name: str | None = None
 
 
-Reconnect = Callable[[], Awaitable[RecordChannel]]
 _T = TypeVar("_T")
 
 #: Background tasks telling a target to drop a prepared copy (kept referenced).
-_FOLLOW_UPS: set[asyncio.Task[bool]] = set()
+_FOLLOW_UPS: set[asyncio.Task[None]] = set()
 
 
 def new_migration_id() -> str:
     return str(uuidlib.uuid4())
 
 
-async def drop_prepared_copy(reconnect: Reconnect, migration_id: str, message: str, within_s: float) -> bool:
+async def drop_prepared_copy(reconnect: Reconnect, migration_id: str, message: str) -> None:
     """We gave up before GO: see that the target drops any prepared copy it holds.
 
     Asks (QUERY) until the target holds none (ABORTED, UNKNOWN) or holds a
-    prepared one and gets our ABORT, or ``within_s`` runs out; a target still
-    RECEIVING is asked again, as it may yet reach PREPARED.  True once resolved.
+    prepared one and takes our ABORT; a target still RECEIVING is asked
+    again, as it may yet reach PREPARED.  Never gives up: returns once the
+    target has confirmed (the caller then closes the journal entry).
     """
     lg = log.bind(migration_id=migration_id)
-    deadline = time.monotonic() + within_s
-    delay = 0.5  # let an ABORT sent on the old connection land first
+    backoff = Backoff(first=0.5)  # let an ABORT sent on the old connection land first
     while True:
-        await asyncio.sleep(delay)
+        await backoff.wait()
         try:
-            channel = await reconnect()
+            state, channel = await ask(reconnect, migration_id)
             try:
-                await hello(channel, Role.QUERY, migration_id)
-                await channel.send(Query(uuidlib.UUID(migration_id).bytes))
-                outcome = await channel.recv()
-                assert isinstance(outcome, Outcome)
-                if outcome.state == OutcomeState.PREPARED:
+                if state == OutcomeState.PREPARED:
                     await channel.send(Abort(Reason.CANCELLED, message[:200]))
-                    with contextlib.suppress(RelocdError, OSError, TimeoutError, AssertionError):
+                    with contextlib.suppress(RelocdError, OSError, TimeoutError):
                         async with asyncio.timeout(2):
                             await channel.recv()  # the target closes once it has dropped it
-                    lg.info("target told to drop its prepared copy")
-                    return True
-                if outcome.state in (OutcomeState.ABORTED, OutcomeState.UNKNOWN):
-                    return True
+                    # Confirmed only by asking again: a lost ABORT must not count.
+                    continue
+                if state in (OutcomeState.ABORTED, OutcomeState.UNKNOWN):
+                    lg.info("target holds no prepared copy")
+                    return
             finally:
                 await channel.close()
         except (RelocdError, OSError) as exc:
             lg.info("cannot reach the target yet to drop its prepared copy", error=str(exc))
-        if time.monotonic() + delay > deadline:
-            lg.error("target may still hold a prepared copy of a rolled-back migration")
-            return False
-        delay = min(delay * 2, 5.0)
+
+
+async def settle_abort(journal: Journal, reconnect: Reconnect, migration_id: str, message: str) -> None:
+    """A migration rolled back before GO: the entry closes once the target holds no copy."""
+    await drop_prepared_copy(reconnect, migration_id, message)
+    journal.finish(migration_id, "rolled-back", message)
 
 
 class SourceMigration:
@@ -165,10 +168,11 @@ class SourceMigration:
         self._renamed = False
         self._logging_dirty = False
         self._pending = np.empty(0, dtype=np.uint64)
-        #: a stream domain suspended by its driver: resumed with cancel_send(), not resume()
-        self._stream_suspended = False
         self._digest_algo = DigestAlgo.SHA256
         self._committed = False
+        #: set once with the interim result when a lost link post-GO has not
+        #: settled within recovery_s; the migration goes on asking
+        self.in_doubt_notice: asyncio.Future[MigrationResult] | None = None
 
     @classmethod
     def in_doubt(
@@ -196,9 +200,6 @@ class SourceMigration:
         )
         self.name = original_name
         self._we_paused = True
-        # After GO a stream domain is suspended by its driver's save (a Xen PV
-        # guest), not merely paused: rolling back must use the driver's undo.
-        self._stream_suspended = uses_stream(domain)
         self._renamed = domain.name != original_name
         return self
 
@@ -216,7 +217,10 @@ class SourceMigration:
             await fault_point("source", "hello")
             await self._reserve()
             await fault_point("source", "reserve")
-            self.journal.begin(self.mid, "source", self.name, self.domain.config.uuid, self.target, self.opts.live)
+            self.journal.begin(
+                self.mid, "source", self.name, self.domain.config.uuid, self.target, self.opts.live,
+                transport=self.opts.transport, server_name=self.opts.server_name,
+            )  # fmt: skip
             journaled = True
             self.journal.set_phase(self.mid, Phase.RESERVED)
             self.result.mark("reserved")
@@ -461,45 +465,57 @@ class SourceMigration:
         return self.result.finish("completed")
 
     async def _recover_after_go(self) -> MigrationResult:
-        """The link dropped after GO: keep our copy paused until the target tells."""
+        """The link dropped after GO: keep our copy paused until the target tells.
+
+        Asks until it answers, however long that takes; after ``recovery_s``
+        the interim in-doubt result goes to ``in_doubt_notice`` for whoever
+        waits on the operator's side.
+        """
         if self.channel is not None:
             await self.channel.close()
-        deadline = time.monotonic() + self.opts.recovery_s
-        delay = 0.2
+        told_at = time.monotonic() + self.opts.recovery_s
+        backoff = Backoff()
         last_error = "no answer"
-        while self.reconnect is not None and time.monotonic() < deadline:
+        while self.reconnect is not None:
             try:
-                channel = await self.reconnect()
-                await hello(channel, Role.QUERY, self.mid)
-                await channel.send(Query(uuidlib.UUID(self.mid).bytes))
-                outcome = await channel.recv()
-                assert isinstance(outcome, Outcome)
-                if outcome.state in (OutcomeState.RESUMED, OutcomeState.DONE):
-                    return await self._conclude_resumed_elsewhere(channel)
-                if outcome.state == OutcomeState.PREPARED:
-                    await channel.send(Go())
-                    answer = await channel.recv()
-                    assert isinstance(answer, Resumed)
-                    return await self._conclude(answer, channel)
-                if outcome.state in (OutcomeState.ABORTED, OutcomeState.UNKNOWN):
-                    # The target holds no copy (it never got GO, or dropped a
-                    # prepared domain): ours is the only one.
+                state, channel = await ask(self.reconnect, self.mid)
+                try:
+                    if state in (OutcomeState.RESUMED, OutcomeState.DONE):
+                        return await self._conclude_resumed_elsewhere(channel)
+                    if state == OutcomeState.PREPARED:
+                        await channel.send(Go())
+                        answer = await channel.recv()
+                        if not isinstance(answer, Resumed):
+                            raise ProtocolError(f"{type(answer).__name__} where RESUMED was due")
+                        return await self._conclude(answer, channel)
+                    if state in (OutcomeState.ABORTED, OutcomeState.UNKNOWN):
+                        # The target holds no copy (it never got GO, or dropped
+                        # a prepared domain): ours is the only one.
+                        await self._restore_local()
+                        self.journal.finish(self.mid, "rolled-back", "target reports no copy")
+                        return self.result.finish("rolled-back", "link lost; target holds no copy, resumed here")
+                    last_error = f"target reports {state.name}"
+                finally:
                     await channel.close()
-                    await self._restore_local()
-                    self.journal.finish(self.mid, "rolled-back", "target reports no copy")
-                    return self.result.finish("rolled-back", "link lost; target holds no copy, resumed here")
-                last_error = f"target reports {outcome.state.name}"
-                await channel.close()
             except (RelocdError, OSError) as exc:
                 last_error = exc.message if isinstance(exc, RelocdError) else str(exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            if time.monotonic() >= told_at:
+                self._tell_in_doubt(last_error)
+            await backoff.wait()
+        return self._tell_in_doubt(last_error)
+
+    def _tell_in_doubt(self, last_error: str) -> MigrationResult:
+        """The interim answer for the operator: in doubt, kept paused, still asking."""
         msg = (
             f"in doubt: link to {self.target} lost after GO ({last_error}); "
-            f"{self.name}{MIGRATED_AWAY_SUFFIX} kept paused here until the target answers"
+            f"{self.name}{MIGRATED_AWAY_SUFFIX} kept paused here; relocd keeps asking the target"
         )
-        self.log.error("migration in doubt", error=last_error)
-        return self.result.finish("failed", msg)
+        interim = dataclasses.replace(self.result).finish("failed", msg)
+        notice = self.in_doubt_notice
+        if notice is not None and not notice.done():
+            self.log.error("migration in doubt", error=last_error)
+            notice.set_result(interim)
+        return interim
 
     async def _conclude_resumed_elsewhere(self, channel: RecordChannel) -> MigrationResult:
         if self._paused_at is not None:
@@ -510,7 +526,6 @@ class SourceMigration:
             await channel.send(Done())
         except (RelocdError, OSError):
             pass
-        await channel.close()
         self.journal.set_phase(self.mid, Phase.DONE)
         self.journal.finish(self.mid, "completed")
         return self.result.finish("completed")
@@ -529,16 +544,21 @@ class SourceMigration:
                 pass
         await self.channel.close()
         await self._restore_local()
-        if journaled:
+        if not journaled:
+            return
+        if not self._committed or self.reconnect is None:
             self.journal.finish(self.mid, "rolled-back", msg)
-        if self._committed and self.reconnect is not None:
-            # The target may hold a prepared copy and wait for GO or ABORT that
-            # the dead link will never carry: tell it on a new connection.
-            task = asyncio.get_running_loop().create_task(
-                drop_prepared_copy(self.reconnect, self.mid, f"source gave up: {msg}", self.opts.recovery_s)
-            )
-            _FOLLOW_UPS.add(task)
-            task.add_done_callback(_FOLLOW_UPS.discard)
+            return
+        # The target may hold a prepared copy and wait for GO or ABORT that
+        # the dead link will never carry: tell it on a new connection.  The
+        # journal entry stays open (ABORTED) until the target confirms, so a
+        # restart picks the telling up again.
+        self.journal.set_phase(self.mid, Phase.ABORTED)
+        task = asyncio.get_running_loop().create_task(
+            settle_abort(self.journal, self.reconnect, self.mid, f"source gave up: {msg}")
+        )
+        _FOLLOW_UPS.add(task)
+        task.add_done_callback(_FOLLOW_UPS.discard)
 
     async def _restore_local(self) -> None:
         dom = self.domain
@@ -552,10 +572,6 @@ class SourceMigration:
             await dom.rename(self.name)
             self._renamed = False
         if self._we_paused:
-            if self._stream_suspended:
-                await dom.cancel_send()  # type: ignore[attr-defined]
-                self._stream_suspended = False
-            else:
-                await dom.resume()
+            await dom.undo_send()  # the driver's own undo (a resume, or more)
             self._we_paused = False
             await self.hooks.resumed_here(dom)

@@ -100,8 +100,7 @@ async def send_stream(mig: SourceMigration) -> None:
     else:
         await stop(1)
     await dom.send_stream(live, mig.opts.policy, sink, on_round)
-    # The domain is suspended now: a rollback must resume it the driver's way.
-    mig._stream_suspended = True
+    # The domain is suspended now: a rollback undoes it (Domain.undo_send).
     mig._we_paused = True
     await mig.hooks.paused(dom)
     await fault_point("source", "stop-and-copy")

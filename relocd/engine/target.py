@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid as uuidlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import structlog
 
 from relocd.config.domain import config_from_sxp
-from relocd.drivers.base import INCOMING_SUFFIX, Domain, DomainConfig, Driver
+from relocd.drivers.base import INCOMING_SUFFIX, Domain, DomainConfig, DomainState, Driver
+from relocd.engine.claims import ClaimTable
 from relocd.engine.faults import fault_point
 from relocd.engine.hooks import DomainHooks
 from relocd.engine.journal import Journal, Phase
@@ -31,6 +32,7 @@ from relocd.engine.handshake import answer_hello, digest_algo_for, host_id
 from relocd.engine.stream import PeerGone, RecordChannel
 from relocd.engine.streamed import receive_stream, uses_stream
 from relocd.errors import (
+    AccessDenied,
     ConfigError,
     MigrationAborted,
     ProtocolError,
@@ -76,9 +78,21 @@ class TargetContext:
     in_doubt: dict[str, Domain] = dataclasses.field(default_factory=dict)
     #: domains being received, by migration id (for `relocd list`)
     incoming: dict[str, Domain] = dataclasses.field(default_factory=dict)
+    #: migrations whose GO is being acted on, by id: a second GO (a QUERY's
+    #: retry racing the first) waits for the first one's answer instead of
+    #: resuming again
+    resuming: dict[str, asyncio.Future[Resumed]] = dataclasses.field(default_factory=dict)
+    #: one claim per domain for every operation on it (see engine/claims.py)
+    claims: ClaimTable = dataclasses.field(default_factory=ClaimTable)
 
     def all_domains(self) -> list[Domain]:
         return [d for drv in self.drivers.values() for d in drv.domains()]
+
+    def find_uuid(self, uuid: str) -> Domain | None:
+        for d in self.all_domains():
+            if d.config.uuid == uuid:
+                return d
+        return None
 
 
 class TargetSession:
@@ -90,6 +104,7 @@ class TargetSession:
         ctx: TargetContext,
         *,
         peer: str,
+        peer_identity: str | None = None,
         max_frame: int = 16 << 20,
         idle_timeout: float | None = None,
         max_incoming: int = 4,
@@ -98,6 +113,8 @@ class TargetSession:
         self.channel = channel
         self.ctx = ctx
         self.peer = peer
+        #: the source's TLS certificate identity (None over plain TCP)
+        self.peer_identity = peer_identity
         self.max_frame = max_frame
         self.idle_timeout = idle_timeout
         self.max_incoming = max_incoming
@@ -108,6 +125,8 @@ class TargetSession:
         self.request: ReservationRequest | None = None
         self._reserved = False
         self._prepared = False
+        #: this session wrote the journal entry for self.mid (and may close it)
+        self._journaled = False
         self._hello_sent = False
         self.digest_algo = DigestAlgo.SHA256
 
@@ -138,6 +157,12 @@ class TargetSession:
 
     async def _receive(self) -> None:
         ch = self.channel
+        if self.ctx.journal.get(self.mid) is not None:
+            # A replayed or forged HELLO: the entry belongs to another session
+            # (live or finished); refuse without touching it.
+            raise MigrationAborted(
+                f"migration id {self.mid} is already known here", reason=Reason.PROTOCOL
+            )
         record = await ch.recv()
         assert isinstance(record, Reserve)
         await self._reserve(record)
@@ -168,10 +193,13 @@ class TargetSession:
             self.domain = None  # not ours to clean up any more
             return
         if isinstance(decision, Abort):
-            raise MigrationAborted(f"source aborted: {decision.message}", reason=decision.reason)
-        assert isinstance(decision, Go)
+            await self._drop_prepared(self.mid, f"source aborted: {decision.message}")
+            return
+        if not isinstance(decision, Go):
+            raise ProtocolError(f"{type(decision).__name__} where GO or ABORT was due")
         await fault_point("target", "go")
-        await self._go(domain, ch)
+        self.domain = None  # from GO on, _go owns the copy's fate
+        await self._go(self.mid, ch)
 
     async def _receive_pages(self, domain: Domain) -> Domain:
         """From CONFIG to COMMIT: pages straight into the domain built at RESERVE."""
@@ -222,13 +250,15 @@ class TargetSession:
         ctx = self.ctx
         driver = ctx.drivers.get(req.driver)
         try:
+            if driver is None:
+                raise ReservationRefused(f"driver {req.driver!r} is not available on this host", reason=Reason.DRIVER)
+            caps = await driver.capabilities()
+            # From here to reservations.add there is no await: concurrent
+            # RESERVEs see each other's reservations, never the same free room.
             if len(ctx.reservations.all()) >= self.max_incoming:
                 raise ReservationRefused(
                     f"too many incoming migrations (limit {self.max_incoming})", reason=Reason.BUSY
                 )
-            if driver is None:
-                raise ReservationRefused(f"driver {req.driver!r} is not available on this host", reason=Reason.DRIVER)
-            caps = await driver.capabilities()
             domains = ctx.all_domains()
             if uses_stream(driver) and req.host_id is not None and req.host_id == host_id():
                 # Two daemons on one hypervisor (a lab, or a daemon per dom0
@@ -250,7 +280,10 @@ class TargetSession:
         ctx.reservations.add(self.mid, req)
         self.request = req
         self._reserved = True
-        ctx.journal.begin(self.mid, "target", req.name, req.uuid, self.peer, req.live)
+        ctx.journal.begin(
+            self.mid, "target", req.name, req.uuid, self.peer, req.live, peer_identity=self.peer_identity
+        )
+        self._journaled = True
         try:
             # Set the memory aside for real: build the domain, paused and
             # empty, before the source commits to anything.
@@ -310,49 +343,70 @@ class TargetSession:
             raise ProtocolError("domain config does not match the reservation")
         return config
 
-    async def _go(self, domain: Domain, channel: RecordChannel) -> None:
-        """GO received: become the one running copy."""
-        assert self.request is not None or domain.name.endswith(INCOMING_SUFFIX)
-        final_name = domain.name.removesuffix(INCOMING_SUFFIX)
-        details: dict[str, object] = {}
-        try:
-            await domain.rename(final_name)
-            await self.ctx.hooks.before_resume(domain)
-            await domain.resume()
-        except RelocdError as exc:
-            # Could not resume: destroy ours so the source may resume its own.
-            self.log.error("resume failed after GO", error=exc.message)
-            await domain.destroy()
-            await self.ctx.hooks.destroyed(domain)
-            self._forget(domain)
-            self.ctx.journal.set_phase(self.mid, Phase.ABORTED)
-            self.ctx.journal.finish(self.mid, "failed", exc.message)
-            await channel.send(Resumed(False, {"error": exc.message}))
+    async def _go(self, mid: str, channel: RecordChannel) -> None:
+        """GO received (on the migration's connection or after a QUERY): become the one running copy.
+
+        Idempotent by state: the journal moves PREPARED -> RESUMING before the
+        first await, so a second GO for the same migration finds RESUMING or
+        RESUMED and gets the first one's answer instead of a second resume.
+        """
+        journal = self.ctx.journal
+        entry = journal.get(mid)
+        running = self.ctx.resuming.get(mid)
+        if running is not None:
+            answer = await asyncio.shield(running)
+        elif entry is not None and entry.phase == Phase.PREPARED and not entry.finished:
+            journal.set_phase(mid, Phase.RESUMING)  # the intent, before rename and resume
+            future: asyncio.Future[Resumed] = asyncio.get_running_loop().create_future()
+            self.ctx.resuming[mid] = future
+            try:
+                answer = await self._resume_prepared(mid)
+                future.set_result(answer)
+            except BaseException as exc:
+                future.set_exception(exc)
+                future.exception()  # retrieved: a waiter may not exist
+                raise
+            finally:
+                self.ctx.resuming.pop(mid, None)
+        elif entry is not None and entry.phase == Phase.RESUMED:
+            answer = Resumed(True, {"repeated": True})
+        else:
+            raise MigrationAborted(
+                f"GO for migration {mid}, which is {entry.phase if entry else 'unknown'} here",
+                reason=Reason.PROTOCOL,
+            )
+        await channel.send(answer)
+        if not answer.ok:
             return
-        self.ctx.journal.set_phase(self.mid, Phase.RESUMED)
-        self._forget(domain)
-        self.log.info("domain resumed", domain=final_name)
-        try:
-            details = await self.ctx.hooks.after_resume(domain)
-        except Exception as exc:  # an announce failure never undoes a resume
-            self.log.exception("after-resume hook failed")
-            details = {"announce_error": str(exc)}
-        await channel.send(Resumed(True, details))
         await fault_point("target", "resumed")
         try:
             done = await channel.recv()
-            assert isinstance(done, Done)
+            if not isinstance(done, Done):
+                raise ProtocolError(f"{type(done).__name__} where DONE was due")
         except (RelocdError, OSError):
             pass  # we run the domain either way; DONE only tidies the journal
-        self.ctx.journal.finish(self.mid, "completed")
+        entry = journal.get(mid)
+        if entry is not None and not entry.finished:
+            journal.finish(mid, "completed")
 
-    def _forget(self, domain: Domain) -> None:
-        self.ctx.in_doubt.pop(self.mid, None)
-        self.ctx.incoming.pop(self.mid, None)
-        if self._reserved:
-            self.ctx.reservations.release(self.mid)
+    async def _resume_prepared(self, mid: str) -> Resumed:
+        """RESUMING is journaled: rename, resume, journal RESUMED (or undo and ABORTED)."""
+        domain = self.ctx.in_doubt.get(mid) or self.ctx.incoming.get(mid)
+        if domain is None:
+            entry = self.ctx.journal.get(mid)
+            domain = self.ctx.find_uuid(entry.uuid) if entry is not None else None
+        if domain is None:
+            self.ctx.journal.set_phase(mid, Phase.ABORTED)
+            self.ctx.journal.finish(mid, "failed", "prepared domain vanished before GO")
+            self._release(mid)
+            return Resumed(False, {"error": "prepared domain vanished before GO"})
+        return await finish_resume(self.ctx, mid, domain, self.log, release=self._release)
+
+    def _release(self, mid: str) -> None:
+        release_incoming(self.ctx, mid)
+        if mid == self.mid:
             self._reserved = False
-        self.domain = None
+            self.domain = None
 
     # -- recovery queries --------------------------------------------------------
 
@@ -362,6 +416,14 @@ class TargetSession:
         assert isinstance(query, Query)
         mid = str(uuidlib.UUID(bytes=query.migration_id))
         self.mid = mid
+        self.log = self.log.bind(migration_id=mid)
+        entry = self.ctx.journal.get(mid)
+        if entry is not None and not self._bound_to_peer(entry.peer, entry.peer_identity):
+            # Only the host that reserved a migration may ask about it or
+            # decide it; anyone else learns nothing (not even UNKNOWN, which
+            # would tell a real source to resume its own copy).
+            self.log.warning("recovery query refused: not the migration's source", bound_to=entry.peer)
+            raise AccessDenied(f"migration {mid} belongs to another peer", reason=Reason.ACCESS)
         state = outcome_of(self.ctx, mid)
         self.log.info("recovery query", state=state.name)
         await ch.send(Outcome(query.migration_id, state))
@@ -371,23 +433,35 @@ class TargetSession:
             decision = await ch.recv()
         except PeerGone:
             return
-        domain = self.ctx.in_doubt.get(mid)
-        if domain is None:
-            raise MigrationAborted("prepared domain vanished", reason=Reason.INTERNAL)
         if isinstance(decision, Abort):
-            self.log.info("source aborted an in-doubt migration", error=decision.message)
+            if self.ctx.resuming.get(mid) is not None:
+                raise MigrationAborted("ABORT after GO", reason=Reason.PROTOCOL)
+            await self._drop_prepared(mid, decision.message)
+            return
+        if isinstance(decision, Done):
+            return
+        if not isinstance(decision, Go):
+            raise ProtocolError(f"{type(decision).__name__} where GO or ABORT was due")
+        await self._go(mid, ch)
+
+    def _bound_to_peer(self, peer: str, identity: str | None) -> bool:
+        """Is this connection from the migration's source (address, and certificate if it had one)?"""
+        if identity is not None and identity != self.peer_identity:
+            return False
+        return peer == self.peer
+
+    async def _drop_prepared(self, mid: str, message: str) -> None:
+        """The source decided ABORT for a prepared copy: destroy it, free its room."""
+        self.log.info("source aborted an in-doubt migration", error=message)
+        entry = self.ctx.journal.get(mid)
+        domain = self.ctx.in_doubt.get(mid) or (self.ctx.find_uuid(entry.uuid) if entry else None)
+        if domain is not None and domain.name.endswith(INCOMING_SUFFIX):
             await domain.destroy()
             await self.ctx.hooks.destroyed(domain)
-            self.domain = None
-            self.ctx.in_doubt.pop(mid, None)
-            self.ctx.incoming.pop(mid, None)
-            self.ctx.reservations.release(mid)
+        self._release(mid)
+        if entry is not None and not entry.finished:
             self.ctx.journal.set_phase(mid, Phase.ABORTED)
-            self.ctx.journal.finish(mid, "rolled-back", decision.message)
-            return
-        assert isinstance(decision, Go)
-        self._reserved = mid in {r.migration_id for r in self.ctx.reservations.all()}
-        await self._go(domain, ch)
+            self.ctx.journal.finish(mid, "rolled-back", message)
 
     # -- failure ---------------------------------------------------------------------
 
@@ -406,6 +480,13 @@ class TargetSession:
                     await self.channel.send(Abort(reason, msg[:200]))
             except (RelocdError, OSError, TimeoutError, AssertionError):
                 pass
+        entry = self.ctx.journal.get(self.mid) if self._journaled else None
+        if entry is not None and entry.phase in (Phase.PREPARED, Phase.RESUMING, Phase.RESUMED):
+            # Past PREPARED only the source decides (GO or ABORT, here or on a
+            # later QUERY): keep the prepared copy and its reservation.
+            if entry.phase == Phase.RESUMED and not entry.finished:
+                self.ctx.journal.finish(self.mid, "completed", f"after resume: {msg}")
+            return
         domain = self.domain
         if domain is not None:
             try:
@@ -419,31 +500,88 @@ class TargetSession:
         if self._reserved:
             self.ctx.reservations.release(self.mid)
             self._reserved = False
-        entry = self.ctx.journal.get(self.mid) if self.mid else None
         if entry is not None and not entry.finished:
-            if entry.phase == Phase.RESUMED:
-                # The domain runs here; only the courtesy after it failed.
-                self.ctx.journal.finish(self.mid, "completed", f"after resume: {msg}")
-            elif entry.role == "target" and not (entry.phase == Phase.PREPARED and self.mid in self.ctx.in_doubt):
-                self.ctx.journal.set_phase(self.mid, Phase.ABORTED)
-                self.ctx.journal.finish(self.mid, "rolled-back", msg)
+            self.ctx.journal.set_phase(self.mid, Phase.ABORTED)
+            self.ctx.journal.finish(self.mid, "rolled-back", msg)
+
+
+def release_incoming(ctx: TargetContext, mid: str) -> None:
+    """The migration has settled here: forget its copy and free its room."""
+    ctx.in_doubt.pop(mid, None)
+    ctx.incoming.pop(mid, None)
+    ctx.reservations.release(mid)
+
+
+async def finish_resume(
+    ctx: TargetContext,
+    mid: str,
+    domain: Domain,
+    lg: structlog.typing.FilteringBoundLogger,
+    *,
+    release: Callable[[str], None],
+) -> Resumed:
+    """RESUMING is on disk: make ``domain`` the running copy, then journal RESUMED.
+
+    Also what a restarted target does with a migration it finds at RESUMING
+    (the rename and the resume may or may not have happened): each step is
+    skipped when the hypervisor shows it done.
+    """
+    final_name = domain.name.removesuffix(INCOMING_SUFFIX)
+    try:
+        if domain.name != final_name:
+            await domain.rename(final_name)
+        if domain.state != DomainState.RUNNING:
+            await ctx.hooks.before_resume(domain)
+            await domain.resume()
+    except RelocdError as exc:
+        # Could not resume: destroy ours so the source may resume its own.
+        lg.error("resume failed after GO", error=exc.message)
+        await domain.destroy()
+        await ctx.hooks.destroyed(domain)
+        release(mid)
+        ctx.journal.set_phase(mid, Phase.ABORTED)
+        ctx.journal.finish(mid, "failed", exc.message)
+        return Resumed(False, {"error": exc.message})
+    ctx.journal.set_phase(mid, Phase.RESUMED)
+    release(mid)
+    lg.info("domain resumed", domain=final_name)
+    try:
+        details = await ctx.hooks.after_resume(domain)
+    except Exception as exc:  # an announce failure never undoes a resume
+        lg.exception("after-resume hook failed")
+        details = {"announce_error": str(exc)}
+    return Resumed(True, details)
 
 
 def outcome_of(ctx: TargetContext, mid: str) -> OutcomeState:
-    """What this daemon knows about a migration, for a QUERY."""
+    """What this host knows about a migration, for a QUERY: journal plus hypervisor.
+
+    Never inferred from what memory lacks: a PREPARED entry whose copy is
+    not in ``in_doubt`` is looked up by uuid, and only a copy that is truly
+    gone answers ABORTED.  RESUMING (GO being acted on, or a restarted
+    daemon finishing it) answers RECEIVING: not settled, ask again.
+    """
     entry = ctx.journal.get(mid)
     if entry is None:
         return OutcomeState.UNKNOWN
     phase = entry.phase
     if entry.role == "target":
-        if phase == Phase.PREPARED and mid in ctx.in_doubt:
-            return OutcomeState.PREPARED
+        if phase == Phase.PREPARED and not entry.finished:
+            if mid in ctx.in_doubt:
+                return OutcomeState.PREPARED
+            dom = ctx.find_uuid(entry.uuid)
+            if dom is None:
+                return OutcomeState.ABORTED  # prepared, then lost with its host
+            if dom.name.endswith(INCOMING_SUFFIX):
+                ctx.in_doubt[mid] = dom
+                return OutcomeState.PREPARED
+            return OutcomeState.RECEIVING  # renamed: a resume under way; recovery settles it
+        if phase == Phase.RESUMING:
+            return OutcomeState.RECEIVING
         if phase == Phase.RESUMED:
             return OutcomeState.RESUMED
         if phase == Phase.ABORTED:
             return OutcomeState.ABORTED
-        if phase == Phase.PREPARED:
-            return OutcomeState.ABORTED  # prepared but the domain is gone
         return OutcomeState.RECEIVING
     if phase == Phase.DONE:
         return OutcomeState.DONE

@@ -130,7 +130,7 @@ class Daemon:
             except PeerGone as exc:
                 log.warning("connection refused: TLS handshake failed", peer=peer, error=exc.message)
                 return
-            await self._serve_transport(transport, peer)
+            await self._serve_transport(transport, peer, peer_identity=transport.peer_identity())
 
         sock = bind_socket(s.relocation_address, s.relocation_ssl_port)
         listener = RelocationListener(
@@ -164,7 +164,9 @@ class Daemon:
     async def _serve_peer(self, sock: socket.socket, peer: str) -> None:
         await self._serve_transport(SocketTransport(sock), peer)
 
-    async def _serve_transport(self, transport: ByteTransport, peer: str) -> None:
+    async def _serve_transport(
+        self, transport: ByteTransport, peer: str, *, peer_identity: str | None = None
+    ) -> None:
         assert self.ctx is not None
         s = self.settings
         channel = RecordChannel(
@@ -177,6 +179,7 @@ class Daemon:
             channel,
             self.ctx,
             peer=peer,
+            peer_identity=peer_identity,
             max_frame=s.max_frame,
             idle_timeout=s.idle_timeout,
             max_incoming=s.max_incoming,

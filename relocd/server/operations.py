@@ -23,11 +23,13 @@ from relocd.drivers.base import (
     DomainConfig,
     DomainState,
 )
+from relocd.engine.claims import Claim, ClaimTable
+from relocd.engine.journal import PLAIN, TLS, Phase
 from relocd.engine.policy import make_policy
 from relocd.engine.result import MigrationResult
 from relocd.engine.source import SendOptions, SourceMigration, new_migration_id
 from relocd.engine.stream import ByteTransport, RecordChannel
-from relocd.errors import ConfigError, DomainExists, DomainNotFound, DriverError, RelocdError
+from relocd.errors import ConfigError, DomainBusy, DomainExists, DomainNotFound, DriverError, RelocdError
 from relocd.protocol.records import Role
 from relocd.protocol.state import Conversation
 from relocd.server import saveops
@@ -87,8 +89,14 @@ class Operations:
                 return d
         raise DomainNotFound(f"no domain named {name!r}")
 
+    @property
+    def claims(self) -> ClaimTable:
+        assert self.d.ctx is not None
+        return self.d.ctx.claims
+
     def _state_of(self, dom: Domain) -> str:
-        if dom.config.uuid in self.outgoing:
+        claim = self.claims.get(dom.config.uuid)
+        if claim is not None and claim.moving:
             return DomainState.MIGRATING.value
         if dom.name.endswith(INCOMING_SUFFIX):
             return DomainState.INCOMING.value
@@ -117,9 +125,21 @@ class Operations:
             "outgoing": len(self.outgoing),
             "incoming": len(self.d.ctx.incoming) if self.d.ctx else 0,
             "reservations": len(self.d.ctx.reservations.all()) if self.d.ctx else 0,
-            "in_doubt": len(self.d.ctx.in_doubt) if self.d.ctx else 0,
+            **self._in_doubt_counts(),
             "state_dir": str(s.state_dir),
         }
+
+    def _in_doubt_counts(self) -> dict[str, int]:
+        """Work not yet settled with a peer: prepared copies here, and our
+        migrations still asking their target (after GO, or to drop a copy)."""
+        incoming = len(self.d.ctx.in_doubt) if self.d.ctx else 0
+        journal = self.d.journal
+        outgoing = 0
+        if journal is not None:
+            outgoing = sum(
+                1 for e in journal.unfinished("source") if e.phase in (Phase.GO_SENT, Phase.ABORTED)
+            )
+        return {"in_doubt": incoming + outgoing, "in_doubt_incoming": incoming, "in_doubt_outgoing": outgoing}
 
     async def list(self, args: dict[str, Any], sink: Any) -> list[dict[str, Any]]:
         out = []
@@ -173,42 +193,49 @@ class Operations:
         log.info("domain created", domain=name, memory_mib=config.memory_mib, driver=driver_name)
         return {"name": dom.name, "uuid": dom.config.uuid, "state": dom.state.value}
 
-    async def destroy(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
-        dom = self.find(arg(args, "name", str))
-        if dom.config.uuid in self.outgoing:
-            raise RelocdError(f"{dom.name} is being migrated; wait for it to finish")
+    def claim_domain(self, name: str, op: str, *, moving: bool = False) -> tuple[Domain, Claim]:
+        """The named domain, claimed for ``op`` (never awaits; DomainBusy names the holder)."""
+        dom = self.find(name)
         if dom.name.endswith(INCOMING_SUFFIX):
-            raise RelocdError(f"{dom.name} is an incoming migration; it is cleaned up if the migration fails")
-        await dom.destroy()
-        await self.hooks.destroyed(dom)
+            raise DomainBusy(f"{dom.name} is an incoming migration; relocd decides what becomes of it")
+        if dom.name.endswith(MIGRATED_AWAY_SUFFIX):
+            raise DomainBusy(f"{dom.name} is part of a migration; relocd decides when it runs")
+        return dom, self.claims.take(dom.config.uuid, dom.name, op, moving=moving)
+
+    async def destroy(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
+        dom, claim = self.claim_domain(arg(args, "name", str), "destroy")
+        with claim:
+            await dom.destroy()
+            await self.hooks.destroyed(dom)
         log.info("domain destroyed", domain=dom.name)
         return {"name": dom.name}
 
     async def pause(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
-        dom = self.find(arg(args, "name", str))
-        await dom.pause()
-        await self.hooks.paused(dom)
+        dom, claim = self.claim_domain(arg(args, "name", str), "pause")
+        with claim:
+            await dom.pause()
+            await self.hooks.paused(dom)
         return {"name": dom.name, "state": dom.state.value}
 
     async def resume(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
-        dom = self.find(arg(args, "name", str))
-        if dom.name.endswith((INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX)):
-            raise RelocdError(f"{dom.name} is part of a migration; relocd decides when it runs")
-        await dom.resume()
-        await self.hooks.resumed_here(dom)
+        dom, claim = self.claim_domain(arg(args, "name", str), "resume")
+        with claim:
+            await dom.resume()
+            await self.hooks.resumed_here(dom)
         return {"name": dom.name, "state": dom.state.value}
 
     async def check(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
         """Verify the guest's page invariant (pauses the domain while it checks)."""
-        dom = self.find(arg(args, "name", str))
-        was_running = dom.state == DomainState.RUNNING
-        if was_running:
-            await dom.pause()
-        try:
-            problem = await dom.check_invariant()
-        finally:
+        dom, claim = self.claim_domain(arg(args, "name", str), "check")
+        with claim:
+            was_running = dom.state == DomainState.RUNNING
             if was_running:
-                await dom.resume()
+                await dom.pause()
+            try:
+                problem = await dom.check_invariant()
+            finally:
+                if was_running:
+                    await dom.resume()
         stats = await dom.stats()
         return {"name": dom.name, "ok": problem is None, "problem": problem, "stats": stats}
 
@@ -225,11 +252,6 @@ class Operations:
         live = bool(arg(args, "live", bool, False))
         verify = bool(arg(args, "verify", bool, False))
         tls_ctx = client_context(s) if use_tls else None  # a bad CA/key file fails here, in one line
-        dom = self.find(name)
-        if dom.name.endswith((INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX)):
-            raise RelocdError(f"{dom.name} is part of another migration")
-        if dom.config.uuid in self.outgoing:
-            raise RelocdError(f"{name} is already being migrated")
         bw_text = arg(args, "max_bandwidth", str, None)
         try:
             max_bw = parse_rate(bw_text) if bw_text else s.max_bandwidth
@@ -244,9 +266,20 @@ class Operations:
         )
         mid = new_migration_id()
         target = format_host_port(host, port)
-        structlog.contextvars.bind_contextvars(migration_id=mid)
-
-        progress = progress_to(sink)
+        # The claim is taken before the first await and held until the
+        # migration has settled (in doubt included); the task releases it.
+        dom, claim = self.claim_domain(name, f"migration to {target}", moving=True)
+        options = SendOptions(
+            live=live,
+            verify=verify,
+            policy=policy,
+            max_bandwidth=max_bw,
+            # under a bandwidth cap, batches of about a quarter second: the
+            # cap stays smooth and no record outlasts the peer's idle timeout
+            batch_pages=min(2048, max(16, max_bw // PAGE_SIZE // 4)) if max_bw else 2048,
+            transport=TLS if tls_ctx is not None else PLAIN,
+            server_name=host if tls_ctx is not None else None,
+        )
 
         async def open_channel(role: Role) -> RecordChannel:
             transport: ByteTransport
@@ -258,48 +291,45 @@ class Operations:
                 transport, Conversation(role), max_frame=s.max_frame, read_timeout=s.idle_timeout
             )
 
-        try:
-            channel = await open_channel(Role.SOURCE)
-        except RelocdError as exc:
-            result = MigrationResult(domain=name, live=live, migration_id=mid, target=target)
-            return result.finish("failed", exc.message).to_json()
+        async def run() -> MigrationResult:
+            try:
+                channel = await open_channel(Role.SOURCE)
+            except RelocdError as exc:
+                result = MigrationResult(domain=name, live=live, migration_id=mid, target=target)
+                return result.finish("failed", exc.message)
+            migration = SourceMigration(
+                dom,
+                channel,
+                options,
+                journal=self.d.journal,  # type: ignore[arg-type]
+                migration_id=mid,
+                target=target,
+                reconnect=lambda: open_channel(Role.QUERY),
+                progress=progress_to(sink),
+                hooks=self.hooks,
+            )
+            migration.in_doubt_notice = notice
+            self.outgoing[dom.config.uuid] = migration
+            return await migration.run()
 
-        migration = SourceMigration(
-            dom,
-            channel,
-            SendOptions(
-                live=live,
-                verify=verify,
-                policy=policy,
-                max_bandwidth=max_bw,
-                # under a bandwidth cap, batches of about a quarter second: the
-                # cap stays smooth and no record outlasts the peer's idle timeout
-                batch_pages=min(2048, max(16, max_bw // PAGE_SIZE // 4)) if max_bw else 2048,
-            ),
-            journal=self.d.journal,  # type: ignore[arg-type]
-            migration_id=mid,
-            target=target,
-            reconnect=lambda: open_channel(Role.QUERY),
-            progress=progress,
-            hooks=self.hooks,
-        )
-        self.outgoing[dom.config.uuid] = migration
-        task = asyncio.get_running_loop().create_task(migration.run())
+        structlog.contextvars.bind_contextvars(migration_id=mid)
+        loop = asyncio.get_running_loop()
+        notice: asyncio.Future[MigrationResult] = loop.create_future()
+        task = loop.create_task(run())
         self.tasks.add(task)
+
+        def settled(t: asyncio.Task[Any], uuid: str = dom.config.uuid) -> None:
+            self.tasks.discard(t)
+            self.outgoing.pop(uuid, None)
+            claim.release()
+
+        task.add_done_callback(settled)
         try:
-            # shield: a control client that goes away must not cancel the migration
-            result = await asyncio.shield(task)
+            # shield: a control client that goes away must not cancel the
+            # migration; an in-doubt one answers the operator and asks on
+            await asyncio.wait({task, notice}, return_when=asyncio.FIRST_COMPLETED)
+            result = task.result() if task.done() else notice.result()
         finally:
-            if task.done():
-                self.tasks.discard(task)
-                self.outgoing.pop(dom.config.uuid, None)
-            else:
-
-                def forget(t: asyncio.Task[Any], uuid: str = dom.config.uuid) -> None:
-                    self.tasks.discard(t)
-                    self.outgoing.pop(uuid, None)
-
-                task.add_done_callback(forget)
             structlog.contextvars.unbind_contextvars("migration_id")
         log.info("migration finished", domain=name, status=result.status, error=result.error)
         return result.to_json()

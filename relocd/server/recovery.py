@@ -13,6 +13,7 @@ Target side:
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import structlog
@@ -25,23 +26,22 @@ from relocd.drivers.base import (
 )
 from relocd.engine.journal import JournalEntry, Phase
 from relocd.engine.policy import XendPolicy
-from relocd.engine.source import SendOptions, SourceMigration, drop_prepared_copy
-from relocd.engine.stream import RecordChannel
+from relocd.engine.journal import TLS
+from relocd.engine.query import Backoff, ask
+from relocd.engine.source import SendOptions, SourceMigration, settle_abort
+from relocd.engine.stream import ByteTransport, RecordChannel
+from relocd.engine.target import finish_resume, release_incoming
 from relocd.engine.streamed import uses_stream
 from relocd.errors import RelocdError
-from relocd.protocol.records import Role
+from relocd.protocol.records import Done, Go, OutcomeState, Resumed, Role
 from relocd.protocol.state import Conversation
+from relocd.server.tls import client_context, connect_tls
 from relocd.server.transport import connect
 
 if TYPE_CHECKING:
     from relocd.server.daemon import Daemon
 
 log = structlog.get_logger("relocd.recovery")
-
-#: a restarted source keeps asking a silent target for this long
-IN_DOUBT_RETRY_S = 7 * 24 * 3600.0
-#: a restarted source keeps telling an unreachable target to drop a prepared copy this long
-ROLLBACK_RETRY_S = 3600.0
 
 
 def split_host_port(text: str) -> tuple[str, int]:
@@ -76,78 +76,135 @@ async def recover_unfinished(daemon: Daemon) -> None:
 
 async def _recover_source(daemon: Daemon, entry: JournalEntry, dom: Domain | None, lg: structlog.BoundLogger) -> None:
     journal = daemon.journal
-    assert journal is not None
+    assert journal is not None and daemon.ctx is not None
+    mid = entry.migration_id
     if entry.phase == Phase.DONE:
         # Crashed between DONE and finish(): the target runs it, ours is gone.
-        journal.finish(entry.migration_id, "completed")
+        journal.finish(mid, "completed")
         return
     if entry.phase == Phase.GO_SENT:
         if dom is None:
-            lg.warning("GO was sent and the local copy is gone; nothing to do here")
-            journal.finish(entry.migration_id, "completed", "local copy already gone at restart")
+            # Our copy is gone (the host lost power, say): the target's may be
+            # the only one, and may still wait for GO.  Ask before anything.
+            lg.warning("GO was sent and the local copy is gone; asking the target")
+            daemon.spawn(_resolve_without_copy(daemon, entry))
             return
         lg.warning("migration in doubt after restart: keeping the domain paused and asking the target")
-        daemon.spawn(_resolve_in_doubt(daemon, entry, dom))
+        claim = daemon.ctx.claims.take(entry.uuid, entry.domain, f"in-doubt migration to {entry.peer}", moving=True)
+        task = daemon.spawn(_resolve_in_doubt(daemon, entry, dom))
+        task.add_done_callback(lambda _t: claim.release())
         return
-    # Before GO: ours is the only copy that may run.
-    if dom is not None:
-        if dom.name != entry.domain and dom.name.endswith(MIGRATED_AWAY_SUFFIX):
-            await dom.rename(entry.domain)
-        if uses_stream(dom):
-            # A stream domain may have been suspended by its driver's save (a
-            # Xen PV guest): only the driver's own undo brings it back.
-            await dom.cancel_send()  # type: ignore[attr-defined]
-        elif dom.state == DomainState.PAUSED:
-            await dom.resume()
-        lg.info("interrupted migration rolled back: domain resumed here")
-    journal.set_phase(entry.migration_id, Phase.ABORTED)
-    journal.finish(entry.migration_id, "rolled-back", "daemon restarted before GO")
-    daemon.spawn(_tell_target_abort(daemon, entry))
+    if entry.phase != Phase.ABORTED:
+        # Before GO: ours is the only copy that may run.
+        if dom is not None:
+            if dom.name != entry.domain and dom.name.endswith(MIGRATED_AWAY_SUFFIX):
+                await dom.rename(entry.domain)
+            await dom.undo_send()
+            lg.info("interrupted migration rolled back: domain runs here")
+        journal.set_phase(mid, Phase.ABORTED)
+    # ABORTED and still open: the target has not yet confirmed it holds no copy.
+    daemon.spawn(settle_abort(journal, lambda: _open(daemon, entry), mid, "source restarted before GO"))
 
 
-async def _open(daemon: Daemon, peer: str) -> RecordChannel:
+async def _open(daemon: Daemon, entry: JournalEntry) -> RecordChannel:
+    """Dial the migration's target the way the journal says it was dialled."""
     s = daemon.settings
-    host, port = split_host_port(peer)
-    transport = await connect(host, port, s.handshake_timeout)
+    host, port = split_host_port(entry.peer)
+    transport: ByteTransport
+    if entry.transport == TLS:
+        transport = await connect_tls(entry.server_name or host, port, client_context(s), s.handshake_timeout)
+    else:
+        transport = await connect(host, port, s.handshake_timeout)
     return RecordChannel(transport, Conversation(Role.QUERY), max_frame=s.max_frame, read_timeout=s.idle_timeout)
-
-
-async def _tell_target_abort(daemon: Daemon, entry: JournalEntry) -> None:
-    """A target holding a prepared copy must drop it now; keep asking while it is unreachable."""
-    await drop_prepared_copy(
-        lambda: _open(daemon, entry.peer), entry.migration_id, "source restarted before GO", ROLLBACK_RETRY_S
-    )
 
 
 async def _resolve_in_doubt(daemon: Daemon, entry: JournalEntry, dom: Domain) -> None:
     migration = SourceMigration.in_doubt(
         dom,
         entry.domain,
-        SendOptions(live=entry.live, verify=False, policy=XendPolicy(), recovery_s=IN_DOUBT_RETRY_S),
+        SendOptions(live=entry.live, verify=False, policy=XendPolicy(), recovery_s=0.0),
         journal=daemon.journal,  # type: ignore[arg-type]
         migration_id=entry.migration_id,
         target=entry.peer,
-        reconnect=lambda: _open(daemon, entry.peer),
+        reconnect=lambda: _open(daemon, entry),
         hooks=daemon.ctx.hooks if daemon.ctx else None,
     )
     result = await migration.resolve()
     log.info("in-doubt migration resolved", migration_id=entry.migration_id, status=result.status, error=result.error)
 
 
+async def _resolve_without_copy(daemon: Daemon, entry: JournalEntry) -> None:
+    """GO_SENT and no local copy: whatever the target holds is the domain now."""
+    journal = daemon.journal
+    assert journal is not None
+    mid = entry.migration_id
+    lg = log.bind(migration_id=mid, domain=entry.domain)
+    backoff = Backoff()
+    while True:
+        try:
+            state, channel = await ask(lambda: _open(daemon, entry), mid)
+            try:
+                if state in (OutcomeState.RESUMED, OutcomeState.DONE):
+                    with contextlib.suppress(RelocdError, OSError):
+                        await channel.send(Done())
+                    journal.set_phase(mid, Phase.DONE)
+                    journal.finish(mid, "completed", "local copy gone at restart; the target runs it")
+                    return
+                if state == OutcomeState.PREPARED:
+                    await channel.send(Go())  # its copy is the only one left: run it
+                    answer = await channel.recv()
+                    if isinstance(answer, Resumed) and answer.ok:
+                        with contextlib.suppress(RelocdError, OSError):
+                            await channel.send(Done())
+                        journal.set_phase(mid, Phase.DONE)
+                        journal.finish(mid, "completed", "local copy gone at restart; GO re-sent")
+                        return
+                    lg.error("the target could not resume the only copy: the domain is lost")
+                    journal.finish(mid, "failed", "domain lost: local copy gone and the target could not resume")
+                    return
+                if state in (OutcomeState.ABORTED, OutcomeState.UNKNOWN):
+                    lg.error("neither host holds the domain any more: it is lost")
+                    journal.finish(mid, "failed", "domain lost: local copy gone at restart, target holds none")
+                    return
+            finally:
+                await channel.close()
+        except (RelocdError, OSError) as exc:
+            lg.info("cannot reach the target yet", error=str(exc))
+        await backoff.wait()
+
+
 async def _recover_target(daemon: Daemon, entry: JournalEntry, dom: Domain | None, lg: structlog.BoundLogger) -> None:
     journal = daemon.journal
     ctx = daemon.ctx
     assert journal is not None and ctx is not None
-    if entry.phase == Phase.PREPARED and dom is not None and dom.name.endswith(INCOMING_SUFFIX):
-        ctx.in_doubt[entry.migration_id] = dom
-        lg.warning("prepared incoming domain kept paused until its source decides")
-        return
+    mid = entry.migration_id
     if entry.phase == Phase.RESUMED:
-        journal.finish(entry.migration_id, "completed")
+        journal.finish(mid, "completed")
+        return
+    if entry.phase == Phase.RESUMING or (
+        entry.phase == Phase.PREPARED and dom is not None and not dom.name.endswith(INCOMING_SUFFIX)
+    ):
+        # GO was received (RESUMING is journaled before the rename); a renamed
+        # copy at PREPARED is the same window in a journal written before
+        # RESUMING existed.  Finish the resume: the source waits for RESUMED.
+        if dom is None:
+            lg.error("GO was received but the incoming copy is gone (host lost it); answering ABORTED")
+            journal.set_phase(mid, Phase.ABORTED)
+            journal.finish(mid, "failed", "incoming copy gone at restart after GO")
+            return
+        if entry.phase == Phase.PREPARED:
+            journal.set_phase(mid, Phase.RESUMING)
+        answer = await finish_resume(ctx, mid, dom, lg, release=lambda m: release_incoming(ctx, m))
+        lg.warning("resume interrupted by a restart finished", ok=answer.ok)
+        return
+    if entry.phase == Phase.PREPARED and dom is not None:
+        ctx.in_doubt[mid] = dom
+        lg.warning("prepared incoming domain kept paused until its source decides")
         return
     if dom is not None and dom.name.endswith(INCOMING_SUFFIX):
         await dom.destroy()
         lg.info("half-received domain destroyed after restart")
-    journal.set_phase(entry.migration_id, Phase.ABORTED)
-    journal.finish(entry.migration_id, "rolled-back", "daemon restarted while receiving")
+    why = "prepared copy gone at restart" if entry.phase == Phase.PREPARED else "daemon restarted while receiving"
+    journal.set_phase(mid, Phase.ABORTED)
+    journal.finish(mid, "rolled-back", why)
 

@@ -76,12 +76,10 @@ async def save(daemon: Daemon, args: dict[str, Any], sink: Any) -> dict[str, Any
     file = arg(args, "file", str)
     checkpoint = bool(arg(args, "checkpoint", bool, False))
     s = daemon.settings
-    dom = _find(daemon, name)
-    if dom.name.endswith((INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX)):
-        raise RelocdError(f"{dom.name} is part of a migration")
-    busy = daemon.ops.outgoing if daemon.ops is not None else {}
-    if dom.config.uuid in busy:
-        raise RelocdError(f"{name} is being migrated or saved; wait for it to finish")
+    if daemon.ops is None:
+        raise RelocdError("the daemon is not ready")
+    # Claimed before the first await, held until the save has concluded.
+    dom, claim = daemon.ops.claim_domain(name, f"save to {file}", moving=True)
     policy = make_policy(
         "downtime",
         downtime_ms=arg(args, "downtime_ms", int, min(s.downtime_ms, CHECKPOINT_DOWNTIME_MS)),
@@ -92,16 +90,12 @@ async def save(daemon: Daemon, args: dict[str, Any], sink: Any) -> dict[str, Any
     hooks = daemon.ctx.hooks if daemon.ctx is not None else None
     info = {"name": name, "uuid": dom.config.uuid, "file": str(Path(file).absolute()),
             "was_running": dom.state == DomainState.RUNNING}  # fmt: skip
-    busy[dom.config.uuid] = "save"  # type: ignore[assignment]  # migrate/destroy refuse meanwhile
-    try:
-        with _Marker(daemon, "save", info):
-            result = await _run_to_end(
-                daemon,
-                save_domain(dom, file, checkpoint=checkpoint, policy=policy, journal=daemon.journal,
-                            progress=progress_to(sink), hooks=hooks),  # fmt: skip
-            )
-    finally:
-        busy.pop(dom.config.uuid, None)
+    with claim, _Marker(daemon, "save", info):
+        result = await _run_to_end(
+            daemon,
+            save_domain(dom, file, checkpoint=checkpoint, policy=policy, journal=daemon.journal,
+                        progress=progress_to(sink), hooks=hooks),  # fmt: skip
+        )
     out: dict[str, Any] = result.to_json()
     return out
 
@@ -159,12 +153,9 @@ async def _undo(daemon: Daemon, info: dict[str, Any]) -> None:
         final = Path(info["file"])
         for partial in final.parent.glob(f".{final.name}.*.partial"):
             partial.unlink(missing_ok=True)
-        if dom is not None and info.get("was_running") and uses_stream(dom):
-            # Its driver may have suspended it for the save: only the driver's undo brings it back.
-            await dom.cancel_send()  # type: ignore[attr-defined]
-            log.warning("save interrupted by a daemon restart: domain resumed", domain=dom.name)
-        elif dom is not None and info.get("was_running") and dom.state == DomainState.PAUSED:
-            await dom.resume()
+        if dom is not None and info.get("was_running"):
+            # The driver's undo: a resume, or more where its save suspended the guest.
+            await dom.undo_send()
             log.warning("save interrupted by a daemon restart: domain resumed", domain=dom.name)
     elif info["op"] == "restore" and dom is not None and dom.name.endswith(INCOMING_SUFFIX):
         await dom.destroy()

@@ -207,6 +207,25 @@ class StreamTransport:
         cert = obj.getpeercert() if obj is not None else None
         return dict(cert) if cert else None
 
+    def peer_identity(self) -> str | None:
+        """The peer certificate's subject and alternative names, as one stable string.
+
+        Binds an in-flight migration to the certificate that reserved it
+        (issue 11): a QUERY or GO under another certificate is refused.
+        """
+        cert = self.peer_certificate()
+        if cert is None:
+            return None
+        subject = cert.get("subject", ())
+        parts = [
+            f"{k}={v}"
+            for rdn in subject  # type: ignore[attr-defined]
+            for (k, v) in rdn
+        ]
+        alt = cert.get("subjectAltName", ())
+        parts += [f"{k}:{v}" for (k, v) in alt]  # type: ignore[attr-defined]
+        return ",".join(parts) or None
+
     async def read_exactly(self, n: int) -> bytes:
         try:
             data = await self.reader.readexactly(n)

@@ -62,6 +62,9 @@ class StreamDomain(Domain):
         assert not self.suspended, "a suspended domain comes back with cancel_send()"
         self._state = DomainState.RUNNING
 
+    async def undo_send(self) -> None:
+        await self.cancel_send()
+
     async def destroy(self) -> None:
         self.destroyed = True
         self.driver.doms = [d for d in self.driver.doms if d is not self]

@@ -177,6 +177,10 @@ class XenDomain(Domain):
         saver = self._saver or GuestSaver(self._driver.ctrl, self._driver.store)
         await asyncio.to_thread(saver.resume, self.domid)
 
+    async def undo_send(self) -> None:
+        # A suspended PV guest does not come back with unpause.
+        await self.cancel_send()
+
     # -- the page path: not for Xen domains (docs/xen.md) ----------------------
 
     def memory(self) -> memoryview:
