@@ -10,6 +10,7 @@ source shows to its operator.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterable
@@ -130,7 +131,7 @@ def check_reservation(
 
     ``reserved_bytes`` is memory promised to other incoming migrations and
     not yet visible in ``caps.free_memory_bytes``; ``max_memory`` caps what
-    one incoming domain may have (None: no cap).  The names and uuids should
+    incoming domains may reserve in all, these included (None: no cap).  The names and uuids should
     include those held by other reservations.
     """
     if req.driver != caps.driver:
@@ -152,11 +153,12 @@ def check_reservation(
             reason=Reason.VCPUS,
         )
     available = max(0, caps.free_memory_bytes - reserved_bytes)
-    if max_memory is not None and max_memory < available:
-        limit = f"{format_bytes(max_memory)} allowed per incoming domain"
-        available = max_memory
+    held = f", {format_bytes(reserved_bytes)} held for other migrations" if reserved_bytes else ""
+    room = None if max_memory is None else max(0, max_memory - reserved_bytes)
+    if room is not None and room < available:
+        limit = f"{format_bytes(max_memory or 0)} allowed for incoming domains in all{held}"
+        available = room
     else:
-        held = f", {format_bytes(reserved_bytes)} held for other migrations" if reserved_bytes else ""
         limit = f"{format_bytes(available)} free{held}"
     if req.memory_bytes > available:
         raise ReservationRefused(
@@ -191,7 +193,9 @@ class ReservationTable:
     """Reservations held on this target, each kept alive by source activity.
 
     A source that goes quiet for ``timeout_s`` loses its reservation; the
-    caller polls ``expired()`` and tears down the half-built domains.
+    daemon polls ``expired()`` and tears down the half-built domains
+    (engine/target.py ``expire_reservations``).  A prepared copy's
+    reservation is pinned: it lasts until the source decides.
     """
 
     def __init__(self, timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
@@ -216,6 +220,12 @@ class ReservationTable:
             return False
         self._held[migration_id] = replace(res, expires_at=self._clock() + self.timeout_s)
         return True
+
+    def pin(self, migration_id: str) -> None:
+        """The copy is prepared: only its source's GO or ABORT ends it now, never expiry."""
+        res = self._held.get(migration_id)
+        if res is not None:
+            self._held[migration_id] = replace(res, expires_at=math.inf)
 
     def release(self, migration_id: str) -> Reservation | None:
         """Drop a reservation (done, failed or cleaned up); idempotent."""

@@ -177,6 +177,8 @@ async def receive_stream(session: TargetSession, driver: Driver, config: DomainC
             elif isinstance(record, Digest):
                 pass  # memory is the driver's to check; the stream carries its own integrity checks
             elif isinstance(record, Commit):
+                # The source waits on us from here: the build is no quiet source.
+                session.ctx.reservations.pin(session.mid)
                 break
             else:
                 raise ProtocolError(f"{type(record).__name__} in a stream migration")

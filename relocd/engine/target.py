@@ -84,6 +84,8 @@ class TargetContext:
     resuming: dict[str, asyncio.Future[Resumed]] = dataclasses.field(default_factory=dict)
     #: one claim per domain for every operation on it (see engine/claims.py)
     claims: ClaimTable = dataclasses.field(default_factory=ClaimTable)
+    #: incoming sessions holding a reservation, by migration id (for expiry)
+    sessions: dict[str, TargetSession] = dataclasses.field(default_factory=dict)
 
     def all_domains(self) -> list[Domain]:
         return [d for drv in self.drivers.values() for d in drv.domains()]
@@ -129,8 +131,17 @@ class TargetSession:
         self._journaled = False
         self._hello_sent = False
         self.digest_algo = DigestAlgo.SHA256
+        self._task: asyncio.Task[object] | None = None
+        self._expired = False
+
+    def expire(self) -> None:
+        """The reservation ran out (the source went quiet): end the session, which cleans up."""
+        self._expired = True
+        if self._task is not None:
+            self._task.cancel()
 
     async def run(self) -> None:
+        self._task = asyncio.current_task()
         try:
             hello = await answer_hello(self.channel)
             self._hello_sent = True
@@ -146,11 +157,21 @@ class TargetSession:
             else:
                 await self._receive()
         except asyncio.CancelledError:
+            if self._expired and self._task is not None and self._task.uncancel() == 0:
+                await self._fail(
+                    MigrationAborted(
+                        f"reservation expired: the source sent nothing for {self.ctx.reservations.timeout_s:g} s",
+                        reason=Reason.TIMEOUT,
+                    )
+                )
+                return
             await self._fail(MigrationAborted("daemon shutting down", reason=Reason.SHUTDOWN))
             raise
         except (RelocdError, OSError) as exc:
             await self._fail(exc)
         finally:
+            if self.ctx.sessions.get(self.mid) is self:
+                del self.ctx.sessions[self.mid]
             await self.channel.close()
 
     # -- migration -------------------------------------------------------------
@@ -180,6 +201,7 @@ class TargetSession:
             await fault_point("target", "config")
             domain = await self._receive_pages(domain)
         self.ctx.journal.set_phase(self.mid, Phase.PREPARED)
+        self.ctx.reservations.pin(self.mid)  # the source decides now, not the clock
         self._prepared = True
         self.ctx.in_doubt[self.mid] = domain
         await ch.send(Prepared())
@@ -233,6 +255,8 @@ class TargetSession:
                 if digest_task is None or record.algo != self.digest_algo:  # not hashed yet, or not its way
                     digest_task = asyncio.ensure_future(asyncio.to_thread(memory_digest, memory, record.algo))
             elif isinstance(record, Commit):
+                # The source waits on us from here: our own work is no quiet source.
+                self.ctx.reservations.pin(self.mid)
                 break
             else:  # the state machine lets nothing else through
                 raise ProtocolError(f"unexpected record {type(record).__name__}")
@@ -278,6 +302,7 @@ class TargetSession:
             await self.channel.send(Refuse(exc.reason, exc.message))
             raise
         ctx.reservations.add(self.mid, req)
+        ctx.sessions[self.mid] = self
         self.request = req
         self._reserved = True
         ctx.journal.begin(
@@ -503,6 +528,17 @@ class TargetSession:
         if entry is not None and not entry.finished:
             self.ctx.journal.set_phase(self.mid, Phase.ABORTED)
             self.ctx.journal.finish(self.mid, "rolled-back", msg)
+
+
+def expire_reservations(ctx: TargetContext) -> int:
+    """End the sessions whose source went quiet past the reservation timeout; how many."""
+    gone = ctx.reservations.expired()
+    for res in gone:
+        session = ctx.sessions.get(res.migration_id)
+        log.warning("reservation expired", migration_id=res.migration_id, domain=res.request.name)
+        if session is not None:
+            session.expire()
+    return len(gone)
 
 
 def release_incoming(ctx: TargetContext, mid: str) -> None:

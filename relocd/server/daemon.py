@@ -25,7 +25,7 @@ from relocd.drivers import load_driver
 from relocd.drivers.base import Domain, Driver
 from relocd.engine.journal import Journal
 from relocd.engine.reservation import ReservationTable
-from relocd.engine.target import TargetContext, TargetSession
+from relocd.engine.target import TargetContext, TargetSession, expire_reservations
 from relocd.engine.stream import ByteTransport, PeerGone, RecordChannel
 from relocd.errors import DriverError, RelocdError
 from relocd.protocol.records import Role
@@ -98,6 +98,7 @@ class Daemon:
             hooks=NetworkHooks(netns_prefix_for(self.state_dir), AnnounceConfig.from_settings(s)),
         )
         self.ops = Operations(self)
+        self.spawn(self._expire_reservations())
         await recover_unfinished(self)
         await saveops.recover_interrupted(self)
         if s.relocation_server:
@@ -149,6 +150,14 @@ class Daemon:
             port=listener.address[1],
             client_certificates="required" if s.ssl_ca_file is not None else "not requested",
         )
+
+    async def _expire_reservations(self) -> None:
+        """relocd-reservation-timeout, enforced: a quiet source loses its room."""
+        assert self.ctx is not None
+        period = min(1.0, self.settings.reservation_timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            expire_reservations(self.ctx)
 
     def all_domains(self) -> list[Domain]:
         return [d for drv in self.drivers.values() for d in drv.domains()]

@@ -289,3 +289,54 @@ def test_table_feeds_the_checks() -> None:
     )
     exc = refusal(other, reserved_bytes=table.reserved_bytes)
     assert exc.reason == Reason.NO_MEMORY
+
+
+def test_max_memory_is_a_total_over_incoming_domains() -> None:
+    """relocd-max-memory caps what incoming domains reserve in all (docs/config.md),
+    not each one: a request that fits alone is refused when others hold the rest."""
+    req = ReservationRequest.from_wire(wire(memory_bytes=GiB))
+    check(req, max_memory=2 * GiB, reserved_bytes=GiB)  # 1 GiB held + 1 GiB asked = the cap
+    exc = refusal(req, max_memory=2 * GiB, reserved_bytes=GiB + (1 << 20))
+    assert exc.reason == Reason.NO_MEMORY
+    assert "in all" in exc.message and "held for other migrations" in exc.message
+
+
+def test_pinned_reservation_never_expires() -> None:
+    """A prepared copy's room lasts until its source decides, however long."""
+    now = [0.0]
+    table = ReservationTable(5, clock=lambda: now[0])
+    req = ReservationRequest.from_wire(wire())
+    table.add("a", req)
+    table.add("b", req.model_copy(update={"name": "other", "uuid": "1" * 32}))
+    table.pin("a")
+    now[0] = 3600.0
+    assert [r.migration_id for r in table.expired()] == ["b"]
+    assert "a" in table
+
+
+def test_expiry_sweep_ends_the_quiet_session() -> None:
+    """The daemon's sweep (expire_reservations) ends the session that holds an
+    expired reservation; a pinned (prepared) one is left alone."""
+    from relocd.engine.target import TargetContext, expire_reservations
+
+    now = [0.0]
+    ctx = TargetContext(drivers={}, reservations=ReservationTable(5, clock=lambda: now[0]), journal=None)  # type: ignore[arg-type]
+    req = ReservationRequest.from_wire(wire())
+    ended: list[str] = []
+
+    class Session:
+        def __init__(self, mid: str) -> None:
+            self.mid = mid
+
+        def expire(self) -> None:
+            ended.append(self.mid)
+
+    for mid in ("quiet", "prepared"):
+        ctx.reservations.add(mid, req)
+        ctx.sessions[mid] = Session(mid)  # type: ignore[assignment]
+    ctx.reservations.pin("prepared")
+    now[0] = 4.0
+    assert expire_reservations(ctx) == 0 and ended == []
+    now[0] = 6.0
+    assert expire_reservations(ctx) == 1 and ended == ["quiet"]
+    assert "prepared" in ctx.reservations and "quiet" not in ctx.reservations
