@@ -12,7 +12,10 @@ __all__ = [
     "load_driver", "read_foreign_image",
 ]  # fmt: skip
 
+#: the drivers a daemon tries at startup, in this order
 DRIVER_NAMES = ("sim", "kvm", "xen")
+#: a daemon without these does not start (a bug in an optional one only logs)
+REQUIRED_DRIVERS = ("sim",)
 
 
 def load_driver(name: str, state_dir: Path) -> Driver:

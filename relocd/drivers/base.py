@@ -19,8 +19,9 @@ import abc
 import dataclasses
 import enum
 import uuid as uuidlib
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from relocd.errors import DriverError
 from relocd.units import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from relocd.engine.policy import PrecopyPolicy
 
 DirtyBitmap = npt.NDArray[np.uint64]
 
@@ -119,17 +123,63 @@ class ForeignImage:
     stream_end: int
 
 
+#: How a domain's state travels (``Domain.transfer``, ``Driver.transfer``).
+#: PAGES: the engine reads ``memory()`` and the dirty log and sends pages
+#: itself.  STREAM: the hypervisor must do it (a Xen PV guest's page tables
+#: hold machine frames only Xen can translate): the domain offers
+#: ``send_stream`` and its driver ``receive_stream``.  engine/transfer.py
+#: holds one object per kind; nothing above drivers/ asks which it has.
+PAGES = "pages"
+STREAM = "stream"
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundDecision:
+    """One precopy round of a stream send as relocd saw it, and what its policy said."""
+
+    round: int
+    pages_sent: int
+    bytes_sent: int
+    total_bytes_sent: int
+    duration_s: float
+    dirty_pages: int
+    stop_reason: str | None
+    expected_downtime_ms: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+StreamSink = Callable[[bytes], Coroutine[Any, Any, None]]
+RoundReportSink = Callable[[RoundDecision], Coroutine[Any, Any, None]]
+
+
 class Domain(abc.ABC):
     """A handle on one domain.  Methods that may block are async."""
 
     config: DomainConfig
-    #: How its memory moves.  "pages": the engine reads memory() and the dirty
-    #: log and sends pages itself.  "stream": the hypervisor must do it (a Xen
-    #: PV guest's page tables hold machine frames only Xen can translate), so
-    #: the domain offers ``send_stream(live, policy, sink, on_round)`` and
-    #: ``cancel_send()``, and its driver ``receive_stream(config, chunks, name=)``
-    #: (engine/streamed.py).
-    transfer: ClassVar[str] = "pages"
+    #: how its state travels: PAGES or STREAM (see above)
+    transfer: ClassVar[str] = PAGES
+    #: its vifs are relocd's veth + namespace stand-ins (sim, kvm), which
+    #: relocd builds and moves; a Xen domain's are its backend's
+    emulated_vifs: ClassVar[bool] = True
+
+    async def read_config(self) -> DomainConfig:
+        """The whole config the CONFIG record carries.
+
+        A stream driver lists its domains cheaply (no boot details, e.g.
+        Xen's xenstore view) and reads the rest here.
+        """
+        return self.config
+
+    async def send_stream(
+        self, live: bool, policy: PrecopyPolicy, sink: StreamSink, on_round: RoundReportSink | None = None
+    ) -> list[RoundDecision]:
+        """STREAM domains: the hypervisor's own save into ``sink``, rounds decided by ``policy``.
+
+        Leaves the domain suspended (``undo_send`` brings it back).
+        """
+        raise DriverError(f"{self.config.driver} domains move as pages, not as a hypervisor stream")
 
     @property
     def name(self) -> str:
@@ -225,8 +275,15 @@ class Driver(abc.ABC):
     """A hypervisor on this host."""
 
     name: ClassVar[str]
-    #: "pages" or "stream", as for its domains (see Domain.transfer)
-    transfer: ClassVar[str] = "pages"
+    #: PAGES or STREAM, as for its domains (see Domain.transfer)
+    transfer: ClassVar[str] = PAGES
+    #: its domains are seen by every daemon on this hypervisor (two relocd
+    #: daemons in one Xen dom0): the source's own copy is then no name clash
+    shared_hypervisor: ClassVar[bool] = False
+
+    async def receive_stream(self, config: DomainConfig, chunks: AsyncIterator[bytes], *, name: str) -> Domain:
+        """STREAM drivers: build the domain, paused, as ``name``, from a ``send_stream``'s chunks."""
+        raise DriverError(f"the {self.name} driver receives pages, not a hypervisor stream")
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir

@@ -43,11 +43,10 @@ from relocd.engine.savefile_stream import (
     checkpoint_refusal,
     no_driver_for,
     open_foreign,
-    receive_stream_records,
 )
 from relocd.engine.source import SendOptions, SourceMigration
 from relocd.engine.stream import PeerGone, RecordChannel
-from relocd.engine.streamed import carried_config, uses_stream
+from relocd.engine.transfer import Landing, transfer_for
 from relocd.engine.target import TargetContext
 from relocd.errors import ConfigError, ProtocolError, RelocdError, SaveFileError
 from relocd.protocol.codec import DEFAULT_MAX_LENGTH, HEADER_SIZE, PAGES_FIXED_SIZE
@@ -178,8 +177,8 @@ async def save_domain(
     hooks = hooks or DomainHooks()
     final = Path(path).absolute()
     result = SaveResult(domain=domain.name, file=str(final), checkpoint=checkpoint)
-    stream = uses_stream(domain)
-    if stream and checkpoint:
+    transfer = transfer_for(domain)
+    if checkpoint and not transfer.checkpoints:
         raise checkpoint_refusal(domain)
     if not final.parent.is_dir():
         raise SaveFileError(f"cannot save to {final}: no directory {final.parent}")
@@ -199,15 +198,16 @@ async def save_domain(
     logging = False
     streamed: StreamSave | None = None
     try:
-        cfg = await carried_config(domain)
+        cfg = await domain.read_config()
         header = FileHeader(
             name=cfg.name, uuid=cfg.uuid, memory_bytes=cfg.memory_bytes, vcpus=cfg.vcpus,
             driver=cfg.driver, writer=__version__, created_ns=time.time_ns(), checkpoint=checkpoint,
         )  # fmt: skip
         await writer.write([header.pack()])
         await channel.send(Config(config_to_sxp(cfg)))
-        if stream:
-            # The driver's stream, non-live: it suspends the domain itself.
+        if not transfer.verifies_memory:
+            # The driver's stream, non-live: it suspends the domain itself and
+            # carries the state and its own checks (no DIGEST).
             paused_at = time.monotonic()
             streamed = StreamSave(domain, channel, hooks)
             await streamed.run(policy, progress)
@@ -257,7 +257,7 @@ async def save_domain(
             finally:
                 value = await mem_digest
             result.iterations = 1
-        if not stream:
+        if transfer.verifies_memory:
             await channel.send(Digest(DigestAlgo.BLAKE3, value))
         await channel.send(Commit())
         await progress(phase="sync")
@@ -414,25 +414,28 @@ async def _restore_relocd(path: str, ctx: TargetContext, verify_memory: bool, pr
 
         async def build(driver: Driver, rid: str) -> Domain:
             nonlocal verified, pages, stream_bytes
-            incoming = config.name + INCOMING_SUFFIX
-            if uses_stream(driver):
-                # Its driver builds it from the stream, as a migration's target does.
-                domain, stream_bytes = await receive_stream_records(
-                    channel, driver, config, name=incoming, touch=lambda: ctx.reservations.touch(rid)
-                )
+
+            def register(domain: Domain) -> None:
                 ctx.incoming[rid] = domain
-                return domain
-            domain = await driver.create(config.model_copy(update={"name": incoming}), start=False)
-            ctx.incoming[rid] = domain
-            memory = domain.memory()
-            blob, expected, pages = await _read_stream(channel, memory, ctx, rid)
-            if verify_memory:
+
+            landing = Landing(
+                driver=driver, config=config, name=config.name + INCOMING_SUFFIX,
+                reservations=ctx.reservations, reservation_id=rid, register=register,
+            )  # fmt: skip
+            received = await transfer_for(driver).receive(channel, landing)
+            reader = channel.transport
+            if getattr(reader, "pos", None) != getattr(reader, "end", None):
+                raise ProtocolError("bytes after COMMIT")
+            pages, stream_bytes = received.pages, received.stream_bytes
+            if transfer_for(driver).verifies_memory and received.digest is None:
+                raise ProtocolError("stream ended without a memory digest")
+            if verify_memory and received.digest is not None:
                 await progress(phase="verify-memory")
-                if await asyncio.to_thread(memory_digest, memory, expected.algo) != expected.value:
+                if not await received.memory_matches():
                     raise SaveFileError(f"{path}: restored memory does not match the saved digest")
                 verified = True
-            await domain.load_state(blob)
-            return domain
+            await received.load_state()
+            return received.domain
 
         details = await _bring_up(path, config, ctx, build, progress)
     except PeerGone as exc:
@@ -458,7 +461,7 @@ async def _restore_foreign(foreign: OpenForeign, ctx: TargetContext, progress: P
         raise no_driver_for(foreign.path, image)
 
     async def build(driver: Driver, rid: str) -> Domain:
-        domain = await driver.receive_stream(  # type: ignore[attr-defined]
+        domain = await driver.receive_stream(
             config, foreign.chunks(), name=config.name + INCOMING_SUFFIX
         )
         ctx.incoming[rid] = domain
@@ -520,32 +523,3 @@ async def _bring_up(
             except RelocdError as exc:
                 log.error("could not destroy a half-restored domain", domain=half.name, error=exc.message)
         ctx.reservations.release(rid)
-
-
-async def _read_stream(
-    channel: RecordChannel, memory: memoryview, ctx: TargetContext, rid: str
-) -> tuple[bytes, Digest, int]:
-    """Pages into memory up to COMMIT; returns (vCPU blob, memory digest, pages)."""
-    blob: bytes | None = None
-    expected: Digest | None = None
-    pages = 0
-    while True:
-        record = await channel.recv()
-        ctx.reservations.touch(rid)
-        if isinstance(record, PagesHeader):
-            await channel.recv_pages_into(record, memory)
-            pages += len(record.data_pfns) + len(record.zero_pfns)
-        elif isinstance(record, VcpuState):
-            blob = record.blob
-        elif isinstance(record, Digest):
-            expected = record
-        elif isinstance(record, Commit):
-            break
-        elif not isinstance(record, EndRound | Stop):
-            raise ProtocolError(f"unexpected record {type(record).__name__}")
-    if blob is None or expected is None:
-        raise ProtocolError("stream ended without vCPU state or digest")
-    reader = channel.transport
-    if getattr(reader, "pos", None) != getattr(reader, "end", None):
-        raise ProtocolError("bytes after COMMIT")
-    return blob, expected, pages

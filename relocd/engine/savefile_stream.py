@@ -1,7 +1,7 @@
 """Savefiles of stream domains, and images another toolstack wrote (``xl save``).
 
 A stream domain's memory and state leave only through its driver's own
-stream (``streamed.py``: a Xen PV guest's page tables hold machine frames
+stream (``transfer.py``: a Xen PV guest's page tables hold machine frames
 only Xen's save code can translate), so its savefile carries that stream
 where a page domain's carries pages, non-live as ``xm save``::
 
@@ -10,7 +10,7 @@ where a page domain's carries pages, non-live as ``xm save``::
 The file header and the trailer digest are the same as for pages; there is
 no DIGEST record (the driver's stream carries its own checks, the trailer
 guards every byte).  Restoring feeds the STREAM chunks to the driver's
-``receive_stream``, as a migration target does.
+``receive_stream`` through ``StreamTransfer.receive``, as a migration target does.
 
 A foreign image (``ForeignImage``: a driver package recognised the file, e.g.
 an ``xl save`` image) is restored the same way: its driver's stream is a byte
@@ -35,7 +35,6 @@ from relocd.engine.result import Progress
 from relocd.engine.savefile_format import MAGIC
 from relocd.engine.savefile_io import OpenFile, io_error, open_checked
 from relocd.engine.stream import RecordChannel
-from relocd.engine.streamed import DriverFeed
 from relocd.errors import DriverError, ProtocolError, SaveFileError
 from relocd.protocol.records import (
     Commit,
@@ -106,45 +105,6 @@ class StreamSave:
         await self.domain.undo_send()  # idempotent, as for a migration's rollback
         self.started = False
         await self.hooks.resumed_here(self.domain)
-
-
-async def receive_stream_records(
-    channel: RecordChannel, driver: Driver, config: DomainConfig, *, name: str, touch: Callable[[], object]
-) -> tuple[Domain, int]:
-    """Restore: the records after CONFIG into ``driver.receive_stream``; (the paused domain, stream bytes).
-
-    The driver builds while the file is read; a failure on either side
-    cancels the build, which leaves nothing behind (the driver's contract).
-    """
-    feed = DriverFeed(driver, config, name)
-    fed = 0
-    try:
-        while True:
-            record = await channel.recv()
-            touch()
-            if isinstance(record, StreamChunk):
-                fed += len(record.data)
-                await feed.put(record.data)
-            elif isinstance(record, Stop):
-                pass
-            elif isinstance(record, VcpuState):
-                if record.driver != config.driver:
-                    raise ProtocolError(f"vCPU state for driver {record.driver!r}, domain uses {config.driver!r}")
-            elif isinstance(record, Commit):
-                break
-            else:
-                what = "PAGES" if isinstance(record, PagesHeader) else type(record).__name__
-                raise ProtocolError(f"{what} in the savefile of a {config.driver} domain (a stream driver)")
-        reader = channel.transport
-        if getattr(reader, "pos", None) != getattr(reader, "end", None):
-            raise ProtocolError("bytes after COMMIT")
-        if fed == 0:
-            raise ProtocolError("no STREAM record: the domain's stream is missing")
-        domain = await feed.finish()
-    except BaseException:
-        await feed.abandon()
-        raise
-    return domain, fed
 
 
 # -- foreign images (xl save) ----------------------------------------------------

@@ -37,7 +37,7 @@ from relocd.engine.policy import PrecopyPolicy, RateLimiter, RoundStats
 from relocd.engine.query import Backoff, Reconnect, ask
 from relocd.engine.result import MigrationResult, Progress, RoundReport, no_progress
 from relocd.engine.stream import PeerGone, RecordChannel
-from relocd.engine.streamed import carried_config, send_stream, uses_stream
+from relocd.engine.transfer import transfer_for
 from relocd.errors import MigrationAborted, ProtocolError, Reason, RelocdError, ReservationRefused
 from relocd.protocol.records import (
     Abort,
@@ -163,13 +163,13 @@ class SourceMigration:
         self.result = MigrationResult(domain=self.name, live=options.live, migration_id=migration_id, target=target)
         self.limiter = RateLimiter(options.max_bandwidth)
         self.log = log.bind(migration_id=migration_id, domain=self.name, target=target)
-        self._paused_at: float | None = None
-        self._we_paused = False
+        self.paused_at: float | None = None
+        self.we_paused = False
         self._renamed = False
         self._logging_dirty = False
         self._pending = np.empty(0, dtype=np.uint64)
         self._digest_algo = DigestAlgo.SHA256
-        self._committed = False
+        self.committed = False
         #: set once with the interim result when a lost link post-GO has not
         #: settled within recovery_s; the migration goes on asking
         self.in_doubt_notice: asyncio.Future[MigrationResult] | None = None
@@ -199,7 +199,7 @@ class SourceMigration:
             hooks=hooks,
         )
         self.name = original_name
-        self._we_paused = True
+        self.we_paused = True
         self._renamed = domain.name != original_name
         return self
 
@@ -224,15 +224,9 @@ class SourceMigration:
             journaled = True
             self.journal.set_phase(self.mid, Phase.RESERVED)
             self.result.mark("reserved")
-            await self._send(Config(config_to_sxp(await carried_config(self.domain))))
+            await self.send(Config(config_to_sxp(await self.domain.read_config())))
             await fault_point("source", "config")
-            if uses_stream(self.domain):
-                await send_stream(self)  # the hypervisor moves memory, relocd decides rounds
-            else:
-                if self.opts.live:
-                    self.journal.set_phase(self.mid, Phase.STREAMING)
-                    await self._precopy()
-                await self._stop_and_copy()
+            await transfer_for(self.domain).send(self)
             await self._expect_prepared()
         except ReservationRefused as exc:
             self.log.warning("reservation refused", reason=exc.reason.name, error=exc.message)
@@ -264,7 +258,7 @@ class SourceMigration:
         except TimeoutError:
             raise PeerGone(f"peer took no data for {timeout:g} s", reason=Reason.TIMEOUT) from None
 
-    async def _send(self, record: Record) -> None:
+    async def send(self, record: Record) -> None:
         await self._unless_stuck(self.channel.send(record))
 
     # -- phases --------------------------------------------------------------
@@ -285,7 +279,7 @@ class SourceMigration:
             "source_port": self.opts.source_port,
         }
         await self.progress(phase="reserve")
-        await self._send(Reserve(request))
+        await self.send(Reserve(request))
         answer = await self.channel.recv()
         if isinstance(answer, Refuse):
             raise ReservationRefused(f"target refused: {answer.message}", reason=answer.reason)
@@ -344,7 +338,7 @@ class SourceMigration:
             pfns = bitmap_to_pfns(bitmap, npages)
             dt = time.monotonic() - t0
             total_bytes += nbytes
-            await self._send(EndRound(round_no, pages, len(pfns)))
+            await self.send(EndRound(round_no, pages, len(pfns)))
             self.result.iterations = round_no
             self.result.rounds.append(
                 RoundReport(round_no, pages, nbytes, round(dt * 1000, 3), len(pfns))
@@ -375,12 +369,12 @@ class SourceMigration:
                 return
             round_no += 1
 
-    async def _stop_and_copy(self) -> None:
+    async def stop_and_copy(self) -> None:
         dom = self.domain
         await self.progress(phase="stop-and-copy")
-        self._paused_at = time.monotonic()
+        self.paused_at = time.monotonic()
         await dom.pause()
-        self._we_paused = True
+        self.we_paused = True
         self.result.mark("paused")
         await self.hooks.paused(dom)
         if self.opts.live:
@@ -392,17 +386,17 @@ class SourceMigration:
             pfns = np.arange(dom.npages, dtype=np.uint64)
             round_no = 1
         self.journal.set_phase(self.mid, Phase.STOPPED)
-        await self._send(Stop(round_no))
+        await self.send(Stop(round_no))
         await self._send_pfns(round_no, pfns)
         await fault_point("source", "stop-and-copy")
         self.result.iterations = round_no
         blob = await dom.save_state()
-        await self._send(VcpuState(dom.config.driver, blob))
+        await self.send(VcpuState(dom.config.driver, blob))
         if self.opts.verify:
             digest = await asyncio.to_thread(memory_digest, dom.memory(), self._digest_algo)
-            await self._send(Digest(self._digest_algo, digest))
-        self._committed = True  # from here the target may build a prepared copy
-        await self._send(Commit())
+            await self.send(Digest(self._digest_algo, digest))
+        self.committed = True  # from here the target may build a prepared copy
+        await self.send(Commit())
         self.result.mark("committed")
         if self._logging_dirty:
             await dom.dirty_log_stop()
@@ -416,8 +410,8 @@ class SourceMigration:
         assert isinstance(answer, Prepared)
         self.result.mark("prepared")
         await fault_point("source", "prepared")
-        if self.opts.verify and not uses_stream(self.domain):
-            self.result.verified = True  # a stream's integrity is its driver's to check
+        if self.opts.verify and transfer_for(self.domain).verifies_memory:
+            self.result.verified = True  # a hypervisor stream's integrity is its driver's to check
         self.journal.set_phase(self.mid, Phase.PREPARED)
 
     async def _handoff(self) -> MigrationResult:
@@ -427,7 +421,7 @@ class SourceMigration:
         self._renamed = True
         self.journal.set_phase(self.mid, Phase.GO_SENT)
         try:
-            await self._send(Go())
+            await self.send(Go())
             await fault_point("source", "go")
             answer = await self.channel.recv()
         except (RelocdError, OSError) as exc:
@@ -440,8 +434,8 @@ class SourceMigration:
     async def _conclude(self, answer: Resumed, channel: RecordChannel) -> MigrationResult:
         self.result.mark("resumed")
         self.result.target_details = dict(answer.details)
-        if self._paused_at is not None:
-            self.result.downtime_ms = (time.monotonic() - self._paused_at) * 1000
+        if self.paused_at is not None:
+            self.result.downtime_ms = (time.monotonic() - self.paused_at) * 1000
         if not answer.ok:
             # The target could not resume and has destroyed its copy: ours is the one.
             await self._restore_local()
@@ -518,8 +512,8 @@ class SourceMigration:
         return interim
 
     async def _conclude_resumed_elsewhere(self, channel: RecordChannel) -> MigrationResult:
-        if self._paused_at is not None:
-            self.result.downtime_ms = (time.monotonic() - self._paused_at) * 1000
+        if self.paused_at is not None:
+            self.result.downtime_ms = (time.monotonic() - self.paused_at) * 1000
         await self.domain.destroy()
         await self.hooks.destroyed(self.domain)
         try:
@@ -546,7 +540,7 @@ class SourceMigration:
         await self._restore_local()
         if not journaled:
             return
-        if not self._committed or self.reconnect is None:
+        if not self.committed or self.reconnect is None:
             self.journal.finish(self.mid, "rolled-back", msg)
             return
         # The target may hold a prepared copy and wait for GO or ABORT that
@@ -571,7 +565,7 @@ class SourceMigration:
         if self._renamed:
             await dom.rename(self.name)
             self._renamed = False
-        if self._we_paused:
+        if self.we_paused:
             await dom.undo_send()  # the driver's own undo (a resume, or more)
-            self._we_paused = False
+            self.we_paused = False
             await self.hooks.resumed_here(dom)

@@ -30,7 +30,7 @@ from relocd.engine.reservation import (
 from relocd.engine.result import Progress, no_progress
 from relocd.engine.handshake import answer_hello, digest_algo_for, host_id
 from relocd.engine.stream import PeerGone, RecordChannel
-from relocd.engine.streamed import receive_stream, uses_stream
+from relocd.engine.transfer import Landing, transfer_for
 from relocd.errors import (
     AccessDenied,
     ConfigError,
@@ -192,14 +192,30 @@ class TargetSession:
         assert isinstance(config_rec, Config)
         assert self.request is not None
         driver = self.ctx.drivers[self.request.driver]
-        if uses_stream(driver):
-            # The hypervisor moves memory itself: its driver builds the domain
-            # from the stream (nothing was built at RESERVE).
-            domain = await receive_stream(self, driver, self._checked_config(config_rec.text))
-        else:
-            domain = await self._configure(config_rec.text)
-            await fault_point("target", "config")
-            domain = await self._receive_pages(domain)
+        transfer = transfer_for(driver)
+        config = self._checked_config(config_rec.text)
+        if self.domain is not None:  # built at RESERVE: it adopts the full config
+            await self.domain.configure(config)
+        await fault_point("target", "config")
+        received = await transfer.receive(
+            ch,
+            Landing(
+                driver=driver,
+                config=config,
+                name=config.name + INCOMING_SUFFIX,
+                reservations=self.ctx.reservations,
+                reservation_id=self.mid,
+                register=self._register,
+                domain=self.domain,
+                progress=self.progress,
+                faults="target",
+                hash_algo=self.digest_algo if self.request.verify else None,
+            ),
+        )
+        if await received.memory_matches() is False:
+            raise MigrationAborted("memory digest mismatch at the stop point", reason=Reason.VERIFY)
+        await received.load_state()
+        domain = received.domain
         self.ctx.journal.set_phase(self.mid, Phase.PREPARED)
         self.ctx.reservations.pin(self.mid)  # the source decides now, not the clock
         self._prepared = True
@@ -223,51 +239,10 @@ class TargetSession:
         self.domain = None  # from GO on, _go owns the copy's fate
         await self._go(self.mid, ch)
 
-    async def _receive_pages(self, domain: Domain) -> Domain:
-        """From CONFIG to COMMIT: pages straight into the domain built at RESERVE."""
-        ch = self.channel
-        memory = domain.memory()
-        state_blob: bytes | None = None
-        digest: Digest | None = None
-        digest_task: asyncio.Future[bytes] | None = None
-        while True:
-            record = await ch.recv()
-            self.ctx.reservations.touch(self.mid)
-            if isinstance(record, PagesHeader):
-                await ch.recv_pages_into(record, memory)
-            elif isinstance(record, EndRound):
-                if record.round <= 2:
-                    await fault_point("target", f"precopy-{record.round}")
-                await self.progress(phase="precopy", round=record.round, dirty=record.dirty_next)
-            elif isinstance(record, Stop):
-                await fault_point("target", "stop-and-copy")
-                await self.progress(phase="stop-and-copy")
-            elif isinstance(record, VcpuState):
-                if record.driver != domain.config.driver:
-                    raise ProtocolError(f"vCPU state for driver {record.driver!r}, domain uses {domain.config.driver!r}")
-                state_blob = record.blob
-                # Every page is here now: hash ours while the source hashes its
-                # own, instead of after its DIGEST arrives (halves --verify's cost).
-                if self.request is not None and self.request.verify:
-                    digest_task = asyncio.ensure_future(asyncio.to_thread(memory_digest, memory, self.digest_algo))
-            elif isinstance(record, Digest):
-                digest = record
-                if digest_task is None or record.algo != self.digest_algo:  # not hashed yet, or not its way
-                    digest_task = asyncio.ensure_future(asyncio.to_thread(memory_digest, memory, record.algo))
-            elif isinstance(record, Commit):
-                # The source waits on us from here: our own work is no quiet source.
-                self.ctx.reservations.pin(self.mid)
-                break
-            else:  # the state machine lets nothing else through
-                raise ProtocolError(f"unexpected record {type(record).__name__}")
-        if state_blob is None:
-            raise ProtocolError("stream ended without vCPU state")
-        if digest is not None:
-            assert digest_task is not None
-            if await digest_task != digest.value:
-                raise MigrationAborted("memory digest mismatch at the stop point", reason=Reason.VERIFY)
-        await domain.load_state(state_blob)
-        return domain
+    def _register(self, domain: Domain) -> None:
+        """The incoming domain exists now: ours to destroy on failure, and listed."""
+        self.domain = domain
+        self.ctx.incoming[self.mid] = domain
 
     async def _reserve(self, record: Reserve) -> None:
         req = ReservationRequest.from_wire(record.request)
@@ -284,7 +259,7 @@ class TargetSession:
                     f"too many incoming migrations (limit {self.max_incoming})", reason=Reason.BUSY
                 )
             domains = ctx.all_domains()
-            if uses_stream(driver) and req.host_id is not None and req.host_id == host_id():
+            if driver.shared_hypervisor and req.host_id is not None and req.host_id == host_id():
                 # Two daemons on one hypervisor (a lab, or a daemon per dom0
                 # address): the source's own copy is visible here too and is
                 # not a clash -- only a second domain of that name would be.
@@ -312,7 +287,7 @@ class TargetSession:
         try:
             # Set the memory aside for real: build the domain, paused and
             # empty, before the source commits to anything.
-            if not uses_stream(driver):
+            if transfer_for(driver).builds_at_reserve:
                 await self._build(req, driver)
         except RelocdError as exc:
             self.log.warning("could not build the incoming domain", error=exc.message)
@@ -339,16 +314,9 @@ class TargetSession:
             driver=req.driver,
             cpu_features=req.cpu_features,
         )
-        self.domain = await driver.create(provisional, start=False)
-        self.ctx.incoming[self.mid] = self.domain
-        return self.domain
-
-    async def _configure(self, sxp_text: str) -> Domain:
-        """CONFIG: the full domain config, applied to the domain built at RESERVE."""
-        config = self._checked_config(sxp_text)
-        assert self.domain is not None
-        await self.domain.configure(config)
-        return self.domain
+        domain = await driver.create(provisional, start=False)
+        self._register(domain)
+        return domain
 
     def _checked_config(self, sxp_text: str) -> DomainConfig:
         """CONFIG's domain config, which must match what was reserved."""

@@ -21,7 +21,7 @@ import structlog
 
 from relocd import __version__
 from relocd.config.settings import Settings
-from relocd.drivers import load_driver
+from relocd.drivers import DRIVER_NAMES, REQUIRED_DRIVERS, load_driver
 from relocd.drivers.base import Domain, Driver
 from relocd.engine.journal import Journal
 from relocd.engine.reservation import ReservationTable
@@ -43,9 +43,6 @@ from relocd.server.tls import accept_tls, server_context
 from relocd.server.transport import SocketTransport
 
 log = structlog.get_logger("relocd.daemon")
-
-#: Where a Xen dom0 exposes the hypercall interface.
-XEN_PRIVCMD = ("/dev/xen/privcmd", "/proc/xen/privcmd")
 
 #: Pre-authentication limit: nothing a peer sends before HELLO is accepted may
 #: make us allocate more than this.
@@ -71,11 +68,7 @@ class Daemon:
         s = self.settings
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(self.state_dir / "journal.sqlite")
-        for name in ("sim", "kvm", "xen"):
-            if name == "xen" and not any(os.path.exists(p) for p in XEN_PRIVCMD):
-                # Not a Xen dom0: don't even load libxenctrl (it complains on stderr).
-                log.info("driver not available", driver=name, reason="not a Xen dom0 (no privcmd device)")
-                continue
+        for name in DRIVER_NAMES:
             try:
                 driver = load_driver(name, self.state_dir)
                 await driver.start()
@@ -84,7 +77,7 @@ class Daemon:
                 log.info("driver not available", driver=name, reason=msg)
                 continue
             except Exception:
-                if name == "sim":
+                if name in REQUIRED_DRIVERS:
                     raise
                 # An optional driver with a bug must not keep the daemon down.
                 log.exception("driver failed to start", driver=name)

@@ -21,9 +21,6 @@ from relocd.net.vif import VifHandle
 
 log = structlog.get_logger("relocd.network")
 
-#: drivers whose domains get relocd's veth + namespace vifs
-EMULATED_VIF_DRIVERS = frozenset({"sim", "kvm"})
-
 #: How long RESUMED waits for the announce's first round (errors show there).
 FIRST_ROUND_WAIT_S = 0.02
 
@@ -43,7 +40,7 @@ class NetworkHooks(DomainHooks):
     def _ours(domain: Domain) -> bool:
         """Only sim/kvm vifs are relocd's veth stand-ins; a Xen domain's vifs are
         its backend's (vif scripts plug vifD.N into the bridge), not ours to build."""
-        return domain.config.driver in EMULATED_VIF_DRIVERS
+        return domain.emulated_vifs
 
     def _handles(self, domain: Domain) -> list[VifHandle]:
         if not self._ours(domain):

@@ -31,7 +31,6 @@ from relocd.engine.query import Backoff, ask
 from relocd.engine.source import SendOptions, SourceMigration, settle_abort
 from relocd.engine.stream import ByteTransport, RecordChannel
 from relocd.engine.target import finish_resume, release_incoming
-from relocd.engine.streamed import uses_stream
 from relocd.errors import RelocdError
 from relocd.protocol.records import Done, Go, OutcomeState, Resumed, Role
 from relocd.protocol.state import Conversation

@@ -23,7 +23,6 @@ from relocd.engine.policy import make_policy
 from relocd.engine.savefile import inspect_savefile, restore_savefile, save_domain
 from relocd.engine.savefile_io import OpenSavefile
 from relocd.engine.savefile_stream import open_foreign
-from relocd.engine.streamed import uses_stream
 from relocd.errors import DomainNotFound, RelocdError
 from relocd.server.requests import arg, progress_to
 

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 from relocd.drivers import load_driver
-from relocd.drivers.base import DomainConfig, Vif
+from relocd.drivers.base import Domain, DomainConfig, Vif
 from relocd.drivers.xen import config as xencfg
 from relocd.drivers.xen import guestsave, libxc, stream, xlimage
 from relocd.drivers.xen.features import featureset_names
@@ -47,7 +47,6 @@ from relocd.engine.policy import (
     DowntimePolicy,
     XendPolicy,
 )
-from relocd.engine.streamed import carried_config
 from relocd.errors import DriverError
 from tests.xenlab.lab import XenLab, image_or_skip
 
@@ -321,7 +320,9 @@ async def test_config_carried_for_a_stream_domain_is_the_whole_one() -> None:
     """Found in the lab: CONFIG carried the xenstore listing, and the target's xl restore had no kernel."""
     whole = xencfg.from_libxl_json(LIBXL_JSON)
     listed = DomainConfig(name="web1", uuid=whole.uuid, memory_mib=256, driver="xen", extra={xencfg.TYPE: "pv"})
-    carried = await carried_config(ListedXenDomain(listed, whole))  # type: ignore[arg-type]
+    carried = await Domain.read_config(ListedXenDomain(listed, whole))  # type: ignore[arg-type]
+    assert carried == listed, "the seam's default carries the listing"
+    carried = await ListedXenDomain(listed, whole).read_config()  # what the engine calls (source.run)
     assert carried == whole and xencfg.libxl_json_for(carried, "web1--incoming") is not None
 
 

@@ -129,6 +129,8 @@ class StreamDomain(Domain):
 
 class StreamDriver(Driver):
     transfer: ClassVar[str] = "stream"
+    #: as Xen's: every daemon on the hypervisor sees every domain
+    shared_hypervisor: ClassVar[bool] = True
 
     def __init__(self, name: str = "fakestream", state_dir: Path = Path("/nonexistent")) -> None:
         super().__init__(state_dir)

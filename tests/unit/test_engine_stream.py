@@ -135,14 +135,14 @@ async def test_a_stream_move_passes_the_fault_points_of_a_page_move(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """RELOCD_FAULT's phases (docs/faults.md) exist on the stream path too, so the lab can kill there."""
-    from relocd.engine import streamed
+    from relocd.engine import transfer
 
     seen: list[tuple[str, str]] = []
 
     async def record(side: str, phase: str) -> None:
         seen.append((side, phase))
 
-    monkeypatch.setattr(streamed, "fault_point", record)
+    monkeypatch.setattr(transfer, "fault_point", record)
     a, b = Host(tmp_path, "a"), Host(tmp_path, "b")
     dom = await a.driver.create(DomainConfig(name="pv", memory_mib=1, driver="fakestream"))
     result = await move(a, b, dom, live=True)

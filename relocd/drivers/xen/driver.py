@@ -30,6 +30,7 @@ from typing import Any, ClassVar, cast
 from pydantic import ValidationError
 
 from relocd.drivers.base import (
+    STREAM,
     DirtyBitmap,
     Domain,
     DomainConfig,
@@ -55,11 +56,16 @@ NOT_MOVABLE = (
 _DOM0 = 0
 
 
+#: Where a Xen dom0 exposes the hypercall interface.
+XEN_PRIVCMD = ("/dev/xen/privcmd", "/proc/xen/privcmd")
+
+
 class XenDomain(Domain):
     """One domU, by domid; its config is refreshed from xenstore on every listing."""
 
     #: how it moves: the driver produces a self-describing stream (docs/xen.md, the seam change)
-    transfer: ClassVar[str] = "stream"
+    transfer: ClassVar[str] = STREAM
+    emulated_vifs: ClassVar[bool] = False
 
     def __init__(self, driver: XenDriver, domid: int, config: DomainConfig) -> None:
         self._driver = driver
@@ -207,7 +213,9 @@ class XenDriver(Driver):
 
     name = "xen"
     #: incoming domains are built from the stream (receive_stream), not at RESERVE
-    transfer: ClassVar[str] = "stream"
+    transfer: ClassVar[str] = STREAM
+    #: every daemon in this dom0 sees every domU (xl's view is host-wide)
+    shared_hypervisor: ClassVar[bool] = True
 
     def __init__(self, state_dir: Path) -> None:
         super().__init__(state_dir)
@@ -229,6 +237,10 @@ class XenDriver(Driver):
         return self._store
 
     async def start(self) -> None:
+        if not any(os.path.exists(p) for p in XEN_PRIVCMD):
+            # Not a Xen dom0: don't even load libxenctrl (it complains on stderr).
+            raise DriverError("xen driver: not a Xen dom0 (no privcmd device)")
+
         def open_handles() -> None:
             self._ctrl = libxc.XenCtrl()
             try:

@@ -24,9 +24,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from typing import Any
 
+from relocd.drivers.base import RoundDecision as RoundDecision
 from relocd.engine.policy import PrecopyPolicy, RoundStats
 
 #: XGS_POLICY_* (xenguest.h)
@@ -35,21 +35,6 @@ CONTINUE_PRECOPY = 0
 STOP_AND_COPY = 1
 
 
-@dataclass(frozen=True)
-class RoundDecision:
-    """One precopy round as relocd saw it, and what its policy said."""
-
-    round: int
-    pages_sent: int
-    bytes_sent: int
-    total_bytes_sent: int
-    duration_s: float
-    dirty_pages: int
-    stop_reason: str | None
-    expected_downtime_ms: float | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class DecisionOnly:
