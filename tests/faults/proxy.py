@@ -217,14 +217,18 @@ class FaultProxy:
     async def _accept(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
         fault = self.fault if self.connections == 0 else None
         self.connections += 1
+        link = _Link(self, fault)
+        link.writers = [c_writer]
+        self._links.append(link)  # open from now on: cut_now() cuts it even while it dials upstream
         try:
             u_reader, u_writer = await asyncio.open_connection(*self.upstream)
         except OSError:
             c_writer.close()
             return
-        link = _Link(self, fault)
-        link.writers = [c_writer, u_writer]
-        self._links.append(link)
+        link.writers.append(u_writer)
+        if link.cut:
+            u_writer.close()
+            return
         pumps = [
             asyncio.ensure_future(link.pump(c_reader, u_writer, Direction.TO_TARGET)),
             asyncio.ensure_future(link.pump(u_reader, c_writer, Direction.TO_SOURCE)),
@@ -234,8 +238,16 @@ class FaultProxy:
             t.add_done_callback(self._tasks.discard)
         await asyncio.gather(*pumps, return_exceptions=True)
 
-    async def cut_now(self) -> int:
-        """Cut every open link now (both sides closed); returns how many were open."""
+    async def cut_now(self, settle: float = 0.2) -> int:
+        """Cut every open link (both sides closed); returns how many were open.
+
+        First ``settle`` seconds for connections the kernel has accepted but
+        the event loop has not yet (a source stopped just after its first
+        write): they are open links too.  Nothing new dials in meanwhile: the
+        point's daemon is held, and the other one has no reason to reconnect
+        while its link still stands.
+        """
+        await asyncio.sleep(settle)
         links = [link for link in self._links if not link.cut]
         for link in links:
             await link._cut()
