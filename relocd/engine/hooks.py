@@ -14,6 +14,13 @@ from relocd.drivers.base import Domain
 class DomainHooks:
     """No-op hooks; subclasses override what they need.  Hooks never raise."""
 
+    async def attach(self, domain: Domain, *, up: bool) -> None:
+        """A domain was created here (``relocd create``): plug in its devices.
+
+        Unlike the others this may raise: a domain whose devices cannot be
+        attached is destroyed again by the caller.
+        """
+
     async def paused(self, domain: Domain) -> None:
         """The source copy was paused for stop-and-copy."""
 

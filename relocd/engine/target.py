@@ -17,8 +17,8 @@ import structlog
 
 from relocd.config.domain import config_from_sxp
 from relocd.drivers.base import INCOMING_SUFFIX, Domain, DomainConfig, DomainState, Driver
-from relocd.engine.claims import ClaimTable
 from relocd.engine.faults import fault_point
+from relocd.engine.host import Host
 from relocd.engine.hooks import DomainHooks
 from relocd.engine.journal import Journal, Phase
 from relocd.engine.pages import memory_digest
@@ -65,36 +65,8 @@ from relocd.protocol.records import (
 
 log = structlog.get_logger("relocd.target")
 
-@dataclasses.dataclass
-class TargetContext:
-    """What the daemon lends each incoming session."""
-
-    drivers: Mapping[str, Driver]
-    reservations: ReservationTable
-    journal: Journal
-    max_memory: int | None = None
-    hooks: DomainHooks = dataclasses.field(default_factory=DomainHooks)
-    #: prepared domains whose source has not said GO or ABORT yet, by migration id
-    in_doubt: dict[str, Domain] = dataclasses.field(default_factory=dict)
-    #: domains being received, by migration id (for `relocd list`)
-    incoming: dict[str, Domain] = dataclasses.field(default_factory=dict)
-    #: migrations whose GO is being acted on, by id: a second GO (a QUERY's
-    #: retry racing the first) waits for the first one's answer instead of
-    #: resuming again
-    resuming: dict[str, asyncio.Future[Resumed]] = dataclasses.field(default_factory=dict)
-    #: one claim per domain for every operation on it (see engine/claims.py)
-    claims: ClaimTable = dataclasses.field(default_factory=ClaimTable)
-    #: incoming sessions holding a reservation, by migration id (for expiry)
-    sessions: dict[str, TargetSession] = dataclasses.field(default_factory=dict)
-
-    def all_domains(self) -> list[Domain]:
-        return [d for drv in self.drivers.values() for d in drv.domains()]
-
-    def find_uuid(self, uuid: str) -> Domain | None:
-        for d in self.all_domains():
-            if d.config.uuid == uuid:
-                return d
-        return None
+#: what the daemon lends each incoming session: the host (engine/host.py)
+TargetContext = Host
 
 
 class TargetSession:

@@ -25,7 +25,8 @@ from relocd.drivers import DRIVER_NAMES, REQUIRED_DRIVERS, load_driver
 from relocd.drivers.base import Domain, Driver
 from relocd.engine.journal import Journal
 from relocd.engine.reservation import ReservationTable
-from relocd.engine.target import TargetContext, TargetSession, expire_reservations
+from relocd.engine.host import Host
+from relocd.engine.target import TargetSession, expire_reservations
 from relocd.engine.stream import ByteTransport, PeerGone, RecordChannel
 from relocd.errors import DriverError, RelocdError
 from relocd.protocol.records import Role
@@ -35,7 +36,7 @@ from relocd.server.control import ControlServer
 from relocd.net import AnnounceConfig
 from relocd.server.network import NetworkHooks, netns_prefix_for
 from relocd.server.listener import RelocationListener, bind_socket
-from relocd.server.operations import Operations
+from relocd.server.operations import Operations, format_host_port
 from relocd.server import saveops
 from relocd.server.recovery import recover_unfinished
 from relocd.server.sdnotify import notify
@@ -58,9 +59,9 @@ class Daemon:
         self.control: ControlServer | None = None
         self.stop_event = asyncio.Event()
         self.journal: Journal | None = None
-        self.ctx: TargetContext | None = None
+        #: built whole in startup; operations and sessions get it, never the daemon
+        self.host: Host | None = None
         self.ops: Operations | None = None
-        self.background: set[asyncio.Task[Any]] = set()
 
     # -- startup -------------------------------------------------------------------
 
@@ -83,17 +84,17 @@ class Daemon:
                 log.exception("driver failed to start", driver=name)
                 continue
             self.drivers[name] = driver
-        self.ctx = TargetContext(
+        host = self.host = Host(
             drivers=self.drivers,
             reservations=ReservationTable(s.reservation_timeout),
             journal=self.journal,
             max_memory=s.max_memory,
             hooks=NetworkHooks(netns_prefix_for(self.state_dir), AnnounceConfig.from_settings(s)),
         )
-        self.ops = Operations(self)
-        self.spawn(self._expire_reservations())
-        await recover_unfinished(self)
-        await saveops.recover_interrupted(self)
+        self.ops = Operations(host, s, lambda: [format_host_port(*lst.address) for lst in self.listeners])
+        host.spawn(self._expire_reservations(host))
+        await recover_unfinished(host, s)
+        await saveops.recover_interrupted(host, s)
         if s.relocation_server:
             sock = bind_socket(s.relocation_address, s.relocation_port)
             listener = RelocationListener(
@@ -144,22 +145,15 @@ class Daemon:
             client_certificates="required" if s.ssl_ca_file is not None else "not requested",
         )
 
-    async def _expire_reservations(self) -> None:
+    async def _expire_reservations(self, host: Host) -> None:
         """relocd-reservation-timeout, enforced: a quiet source loses its room."""
-        assert self.ctx is not None
         period = min(1.0, self.settings.reservation_timeout / 4)
         while True:
             await asyncio.sleep(period)
-            expire_reservations(self.ctx)
+            expire_reservations(host)
 
     def all_domains(self) -> list[Domain]:
         return [d for drv in self.drivers.values() for d in drv.domains()]
-
-    def spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
-        return task
 
     # -- incoming peers ----------------------------------------------------------------
 
@@ -169,7 +163,7 @@ class Daemon:
     async def _serve_transport(
         self, transport: ByteTransport, peer: str, *, peer_identity: str | None = None
     ) -> None:
-        assert self.ctx is not None
+        assert self.host is not None
         s = self.settings
         channel = RecordChannel(
             transport,
@@ -179,7 +173,7 @@ class Daemon:
         )
         session = TargetSession(
             channel,
-            self.ctx,
+            self.host,
             peer=peer,
             peer_identity=peer_identity,
             max_frame=s.max_frame,
@@ -199,10 +193,11 @@ class Daemon:
             await self.ops.drain(grace)
         for listener in self.listeners:
             await listener.drain(grace)
-        for t in list(self.background):
+        background = set(self.host.background) if self.host is not None else set()
+        for t in background:
             t.cancel()
-        if self.background:
-            await asyncio.wait(set(self.background), timeout=5)
+        if background:
+            await asyncio.wait(background, timeout=5)
         if self.control is not None:
             await self.control.close()
         for driver in self.drivers.values():

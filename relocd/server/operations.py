@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import uuid as uuidlib
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
@@ -23,7 +23,10 @@ from relocd.drivers.base import (
     DomainConfig,
     DomainState,
 )
+from relocd.config.settings import Settings
 from relocd.engine.claims import Claim, ClaimTable
+from relocd.engine.hooks import DomainHooks
+from relocd.engine.host import Host
 from relocd.engine.journal import PLAIN, TLS, Phase
 from relocd.engine.policy import make_policy
 from relocd.engine.result import MigrationResult
@@ -33,14 +36,11 @@ from relocd.errors import ConfigError, DomainBusy, DomainExists, DomainNotFound,
 from relocd.protocol.records import Role
 from relocd.protocol.state import Conversation
 from relocd.server import saveops
-from relocd.server.network import NetworkHooks
 from relocd.server.requests import arg, progress_to
 from relocd.server.tls import client_context, connect_tls
 from relocd.server.transport import connect
 from relocd.units import PAGE_SIZE, parse_rate
 
-if TYPE_CHECKING:
-    from relocd.server.daemon import Daemon
 
 log = structlog.get_logger("relocd.ops")
 
@@ -52,18 +52,19 @@ def format_host_port(host: str, port: int) -> str:
 
 
 class Operations:
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
+    """The control socket's ops on a fully built host (no daemon, no optional fields)."""
+
+    def __init__(self, host: Host, settings: Settings, listening: Callable[[], list[str]]) -> None:
+        self.host = host
+        self.settings = settings
+        #: the relocation listeners' addresses, for `status`
+        self.listening = listening
         #: uuid -> migration in flight (source side)
         self.outgoing: dict[str, SourceMigration] = {}
-        self.tasks: set[asyncio.Task[Any]] = set()
 
     @property
-    def hooks(self) -> NetworkHooks:
-        assert self.d.ctx is not None
-        hooks = self.d.ctx.hooks
-        assert isinstance(hooks, NetworkHooks)
-        return hooks
+    def hooks(self) -> DomainHooks:
+        return self.host.hooks
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -76,23 +77,19 @@ class Operations:
             "stats": self.stats,
             "pause": self.pause,
             "resume": self.resume,
-            "save": lambda args, sink: saveops.save(self.d, args, sink),
-            "restore": lambda args, sink: saveops.restore(self.d, args, sink),
-            "inspect": lambda args, sink: saveops.inspect(self.d, args, sink),
+            "save": lambda args, sink: saveops.save(self.host, self.settings, args, sink),
+            "restore": lambda args, sink: saveops.restore(self.host, self.settings, args, sink),
+            "inspect": lambda args, sink: saveops.inspect(self.host, self.settings, args, sink),
         }
 
     # -- helpers ------------------------------------------------------------------
 
     def find(self, name: str) -> Domain:
-        for d in self.d.all_domains():
-            if d.name == name:
-                return d
-        raise DomainNotFound(f"no domain named {name!r}")
+        return self.host.find(name)
 
     @property
     def claims(self) -> ClaimTable:
-        assert self.d.ctx is not None
-        return self.d.ctx.claims
+        return self.host.claims
 
     def _state_of(self, dom: Domain) -> str:
         claim = self.claims.get(dom.config.uuid)
@@ -104,9 +101,9 @@ class Operations:
 
     async def drain(self, grace: float) -> None:
         """Shutdown: let outgoing migrations finish, then cancel (they roll back)."""
-        if not self.tasks:
+        if not self.host.tasks:
             return
-        _, pending = await asyncio.wait(set(self.tasks), timeout=grace)
+        _, pending = await asyncio.wait(set(self.host.tasks), timeout=grace)
         for t in pending:
             t.cancel()
         if pending:
@@ -115,16 +112,16 @@ class Operations:
     # -- ops -----------------------------------------------------------------------
 
     async def status(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
-        s = self.d.settings
+        s = self.settings
         return {
             "version": __version__,
             "relocation_server": s.relocation_server,
-            "listen": [format_host_port(*lst.address) for lst in self.d.listeners],
-            "drivers": sorted(self.d.drivers),
-            "domains": len(self.d.all_domains()),
+            "listen": self.listening(),
+            "drivers": sorted(self.host.drivers),
+            "domains": len(self.host.all_domains()),
             "outgoing": len(self.outgoing),
-            "incoming": len(self.d.ctx.incoming) if self.d.ctx else 0,
-            "reservations": len(self.d.ctx.reservations.all()) if self.d.ctx else 0,
+            "incoming": len(self.host.incoming),
+            "reservations": len(self.host.reservations.all()),
             **self._in_doubt_counts(),
             "state_dir": str(s.state_dir),
         }
@@ -132,18 +129,15 @@ class Operations:
     def _in_doubt_counts(self) -> dict[str, int]:
         """Work not yet settled with a peer: prepared copies here, and our
         migrations still asking their target (after GO, or to drop a copy)."""
-        incoming = len(self.d.ctx.in_doubt) if self.d.ctx else 0
-        journal = self.d.journal
-        outgoing = 0
-        if journal is not None:
-            outgoing = sum(
-                1 for e in journal.unfinished("source") if e.phase in (Phase.GO_SENT, Phase.ABORTED)
-            )
+        incoming = len(self.host.in_doubt)
+        outgoing = sum(
+            1 for e in self.host.journal.unfinished("source") if e.phase in (Phase.GO_SENT, Phase.ABORTED)
+        )
         return {"in_doubt": incoming + outgoing, "in_doubt_incoming": incoming, "in_doubt_outgoing": outgoing}
 
     async def list(self, args: dict[str, Any], sink: Any) -> list[dict[str, Any]]:
         out = []
-        for dom in sorted(self.d.all_domains(), key=lambda x: x.name):
+        for dom in sorted(self.host.all_domains(), key=lambda x: x.name):
             out.append(
                 {
                     "name": dom.name,
@@ -163,8 +157,8 @@ class Operations:
             raise ConfigError(f"domain name longer than {MAX_NAME} characters")
         if name.endswith((INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX)):
             raise ConfigError(f"domain names may not end in {INCOMING_SUFFIX} or {MIGRATED_AWAY_SUFFIX}")
-        driver_name = arg(args, "driver", str, self.d.settings.default_driver)
-        driver = self.d.drivers.get(driver_name)
+        driver_name = arg(args, "driver", str, self.settings.default_driver)
+        driver = self.host.drivers.get(driver_name)
         if driver is None:
             raise DriverError(f"driver {driver_name!r} is not available on this host")
         vifs = tuple(parse_vif_spec(v) for v in arg(args, "vifs", list, []))
@@ -179,7 +173,7 @@ class Operations:
             )
         except ValueError as exc:
             raise ConfigError(f"bad domain: {str(exc).splitlines()[0]}") from None
-        for d in self.d.all_domains():
+        for d in self.host.all_domains():
             if d.name in (name, name + INCOMING_SUFFIX, name + MIGRATED_AWAY_SUFFIX):
                 raise DomainExists(f"a domain named {name!r} already exists")
         caps = await driver.capabilities()
@@ -194,13 +188,7 @@ class Operations:
         return {"name": dom.name, "uuid": dom.config.uuid, "state": dom.state.value}
 
     def claim_domain(self, name: str, op: str, *, moving: bool = False) -> tuple[Domain, Claim]:
-        """The named domain, claimed for ``op`` (never awaits; DomainBusy names the holder)."""
-        dom = self.find(name)
-        if dom.name.endswith(INCOMING_SUFFIX):
-            raise DomainBusy(f"{dom.name} is an incoming migration; relocd decides what becomes of it")
-        if dom.name.endswith(MIGRATED_AWAY_SUFFIX):
-            raise DomainBusy(f"{dom.name} is part of a migration; relocd decides when it runs")
-        return dom, self.claims.take(dom.config.uuid, dom.name, op, moving=moving)
+        return self.host.claim(name, op, moving=moving)
 
     async def destroy(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
         dom, claim = self.claim_domain(arg(args, "name", str), "destroy")
@@ -244,7 +232,7 @@ class Operations:
         return {"name": dom.name, "state": dom.state.value, "stats": await dom.stats()}
 
     async def migrate(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
-        s = self.d.settings
+        s = self.settings
         name = arg(args, "name", str)
         host = arg(args, "host", str)
         use_tls = bool(arg(args, "ssl", bool, False)) or s.relocation_ssl
@@ -301,7 +289,7 @@ class Operations:
                 dom,
                 channel,
                 options,
-                journal=self.d.journal,  # type: ignore[arg-type]
+                journal=self.host.journal,
                 migration_id=mid,
                 target=target,
                 reconnect=lambda: open_channel(Role.QUERY),
@@ -315,11 +303,9 @@ class Operations:
         structlog.contextvars.bind_contextvars(migration_id=mid)
         loop = asyncio.get_running_loop()
         notice: asyncio.Future[MigrationResult] = loop.create_future()
-        task = loop.create_task(run())
-        self.tasks.add(task)
+        task = self.host.start_operation(run())
 
         def settled(t: asyncio.Task[Any], uuid: str = dom.config.uuid) -> None:
-            self.tasks.discard(t)
             self.outgoing.pop(uuid, None)
             claim.release()
 

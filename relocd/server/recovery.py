@@ -14,7 +14,7 @@ Target side:
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable
 
 import structlog
 
@@ -27,7 +27,9 @@ from relocd.drivers.base import (
 from relocd.engine.journal import JournalEntry, Phase
 from relocd.engine.policy import XendPolicy
 from relocd.engine.journal import TLS
-from relocd.engine.query import Backoff, ask
+from relocd.config.settings import Settings
+from relocd.engine.host import Host
+from relocd.engine.query import Backoff, Reconnect, ask
 from relocd.engine.source import SendOptions, SourceMigration, settle_abort
 from relocd.engine.stream import ByteTransport, RecordChannel
 from relocd.engine.target import finish_resume, release_incoming
@@ -37,8 +39,6 @@ from relocd.protocol.state import Conversation
 from relocd.server.tls import client_context, connect_tls
 from relocd.server.transport import connect
 
-if TYPE_CHECKING:
-    from relocd.server.daemon import Daemon
 
 log = structlog.get_logger("relocd.recovery")
 
@@ -51,31 +51,27 @@ def split_host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _find(daemon: Daemon, uuid: str) -> Domain | None:
-    for d in daemon.all_domains():
-        if d.config.uuid == uuid:
-            return d
-    return None
-
-
-async def recover_unfinished(daemon: Daemon) -> None:
-    journal = daemon.journal
-    assert journal is not None and daemon.ctx is not None
-    for entry in journal.unfinished():
+async def recover_unfinished(host: Host, settings: Settings) -> None:
+    for entry in host.journal.unfinished():
         lg = log.bind(migration_id=entry.migration_id, domain=entry.domain, phase=str(entry.phase))
-        dom = _find(daemon, entry.uuid)
+        dom = host.find_uuid(entry.uuid)
         try:
             if entry.role == "source":
-                await _recover_source(daemon, entry, dom, lg)
+                await _recover_source(host, settings, entry, dom, lg)
             else:
-                await _recover_target(daemon, entry, dom, lg)
+                await _recover_target(host, entry, dom, lg)
         except RelocdError as exc:
             lg.error("recovery step failed", error=exc.message)
 
 
-async def _recover_source(daemon: Daemon, entry: JournalEntry, dom: Domain | None, lg: structlog.BoundLogger) -> None:
-    journal = daemon.journal
-    assert journal is not None and daemon.ctx is not None
+async def _recover_source(
+    host: Host, settings: Settings, entry: JournalEntry, dom: Domain | None, lg: structlog.BoundLogger
+) -> None:
+    journal = host.journal
+
+    def reconnect() -> Awaitable[RecordChannel]:
+        return _open(settings, entry)
+
     mid = entry.migration_id
     if entry.phase == Phase.DONE:
         # Crashed between DONE and finish(): the target runs it, ours is gone.
@@ -86,11 +82,11 @@ async def _recover_source(daemon: Daemon, entry: JournalEntry, dom: Domain | Non
             # Our copy is gone (the host lost power, say): the target's may be
             # the only one, and may still wait for GO.  Ask before anything.
             lg.warning("GO was sent and the local copy is gone; asking the target")
-            daemon.spawn(_resolve_without_copy(daemon, entry))
+            host.spawn(_resolve_without_copy(host, reconnect, entry))
             return
         lg.warning("migration in doubt after restart: keeping the domain paused and asking the target")
-        claim = daemon.ctx.claims.take(entry.uuid, entry.domain, f"in-doubt migration to {entry.peer}", moving=True)
-        task = daemon.spawn(_resolve_in_doubt(daemon, entry, dom))
+        claim = host.claims.take(entry.uuid, entry.domain, f"in-doubt migration to {entry.peer}", moving=True)
+        task = host.spawn(_resolve_in_doubt(host, reconnect, entry, dom))
         task.add_done_callback(lambda _t: claim.release())
         return
     if entry.phase != Phase.ABORTED:
@@ -102,12 +98,11 @@ async def _recover_source(daemon: Daemon, entry: JournalEntry, dom: Domain | Non
             lg.info("interrupted migration rolled back: domain runs here")
         journal.set_phase(mid, Phase.ABORTED)
     # ABORTED and still open: the target has not yet confirmed it holds no copy.
-    daemon.spawn(settle_abort(journal, lambda: _open(daemon, entry), mid, "source restarted before GO"))
+    host.spawn(settle_abort(journal, reconnect, mid, "source restarted before GO"))
 
 
-async def _open(daemon: Daemon, entry: JournalEntry) -> RecordChannel:
+async def _open(s: Settings, entry: JournalEntry) -> RecordChannel:
     """Dial the migration's target the way the journal says it was dialled."""
-    s = daemon.settings
     host, port = split_host_port(entry.peer)
     transport: ByteTransport
     if entry.transport == TLS:
@@ -117,31 +112,30 @@ async def _open(daemon: Daemon, entry: JournalEntry) -> RecordChannel:
     return RecordChannel(transport, Conversation(Role.QUERY), max_frame=s.max_frame, read_timeout=s.idle_timeout)
 
 
-async def _resolve_in_doubt(daemon: Daemon, entry: JournalEntry, dom: Domain) -> None:
+async def _resolve_in_doubt(host: Host, reconnect: Reconnect, entry: JournalEntry, dom: Domain) -> None:
     migration = SourceMigration.in_doubt(
         dom,
         entry.domain,
         SendOptions(live=entry.live, verify=False, policy=XendPolicy(), recovery_s=0.0),
-        journal=daemon.journal,  # type: ignore[arg-type]
+        journal=host.journal,
         migration_id=entry.migration_id,
         target=entry.peer,
-        reconnect=lambda: _open(daemon, entry),
-        hooks=daemon.ctx.hooks if daemon.ctx else None,
+        reconnect=reconnect,
+        hooks=host.hooks,
     )
     result = await migration.resolve()
     log.info("in-doubt migration resolved", migration_id=entry.migration_id, status=result.status, error=result.error)
 
 
-async def _resolve_without_copy(daemon: Daemon, entry: JournalEntry) -> None:
+async def _resolve_without_copy(host: Host, reconnect: Reconnect, entry: JournalEntry) -> None:
     """GO_SENT and no local copy: whatever the target holds is the domain now."""
-    journal = daemon.journal
-    assert journal is not None
+    journal = host.journal
     mid = entry.migration_id
     lg = log.bind(migration_id=mid, domain=entry.domain)
     backoff = Backoff()
     while True:
         try:
-            state, channel = await ask(lambda: _open(daemon, entry), mid)
+            state, channel = await ask(reconnect, mid)
             try:
                 if state in (OutcomeState.RESUMED, OutcomeState.DONE):
                     with contextlib.suppress(RelocdError, OSError):
@@ -172,10 +166,8 @@ async def _resolve_without_copy(daemon: Daemon, entry: JournalEntry) -> None:
         await backoff.wait()
 
 
-async def _recover_target(daemon: Daemon, entry: JournalEntry, dom: Domain | None, lg: structlog.BoundLogger) -> None:
-    journal = daemon.journal
-    ctx = daemon.ctx
-    assert journal is not None and ctx is not None
+async def _recover_target(ctx: Host, entry: JournalEntry, dom: Domain | None, lg: structlog.BoundLogger) -> None:
+    journal = ctx.journal
     mid = entry.migration_id
     if entry.phase == Phase.RESUMED:
         journal.finish(mid, "completed")

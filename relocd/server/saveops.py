@@ -14,11 +14,13 @@ import asyncio
 import json
 import uuid as uuidlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
 from relocd.drivers.base import INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX, Domain, DomainState
+from relocd.config.settings import Settings
+from relocd.engine.host import Host
 from relocd.engine.policy import make_policy
 from relocd.engine.savefile import inspect_savefile, restore_savefile, save_domain
 from relocd.engine.savefile_io import OpenSavefile
@@ -26,8 +28,6 @@ from relocd.engine.savefile_stream import open_foreign
 from relocd.errors import DomainNotFound, RelocdError
 from relocd.server.requests import arg, progress_to
 
-if TYPE_CHECKING:
-    from relocd.server.daemon import Daemon
 
 log = structlog.get_logger("relocd.saveops")
 
@@ -38,8 +38,8 @@ CHECKPOINT_DOWNTIME_MS = 50
 class _Marker:
     """`<state-dir>/saves/<op>-<uuid>.json`: what to undo if the daemon dies mid-way."""
 
-    def __init__(self, daemon: Daemon, op: str, info: dict[str, Any]) -> None:
-        self.path = Path(daemon.settings.state_dir) / "saves" / f"{op}-{info['uuid']}.json"
+    def __init__(self, settings: Settings, op: str, info: dict[str, Any]) -> None:
+        self.path = Path(settings.state_dir) / "saves" / f"{op}-{info['uuid']}.json"
         self.info = dict(info, op=op)
 
     def __enter__(self) -> _Marker:
@@ -53,32 +53,14 @@ class _Marker:
         self.path.unlink(missing_ok=True)
 
 
-async def _run_to_end(daemon: Daemon, coro: Any) -> Any:
-    """Run in a task the daemon's shutdown waits for; a vanished client cancels nothing."""
-    task = asyncio.get_running_loop().create_task(coro)
-    tasks = daemon.ops.tasks if daemon.ops is not None else set()
-    tasks.add(task)
-    task.add_done_callback(tasks.discard)
-    return await asyncio.shield(task)
-
-
-def _find(daemon: Daemon, name: str) -> Domain:
-    for dom in daemon.all_domains():
-        if dom.name == name:
-            return dom
-    raise DomainNotFound(f"no domain named {name!r}")
-
-
-async def save(daemon: Daemon, args: dict[str, Any], sink: Any) -> dict[str, Any]:
+async def save(host: Host, settings: Settings, args: dict[str, Any], sink: Any) -> dict[str, Any]:
     """args: name, file, checkpoint (bool), downtime_ms (optional, checkpoint pause target)."""
     name = arg(args, "name", str)
     file = arg(args, "file", str)
     checkpoint = bool(arg(args, "checkpoint", bool, False))
-    s = daemon.settings
-    if daemon.ops is None:
-        raise RelocdError("the daemon is not ready")
+    s = settings
     # Claimed before the first await, held until the save has concluded.
-    dom, claim = daemon.ops.claim_domain(name, f"save to {file}", moving=True)
+    dom, claim = host.claim(name, f"save to {file}", moving=True)
     policy = make_policy(
         "downtime",
         downtime_ms=arg(args, "downtime_ms", int, min(s.downtime_ms, CHECKPOINT_DOWNTIME_MS)),
@@ -86,31 +68,28 @@ async def save(daemon: Daemon, args: dict[str, Any], sink: Any) -> dict[str, Any
         max_factor=s.max_factor,
         dirty_threshold=s.dirty_threshold,
     )
-    hooks = daemon.ctx.hooks if daemon.ctx is not None else None
+    hooks = host.hooks
     info = {"name": name, "uuid": dom.config.uuid, "file": str(Path(file).absolute()),
             "was_running": dom.state == DomainState.RUNNING}  # fmt: skip
-    with claim, _Marker(daemon, "save", info):
-        result = await _run_to_end(
-            daemon,
-            save_domain(dom, file, checkpoint=checkpoint, policy=policy, journal=daemon.journal,
+    with claim, _Marker(settings, "save", info):
+        result = await host.run_to_end(
+            save_domain(dom, file, checkpoint=checkpoint, policy=policy, journal=host.journal,
                         progress=progress_to(sink), hooks=hooks),  # fmt: skip
         )
     out: dict[str, Any] = result.to_json()
     return out
 
 
-async def restore(daemon: Daemon, args: dict[str, Any], sink: Any) -> dict[str, Any]:
+async def restore(host: Host, settings: Settings, args: dict[str, Any], sink: Any) -> dict[str, Any]:
     """args: file, verify (bool, optional: also check the memory digest after loading)."""
     file = arg(args, "file", str)
     verify = bool(arg(args, "verify", bool, False))
-    if daemon.ctx is None:
-        raise RelocdError("the daemon is not ready")
     # Read the header first so the marker names the domain; restore_savefile
     # checks everything again (trailer, digest) before it creates anything.
     name, uuid = _peek(file)
-    with _Marker(daemon, "restore", {"name": name, "uuid": uuid, "file": file}):
-        result = await _run_to_end(
-            daemon, restore_savefile(file, daemon.ctx, verify_memory=verify, progress=progress_to(sink))
+    with _Marker(settings, "restore", {"name": name, "uuid": uuid, "file": file}):
+        result = await host.run_to_end(
+            restore_savefile(file, host, verify_memory=verify, progress=progress_to(sink))
         )
     out: dict[str, Any] = result.to_json()
     return out
@@ -126,28 +105,28 @@ def _peek(file: str) -> tuple[str, str]:
         return opened.header.name, opened.header.uuid
 
 
-async def inspect(daemon: Daemon, args: dict[str, Any], sink: Any) -> dict[str, Any]:
+async def inspect(host: Host, settings: Settings, args: dict[str, Any], sink: Any) -> dict[str, Any]:
     """args: file.  The header, and whether the digest holds (``digest_ok``, ``problem``)."""
     return await inspect_savefile(arg(args, "file", str))
 
 
-async def recover_interrupted(daemon: Daemon) -> None:
+async def recover_interrupted(host: Host, settings: Settings) -> None:
     """Startup: undo what a dead daemon's save or restore left half-done."""
-    folder = Path(daemon.settings.state_dir) / "saves"
+    folder = Path(settings.state_dir) / "saves"
     if not folder.is_dir():
         return
     for marker in sorted(folder.glob("*.json")):
         try:
             info = json.loads(marker.read_text())
-            await _undo(daemon, info)
+            await _undo(host, info)
         except (OSError, ValueError, KeyError, RelocdError) as exc:
             log.error("could not undo an interrupted save/restore", marker=str(marker), error=str(exc))
         marker.unlink(missing_ok=True)
 
 
-async def _undo(daemon: Daemon, info: dict[str, Any]) -> None:
+async def _undo(host: Host, info: dict[str, Any]) -> None:
     uuid = str(uuidlib.UUID(info["uuid"]))
-    dom = next((d for d in daemon.all_domains() if d.config.uuid == uuid), None)
+    dom = host.find_uuid(uuid)
     if info["op"] == "save":
         final = Path(info["file"])
         for partial in final.parent.glob(f".{final.name}.*.partial"):

@@ -1,0 +1,105 @@
+"""The host: what every operation and session on this machine acts on, built whole at startup.
+
+The daemon builds one ``Host`` before it serves anything (drivers started,
+journal open, reservation table, network hooks) and hands it to the
+operations, the incoming sessions and recovery; none of them sees the daemon
+or a field that is still missing.  It holds the per-domain claims (one
+operation at a time on a domain), the in-flight bookkeeping of incoming
+migrations, and the tasks the shutdown waits for or cancels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Coroutine, Mapping
+from typing import Any, Protocol, TypeVar
+
+from relocd.drivers.base import INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX, Domain, Driver
+from relocd.engine.claims import Claim, ClaimTable
+from relocd.engine.hooks import DomainHooks
+from relocd.engine.journal import Journal
+from relocd.engine.reservation import ReservationTable
+from relocd.errors import DomainBusy, DomainNotFound
+from relocd.protocol.records import Resumed
+
+_T = TypeVar("_T")
+
+
+class Expirable(Protocol):
+    """An incoming session holding a reservation (engine/target.py TargetSession)."""
+
+    def expire(self) -> None: ...
+
+
+@dataclasses.dataclass
+class Host:
+    drivers: Mapping[str, Driver]
+    reservations: ReservationTable
+    journal: Journal
+    #: relocd-max-memory: what incoming domains may reserve in all (None: no cap)
+    max_memory: int | None = None
+    hooks: DomainHooks = dataclasses.field(default_factory=DomainHooks)
+    #: prepared domains whose source has not said GO or ABORT yet, by migration id
+    in_doubt: dict[str, Domain] = dataclasses.field(default_factory=dict)
+    #: domains being received, by migration id (for `relocd list`)
+    incoming: dict[str, Domain] = dataclasses.field(default_factory=dict)
+    #: migrations whose GO is being acted on, by id: a second GO (a QUERY's
+    #: retry racing the first) waits for the first one's answer instead of
+    #: resuming again
+    resuming: dict[str, asyncio.Future[Resumed]] = dataclasses.field(default_factory=dict)
+    #: one claim per domain for every operation on it (see engine/claims.py)
+    claims: ClaimTable = dataclasses.field(default_factory=ClaimTable)
+    #: incoming sessions holding a reservation, by migration id (for expiry)
+    sessions: dict[str, Expirable] = dataclasses.field(default_factory=dict)
+    #: operations the shutdown lets finish for its grace period (migrations, saves)
+    tasks: set[asyncio.Task[Any]] = dataclasses.field(default_factory=set)
+    #: helpers the shutdown cancels (recovery's resolvers, sweeps)
+    background: set[asyncio.Task[Any]] = dataclasses.field(default_factory=set)
+
+    # -- domains ------------------------------------------------------------------
+
+    def all_domains(self) -> list[Domain]:
+        return [d for drv in self.drivers.values() for d in drv.domains()]
+
+    def find(self, name: str) -> Domain:
+        for d in self.all_domains():
+            if d.name == name:
+                return d
+        raise DomainNotFound(f"no domain named {name!r}")
+
+    def find_uuid(self, uuid: str) -> Domain | None:
+        for d in self.all_domains():
+            if d.config.uuid == uuid:
+                return d
+        return None
+
+    def claim(self, name: str, op: str, *, moving: bool = False) -> tuple[Domain, Claim]:
+        """The named domain, claimed for ``op``: never awaits, so two operations
+        cannot both pass; DomainBusy names the holder."""
+        dom = self.find(name)
+        if dom.name.endswith(INCOMING_SUFFIX):
+            raise DomainBusy(f"{dom.name} is an incoming migration; relocd decides what becomes of it")
+        if dom.name.endswith(MIGRATED_AWAY_SUFFIX):
+            raise DomainBusy(f"{dom.name} is part of a migration; relocd decides when it runs")
+        return dom, self.claims.take(dom.config.uuid, dom.name, op, moving=moving)
+
+    # -- tasks ---------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        """A helper the shutdown cancels (it picks up again from the journal)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task
+
+    def start_operation(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        """An operation the shutdown lets finish (then cancels: it rolls back)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def run_to_end(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Run an operation to its end even if whoever asked for it goes away."""
+        return await asyncio.shield(self.start_operation(coro))
