@@ -18,7 +18,7 @@ from typing import Any, Protocol, TypeVar
 from relocd.drivers.base import INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX, Domain, Driver
 from relocd.engine.claims import Claim, ClaimTable
 from relocd.engine.hooks import DomainHooks
-from relocd.engine.journal import Journal
+from relocd.engine.journal import SOURCE, Journal, JournalEntry, Phase
 from relocd.engine.reservation import ReservationTable
 from relocd.errors import DomainBusy, DomainNotFound
 from relocd.protocol.records import Resumed
@@ -72,6 +72,36 @@ class Host:
         for d in self.all_domains():
             if d.config.uuid == uuid:
                 return d
+        return None
+
+    def migration_copy(self, entry: JournalEntry) -> Domain | None:
+        """This host's copy of a migration's domain, by uuid *and* the names its phase allows.
+
+        Where two daemons share one hypervisor (two relocd in one Xen dom0)
+        both copies carry the uuid, and only the name tells them apart: a
+        target's copy is ``NAME--incoming`` until GO and ``NAME`` once it
+        resumes (RESUMING on); a source's is ``NAME`` until it renames it
+        ``NAME--migratedaway`` just before GO_SENT.  A renamed copy at
+        PREPARED (a journal from before RESUMING existed) counts only where
+        the hypervisor is not shared, where nothing else can carry the uuid.
+        """
+        name = entry.domain
+        if entry.role == SOURCE:
+            allowed = {name + MIGRATED_AWAY_SUFFIX}
+            if entry.phase not in (Phase.GO_SENT, Phase.DONE):
+                allowed.add(name)
+        elif entry.phase in (Phase.RESUMING, Phase.RESUMED):
+            allowed = {name + INCOMING_SUFFIX, name}
+        else:
+            allowed = {name + INCOMING_SUFFIX}
+        found = [d for d in self.all_domains() if d.config.uuid == entry.uuid]
+        for dom in sorted(found, key=lambda d: not d.name.endswith(INCOMING_SUFFIX)):
+            if dom.name in allowed:
+                return dom
+            if entry.role != SOURCE and entry.phase == Phase.PREPARED and dom.name == name:
+                driver = self.drivers.get(dom.config.driver)
+                if driver is not None and not driver.shared_hypervisor:
+                    return dom
         return None
 
     def claim(self, name: str, op: str, *, moving: bool = False) -> tuple[Domain, Claim]:

@@ -9,6 +9,7 @@ any failure destroys the half-built domain and releases the reservation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import uuid as uuidlib
 from collections.abc import Callable, Mapping
@@ -359,7 +360,7 @@ class TargetSession:
         domain = self.ctx.in_doubt.get(mid) or self.ctx.incoming.get(mid)
         if domain is None:
             entry = self.ctx.journal.get(mid)
-            domain = self.ctx.find_uuid(entry.uuid) if entry is not None else None
+            domain = self.ctx.migration_copy(entry) if entry is not None else None
         if domain is None:
             self.ctx.journal.set_phase(mid, Phase.ABORTED)
             self.ctx.journal.finish(mid, "failed", "prepared domain vanished before GO")
@@ -392,6 +393,9 @@ class TargetSession:
         state = outcome_of(self.ctx, mid)
         self.log.info("recovery query", state=state.name)
         await ch.send(Outcome(query.migration_id, state))
+        if state == OutcomeState.RESUMED:
+            await self._await_done(mid)
+            return
         if state != OutcomeState.PREPARED:
             return
         try:
@@ -409,6 +413,16 @@ class TargetSession:
             raise ProtocolError(f"{type(decision).__name__} where GO or ABORT was due")
         await self._go(mid, ch)
 
+    async def _await_done(self, mid: str) -> None:
+        """The source heard RESUMED (and destroys its copy): its DONE closes our entry."""
+        with contextlib.suppress(RelocdError, OSError, TimeoutError):
+            async with asyncio.timeout(10):
+                if not isinstance(await self.channel.recv(), Done):
+                    return
+            entry = self.ctx.journal.get(mid)
+            if entry is not None and not entry.finished:
+                self.ctx.journal.finish(mid, "completed")
+
     def _bound_to_peer(self, peer: str, identity: str | None) -> bool:
         """Is this connection from the migration's source (address, and certificate if it had one)?"""
         if identity is not None and identity != self.peer_identity:
@@ -419,7 +433,7 @@ class TargetSession:
         """The source decided ABORT for a prepared copy: destroy it, free its room."""
         self.log.info("source aborted an in-doubt migration", error=message)
         entry = self.ctx.journal.get(mid)
-        domain = self.ctx.in_doubt.get(mid) or (self.ctx.find_uuid(entry.uuid) if entry else None)
+        domain = self.ctx.in_doubt.get(mid) or (self.ctx.migration_copy(entry) if entry else None)
         if domain is not None and domain.name.endswith(INCOMING_SUFFIX):
             await domain.destroy()
             await self.ctx.hooks.destroyed(domain)
@@ -545,7 +559,7 @@ def outcome_of(ctx: TargetContext, mid: str) -> OutcomeState:
         if phase == Phase.PREPARED and not entry.finished:
             if mid in ctx.in_doubt:
                 return OutcomeState.PREPARED
-            dom = ctx.find_uuid(entry.uuid)
+            dom = ctx.migration_copy(entry)
             if dom is None:
                 return OutcomeState.ABORTED  # prepared, then lost with its host
             if dom.name.endswith(INCOMING_SUFFIX):

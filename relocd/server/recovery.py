@@ -54,7 +54,7 @@ def split_host_port(text: str) -> tuple[str, int]:
 async def recover_unfinished(host: Host, settings: Settings) -> None:
     for entry in host.journal.unfinished():
         lg = log.bind(migration_id=entry.migration_id, domain=entry.domain, phase=str(entry.phase))
-        dom = host.find_uuid(entry.uuid)
+        dom = host.migration_copy(entry)
         try:
             if entry.role == "source":
                 await _recover_source(host, settings, entry, dom, lg)
@@ -62,6 +62,8 @@ async def recover_unfinished(host: Host, settings: Settings) -> None:
                 await _recover_target(host, entry, dom, lg)
         except RelocdError as exc:
             lg.error("recovery step failed", error=exc.message)
+        except Exception:  # a bug in one entry's recovery must not keep the daemon down
+            lg.exception("recovery step failed")
 
 
 async def _recover_source(

@@ -415,11 +415,6 @@ async def test_hole1_restarted_target_at_resuming_finishes_the_resume(hosts: tup
     assert outcome_of(b.ctx, mid) == OutcomeState.RESUMED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11 hole 1's fix resumes by uuid: on a shared hypervisor (Xen, two daemons on one dom0) "
-    "the restarted target's recovery finds the source's own copy first and 'finishes the resume' on it",
-)
 async def test_hole1_restarted_target_on_a_shared_hypervisor_leaves_the_source_copy_alone(tmp_path: Path) -> None:
     """Two daemons on one hypervisor see each other's domains: same uuid, two copies.
 
