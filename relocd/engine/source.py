@@ -438,7 +438,7 @@ class SourceMigration:
             self.result.downtime_ms = (time.monotonic() - self.paused_at) * 1000
         if not answer.ok:
             # The target could not resume and has destroyed its copy: ours is the one.
-            await self._restore_local()
+            await self._roll_back()
             self.journal.finish(self.mid, "rolled-back", "target failed to resume")
             await channel.close()
             return self.result.finish("rolled-back", f"target failed to resume: {answer.details.get('error', '?')}")
@@ -485,7 +485,7 @@ class SourceMigration:
                     if state in (OutcomeState.ABORTED, OutcomeState.UNKNOWN):
                         # The target holds no copy (it never got GO, or dropped
                         # a prepared domain): ours is the only one.
-                        await self._restore_local()
+                        await self._roll_back()
                         self.journal.finish(self.mid, "rolled-back", "target reports no copy")
                         return self.result.finish("rolled-back", "link lost; target holds no copy, resumed here")
                     last_error = f"target reports {state.name}"
@@ -537,7 +537,7 @@ class SourceMigration:
             except (RelocdError, OSError, TimeoutError, AssertionError):
                 pass
         await self.channel.close()
-        await self._restore_local()
+        await self._roll_back()
         if not journaled:
             return
         if not self.committed or self.reconnect is None:
@@ -547,12 +547,23 @@ class SourceMigration:
         # the dead link will never carry: tell it on a new connection.  The
         # journal entry stays open (ABORTED) until the target confirms, so a
         # restart picks the telling up again.
-        self.journal.set_phase(self.mid, Phase.ABORTED)
         task = asyncio.get_running_loop().create_task(
             settle_abort(self.journal, self.reconnect, self.mid, f"source gave up: {msg}")
         )
         _FOLLOW_UPS.add(task)
         task.add_done_callback(_FOLLOW_UPS.discard)
+
+    async def _roll_back(self) -> None:
+        """Ours is the copy that runs: journal that (ABORTED) before acting on it.
+
+        A source whose copy is gone at a restart and whose journal still says
+        STOPPED or PREPARED then knows its copy never ran after the pause: a
+        target's prepared copy is the latest state, and gets GO.
+        """
+        entry = self.journal.get(self.mid) if self.journal is not None else None
+        if entry is not None and not entry.finished and entry.phase != Phase.ABORTED:
+            self.journal.set_phase(self.mid, Phase.ABORTED)
+        await self._restore_local()
 
     async def _restore_local(self) -> None:
         dom = self.domain

@@ -91,16 +91,28 @@ async def _recover_source(
         task = host.spawn(_resolve_in_doubt(host, reconnect, entry, dom))
         task.add_done_callback(lambda _t: claim.release())
         return
+    if dom is None and entry.phase in (Phase.STOPPED, Phase.PREPARED):
+        # Our copy is gone (the host lost power) and never ran after its pause
+        # (a rollback journals ABORTED first): a prepared copy on the target
+        # holds the latest state and is the only one.  Ask, and send it GO.
+        lg.warning("the local copy is gone before GO; asking the target whether it holds the only one")
+        host.spawn(_resolve_without_copy(host, reconnect, entry))
+        return
+    if dom is None and entry.phase != Phase.ABORTED:
+        lg.error("the local copy is gone and the target never had all of it: the domain is lost")
     if entry.phase != Phase.ABORTED:
-        # Before GO: ours is the only copy that may run.
+        journal.set_phase(mid, Phase.ABORTED)  # the intent, before the rollback
+    try:
         if dom is not None:
+            # Before GO (or after the target said it holds none): ours is the
+            # only copy that may run.  Idempotent: a rollback cut short is finished.
             if dom.name != entry.domain and dom.name.endswith(MIGRATED_AWAY_SUFFIX):
                 await dom.rename(entry.domain)
             await dom.undo_send()
             lg.info("interrupted migration rolled back: domain runs here")
-        journal.set_phase(mid, Phase.ABORTED)
-    # ABORTED and still open: the target has not yet confirmed it holds no copy.
-    host.spawn(settle_abort(journal, reconnect, mid, "source restarted before GO"))
+    finally:
+        # ABORTED and still open: the target has not yet confirmed it holds no copy.
+        host.spawn(settle_abort(journal, reconnect, mid, "source restarted before GO"))
 
 
 async def _open(s: Settings, entry: JournalEntry) -> RecordChannel:

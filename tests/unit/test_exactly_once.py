@@ -662,6 +662,54 @@ async def test_hole5_source_without_its_copy_sends_go_to_the_prepared_one(hosts:
     assert b.journal.get(mig.mid).phase == Phase.RESUMED  # type: ignore[union-attr]
 
 
+class HoldAtPrepared(RecordChannel):
+    """The source's channel: PREPARED arrives and the source never gets to act on it (power lost)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.prepared = asyncio.Event()
+
+    async def recv(self) -> Any:
+        record = await super().recv()
+        if isinstance(record, Prepared):
+            self.prepared.set()
+            await asyncio.Event().wait()  # the host is dead from here
+        return record
+
+
+async def test_hole5_source_lost_before_go_sends_go_to_the_only_copy(hosts: tuple[Host, Host]) -> None:
+    """Host A loses power after COMMIT, before GO: its journal says STOPPED, its copy is gone.
+
+    Its copy never ran after the pause (a rollback journals ABORTED first),
+    so the target's prepared copy is the latest state and the only copy: the
+    restarted source must send it GO, not tell it to drop it (the model found
+    this: the domain was lost).
+    """
+    a, b = hosts
+    await a.driver.create(DomainConfig(name="vm", memory_mib=16))
+    mig, src, task = start_migration(a, b, "vm", HoldAtPrepared)
+    assert isinstance(src, HoldAtPrepared)
+    await reached("PREPARED at the source", src.prepared.wait())
+    local = a.driver.lookup("vm")
+    assert local is not None
+    await local.destroy()  # power lost: the domain process is gone with the host
+    assert a.journal.get(mig.mid).phase == Phase.STOPPED  # type: ignore[union-attr]
+    await src.transport.close()
+    await reached("the target to notice the lost link", asyncio.gather(*b.sessions))
+    assert b.listing() == [("vm--incoming", "paused")]
+
+    dialler = Dialler(b, "a")
+    restarted = a.restarted()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(recovery, "connect", dialler.connect)
+        await restarted.recover()
+        await settle(restarted)
+    assert b.listing() == [("vm", "running")], "the only copy left was dropped or never resumed"
+    assert a.journal.get(mig.mid).outcome == "completed"  # type: ignore[union-attr]
+    task.cancel()  # the dead host's task, for the test's own cleanup
+    await asyncio.gather(task, return_exceptions=True)
+
+
 # -- hole 6: a migration belongs to the peer that reserved it ---------------------------
 
 
