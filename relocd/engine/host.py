@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Protocol, TypeVar
+
+import structlog
 
 from relocd.drivers.base import INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX, Domain, Driver
 from relocd.engine.claims import Claim, ClaimTable
@@ -24,6 +26,8 @@ from relocd.errors import DomainBusy, DomainNotFound
 from relocd.protocol.records import Resumed
 
 _T = TypeVar("_T")
+
+log = structlog.get_logger("relocd.host")
 
 
 class Expirable(Protocol):
@@ -56,6 +60,21 @@ class Host:
     tasks: set[asyncio.Task[Any]] = dataclasses.field(default_factory=set)
     #: helpers the shutdown cancels (recovery's resolvers, sweeps)
     background: set[asyncio.Task[Any]] = dataclasses.field(default_factory=set)
+    #: told of what happened here (metrics, STATUS=): ``observer(event, fields)``
+    observers: list[Callable[[str, dict[str, Any]], None]] = dataclasses.field(default_factory=list)
+
+    def notify(self, event: str, **fields: Any) -> None:
+        """Tell the observers; one that raises is logged, never the caller's problem.
+
+        Events: ``migration_started`` (direction), ``migration_finished``
+        (direction, status, result: the result's JSON), ``save_finished`` /
+        ``restore_finished`` (status, seconds).
+        """
+        for observer in list(self.observers):
+            try:
+                observer(event, fields)
+            except Exception:
+                log.exception("observer failed", observed=event)
 
     # -- domains ------------------------------------------------------------------
 

@@ -146,6 +146,10 @@ class TargetSession:
             if self.ctx.sessions.get(self.mid) is self:
                 del self.ctx.sessions[self.mid]
             await self.channel.close()
+            if self._journaled:
+                entry = self.ctx.journal.get(self.mid)
+                status = (entry.outcome if entry.finished else "in-doubt") if entry is not None else "failed"
+                self.ctx.notify("migration_finished", direction="incoming", status=status or "failed", result=None)
 
     # -- migration -------------------------------------------------------------
 
@@ -267,6 +271,7 @@ class TargetSession:
             await self.channel.send(Refuse(Reason.DRIVER_ERROR, f"target could not build the domain: {exc.message}"))
             raise ReservationRefused(exc.message, reason=Reason.DRIVER_ERROR) from None
         self.log.info("reservation granted", domain=req.name, memory=req.memory_bytes)
+        ctx.notify("migration_started", direction="incoming")
         await self.channel.send(
             Reserved({"reservation": self.mid, "expires_ms": int(ctx.reservations.timeout_s * 1000)})
         )

@@ -308,6 +308,13 @@ class Operations:
         def settled(t: asyncio.Task[Any], uuid: str = dom.config.uuid) -> None:
             self.outgoing.pop(uuid, None)
             claim.release()
+            if not t.cancelled() and t.exception() is None:
+                res = t.result()
+                self.host.notify("migration_finished", direction="outgoing", status=res.status, result=res.to_json())
+            else:
+                self.host.notify("migration_finished", direction="outgoing", status="failed", result=None)
+
+        self.host.notify("migration_started", direction="outgoing")
 
         task.add_done_callback(settled)
         try:

@@ -11,7 +11,10 @@ domain.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
+from collections.abc import Iterator
 import uuid as uuidlib
 from pathlib import Path
 from typing import Any
@@ -71,13 +74,25 @@ async def save(host: Host, settings: Settings, args: dict[str, Any], sink: Any) 
     hooks = host.hooks
     info = {"name": name, "uuid": dom.config.uuid, "file": str(Path(file).absolute()),
             "was_running": dom.state == DomainState.RUNNING}  # fmt: skip
-    with claim, _Marker(settings, "save", info):
+    with claim, _Marker(settings, "save", info), _observed(host, "save_finished"):
         result = await host.run_to_end(
             save_domain(dom, file, checkpoint=checkpoint, policy=policy, journal=host.journal,
                         progress=progress_to(sink), hooks=hooks),  # fmt: skip
         )
     out: dict[str, Any] = result.to_json()
     return out
+
+
+@contextlib.contextmanager
+def _observed(host: Host, event: str) -> Iterator[None]:
+    """Tell the host's observers how a save or restore ended, and how long it took."""
+    t0 = time.monotonic()
+    status = "failed"
+    try:
+        yield
+        status = "completed"
+    finally:
+        host.notify(event, status=status, seconds=time.monotonic() - t0)
 
 
 async def restore(host: Host, settings: Settings, args: dict[str, Any], sink: Any) -> dict[str, Any]:
@@ -87,7 +102,7 @@ async def restore(host: Host, settings: Settings, args: dict[str, Any], sink: An
     # Read the header first so the marker names the domain; restore_savefile
     # checks everything again (trailer, digest) before it creates anything.
     name, uuid = _peek(file)
-    with _Marker(settings, "restore", {"name": name, "uuid": uuid, "file": file}):
+    with _Marker(settings, "restore", {"name": name, "uuid": uuid, "file": file}), _observed(host, "restore_finished"):
         result = await host.run_to_end(
             restore_savefile(file, host, verify_memory=verify, progress=progress_to(sink))
         )
