@@ -26,6 +26,7 @@ __all__ = [
     "XEND_OPTIONS",
     "RELOCD_PREFIX",
     "parse_bool",
+    "parse_host_port",
     "parse_hosts_allow",
 ]
 
@@ -176,6 +177,32 @@ def _address(text: str, base_dir: Path) -> str:
     return t
 
 
+def parse_host_port(text: str, base_dir: Path | None = None) -> tuple[str, int]:
+    """``HOST:PORT``; an IPv6 address in brackets (``[::1]:9782``), as in a URL.
+
+    HOST is an IP address or a host name; there is no "all interfaces"
+    shorthand: write ``0.0.0.0`` or ``[::]`` to mean it.
+    """
+    t = text.strip()
+    host, sep, port = t.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, e.g. 127.0.0.1:9782 or [::1]:9782: {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            addr = ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"not an IPv6 address in brackets: {text!r}") from None
+        return str(addr), _int(port, 1, 65535, "a port number")
+    if ":" in host:
+        raise ValueError(f"write an IPv6 address in brackets, e.g. [::1]:9782: {text!r}")
+    try:
+        host = str(ipaddress.IPv4Address(host))
+    except ValueError:
+        if not _HOST_OR_IFACE.match(host):
+            raise ValueError(f"not an IP address or host name: {text!r}") from None
+    return host, _int(port, 1, 65535, "a port number")
+
+
 def parse_hosts_allow(text: str, base_dir: Path | None = None) -> tuple[str, ...]:
     """Space-separated regexes; empty pieces (double spaces) are dropped."""
     patterns = tuple(text.split())
@@ -260,6 +287,8 @@ _TABLE = [
            "log lines as JSON, for a console, or auto (console on a tty)"),
     Option("relocd-default-driver", "default_driver", _driver,
            "driver of domains created without --driver"),
+    Option("relocd-metrics-address", "metrics_address", _optional(parse_host_port),
+           "HOST:PORT of the Prometheus endpoint (unset = off)"),
 ]  # fmt: skip
 
 #: keyword -> option

@@ -68,6 +68,8 @@ class Settings(BaseModel):
     announce_step_ms: int = Field(default=100, ge=0)
     log_format: Literal["auto", "json", "console"] = "auto"
     default_driver: str = "sim"
+    #: relocd-metrics-address: (host, port) of the Prometheus endpoint; None = off
+    metrics_address: tuple[str, int] | None = None
     #: The file these settings came from (None: defaults only).
     config_file: Path | None = None
 
@@ -160,6 +162,8 @@ def _scan(text: str, filename: str, base_dir: Path) -> _Scan:
         args = item[1:]
         if len(args) != 1 or not isinstance(args[0], str):
             hint = " (quote a value that has spaces)" if len(args) > 1 else ""
+            if any(isinstance(a, str) and a.startswith(("[", "]")) for a in args):
+                hint = " (quote a value that has brackets, e.g. '[::1]:9782')"
             raise ConfigError(f"{where}: {keyword}: expected one value, got {len(args)}{hint}")
         if opt.field == "hosts_allow" and args[0].strip() and "" in args[0].split(" "):
             scan.warnings.append(
