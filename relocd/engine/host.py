@@ -76,6 +76,17 @@ class Host:
             except Exception:
                 log.exception("observer failed", observed=event)
 
+    def in_doubt_counts(self) -> dict[str, int]:
+        """Work not yet settled with a peer: prepared copies here, and our
+        migrations still asking their target (after GO, or to drop a copy).
+
+        For `relocd status` and the metrics endpoint, which calls it from its
+        own thread: the journal takes its lock, and ``len`` of a dict is atomic.
+        """
+        incoming = len(self.in_doubt)
+        outgoing = sum(1 for e in self.journal.unfinished(SOURCE) if e.phase in (Phase.GO_SENT, Phase.ABORTED))
+        return {"in_doubt": incoming + outgoing, "in_doubt_incoming": incoming, "in_doubt_outgoing": outgoing}
+
     # -- domains ------------------------------------------------------------------
 
     def all_domains(self) -> list[Domain]:

@@ -27,7 +27,7 @@ from relocd.config.settings import Settings
 from relocd.engine.claims import Claim, ClaimTable
 from relocd.engine.hooks import DomainHooks
 from relocd.engine.host import Host
-from relocd.engine.journal import PLAIN, TLS, Phase
+from relocd.engine.journal import PLAIN, TLS
 from relocd.engine.policy import make_policy
 from relocd.engine.result import MigrationResult
 from relocd.engine.source import SendOptions, SourceMigration, new_migration_id
@@ -122,18 +122,9 @@ class Operations:
             "outgoing": len(self.outgoing),
             "incoming": len(self.host.incoming),
             "reservations": len(self.host.reservations.all()),
-            **self._in_doubt_counts(),
+            **self.host.in_doubt_counts(),
             "state_dir": str(s.state_dir),
         }
-
-    def _in_doubt_counts(self) -> dict[str, int]:
-        """Work not yet settled with a peer: prepared copies here, and our
-        migrations still asking their target (after GO, or to drop a copy)."""
-        incoming = len(self.host.in_doubt)
-        outgoing = sum(
-            1 for e in self.host.journal.unfinished("source") if e.phase in (Phase.GO_SENT, Phase.ABORTED)
-        )
-        return {"in_doubt": incoming + outgoing, "in_doubt_incoming": incoming, "in_doubt_outgoing": outgoing}
 
     async def list(self, args: dict[str, Any], sink: Any) -> list[dict[str, Any]]:
         out = []
