@@ -1,10 +1,11 @@
 # One-command entry points for newcomers and CI.
 #   make demo   set up .venv, start two local daemons, live-migrate a domain
 #   make test   set up .venv and run the whole test suite (fast tests first)
+#   make wheel  dist/relocd-*.whl: what `pip install .` installs, built offline
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench wheel clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,5 +23,11 @@ demo: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/bench_migrate.py
 
+# With .venv's setuptools (the test extra's); build/ goes first, or files
+# left there by an older build would end up in the wheel.
+wheel: $(VENV)/.installed
+	rm -rf build
+	$(PY) -m pip wheel --no-deps --no-build-isolation --no-index --wheel-dir dist .
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info
