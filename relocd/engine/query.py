@@ -10,13 +10,19 @@ journal).  What each caller does with the answer is its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid as uuidlib
 from collections.abc import Awaitable, Callable
 
+import structlog
+
 from relocd.engine.handshake import hello
+from relocd.engine.journal import Journal
 from relocd.engine.stream import RecordChannel
-from relocd.errors import ProtocolError
-from relocd.protocol.records import Outcome, OutcomeState, Query, Role
+from relocd.errors import ProtocolError, Reason, RelocdError
+from relocd.protocol.records import Abort, Outcome, OutcomeState, Query, Role
+
+log = structlog.get_logger("relocd.query")
 
 Reconnect = Callable[[], Awaitable[RecordChannel]]
 
@@ -55,3 +61,40 @@ async def ask(reconnect: Reconnect, migration_id: str) -> tuple[OutcomeState, Re
     except BaseException:
         await channel.close()
         raise
+
+
+async def drop_prepared_copy(reconnect: Reconnect, migration_id: str, message: str) -> None:
+    """We gave up before GO: see that the target drops any prepared copy it holds.
+
+    Asks (QUERY) until the target holds none (ABORTED, UNKNOWN) or holds a
+    prepared one and takes our ABORT; a target still RECEIVING is asked
+    again, as it may yet reach PREPARED.  Never gives up: returns once the
+    target has confirmed (the caller then closes the journal entry).
+    """
+    lg = log.bind(migration_id=migration_id)
+    backoff = Backoff(first=0.5)  # let an ABORT sent on the old connection land first
+    while True:
+        await backoff.wait()
+        try:
+            state, channel = await ask(reconnect, migration_id)
+            try:
+                if state == OutcomeState.PREPARED:
+                    await channel.send(Abort(Reason.CANCELLED, message[:200]))
+                    with contextlib.suppress(RelocdError, OSError, TimeoutError):
+                        async with asyncio.timeout(2):
+                            await channel.recv()  # the target closes once it has dropped it
+                    # Confirmed only by asking again: a lost ABORT must not count.
+                    continue
+                if state in (OutcomeState.ABORTED, OutcomeState.UNKNOWN):
+                    lg.info("target holds no prepared copy")
+                    return
+            finally:
+                await channel.close()
+        except (RelocdError, OSError) as exc:
+            lg.info("cannot reach the target yet to drop its prepared copy", error=str(exc))
+
+
+async def settle_abort(journal: Journal, reconnect: Reconnect, migration_id: str, message: str) -> None:
+    """A migration rolled back before GO: the entry closes once the target holds no copy."""
+    await drop_prepared_copy(reconnect, migration_id, message)
+    journal.finish(migration_id, "rolled-back", message)

@@ -31,7 +31,7 @@ class MigrationResult:
     domain: str
     live: bool
     migration_id: str
-    status: str = "failed"  # completed | failed | rolled-back
+    status: str = "failed"  # completed | failed | rolled-back | cancelled
     iterations: int = 0
     pages_sent: int = 0
     zero_pages: int = 0
@@ -41,6 +41,11 @@ class MigrationResult:
     verified: bool | None = None
     error: str | None = None
     stop_reason: str | None = None
+    #: the downtime policy's target, and a warning when the stop was predicted to overshoot it 2x
+    downtime_target_ms: float | None = None
+    downtime_warning: str | None = None
+    #: the target's free memory as it reported it at reservation (evacuate spreads by it)
+    target_free_bytes: int | None = None
     target: str | None = None
     rounds: list[RoundReport] = dataclasses.field(default_factory=list)
     target_details: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -55,7 +55,6 @@ from relocd.protocol.records import (
     Config,
     Digest,
     DigestAlgo,
-    EndRound,
     PagesHeader,
     Role,
     Stop,

@@ -24,21 +24,19 @@ import asyncio
 import dataclasses
 import os
 import stat
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from relocd.drivers import read_foreign_image
-from relocd.drivers.base import Domain, DomainConfig, Driver, ForeignImage
+from relocd.drivers.base import Domain, ForeignImage
 from relocd.engine.hooks import DomainHooks
 from relocd.engine.policy import PrecopyPolicy
 from relocd.engine.result import Progress
 from relocd.engine.savefile_format import MAGIC
 from relocd.engine.savefile_io import OpenFile, io_error, open_checked
 from relocd.engine.stream import RecordChannel
-from relocd.errors import DriverError, ProtocolError, SaveFileError
+from relocd.errors import DriverError, SaveFileError
 from relocd.protocol.records import (
-    Commit,
-    PagesHeader,
     Stop,
     StreamChunk,
     VcpuState,

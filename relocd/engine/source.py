@@ -10,7 +10,6 @@ have to reconnect and ask).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import time
 import uuid as uuidlib
@@ -33,12 +32,22 @@ from relocd.engine.pages import (
     memory_digest,
     split_zero_pages,
 )
-from relocd.engine.policy import PrecopyPolicy, RateLimiter, RoundStats
-from relocd.engine.query import Backoff, Reconnect, ask
+from relocd.engine.localcopy import LocalCopy
+from relocd.engine.meter import RoundMeter
+from relocd.engine.policy import DowntimePolicy, PrecopyPolicy, RateLimiter, RoundStats
+from relocd.engine.query import Backoff, Reconnect, ask, settle_abort
 from relocd.engine.result import MigrationResult, Progress, RoundReport, no_progress
 from relocd.engine.stream import PeerGone, RecordChannel
 from relocd.engine.transfer import transfer_for
-from relocd.errors import MigrationAborted, ProtocolError, Reason, RelocdError, ReservationRefused
+from relocd.errors import (
+    ConfigError,
+    DomainBusy,
+    MigrationAborted,
+    ProtocolError,
+    Reason,
+    RelocdError,
+    ReservationRefused,
+)
 from relocd.protocol.records import (
     Abort,
     Commit,
@@ -48,10 +57,8 @@ from relocd.protocol.records import (
     Done,
     EndRound,
     Go,
-    Outcome,
     OutcomeState,
     Prepared,
-    Query,
     Record,
     Refuse,
     Reserve,
@@ -82,6 +89,16 @@ class SendOptions:
     #: how the target was dialled (journaled, so a restart dials the same way)
     transport: str = PLAIN
     server_name: str | None = None
+    #: a live migration not converged after this many seconds is ended (None: never) ...
+    timeout_s: float | None = None
+    #: ... by TIMEOUT_ABORT (rolled back, the domain runs on here) or TIMEOUT_STOP (stop-and-copy now)
+    timeout_action: str = "abort"
+
+
+TIMEOUT_ABORT = "abort"
+TIMEOUT_STOP = "stop"
+#: a stop-and-copy predicted to overshoot the downtime target by more than this is warned about
+OVERSHOOT_WARNING = 2.0
 
 
 _T = TypeVar("_T")
@@ -92,43 +109,6 @@ _FOLLOW_UPS: set[asyncio.Task[None]] = set()
 
 def new_migration_id() -> str:
     return str(uuidlib.uuid4())
-
-
-async def drop_prepared_copy(reconnect: Reconnect, migration_id: str, message: str) -> None:
-    """We gave up before GO: see that the target drops any prepared copy it holds.
-
-    Asks (QUERY) until the target holds none (ABORTED, UNKNOWN) or holds a
-    prepared one and takes our ABORT; a target still RECEIVING is asked
-    again, as it may yet reach PREPARED.  Never gives up: returns once the
-    target has confirmed (the caller then closes the journal entry).
-    """
-    lg = log.bind(migration_id=migration_id)
-    backoff = Backoff(first=0.5)  # let an ABORT sent on the old connection land first
-    while True:
-        await backoff.wait()
-        try:
-            state, channel = await ask(reconnect, migration_id)
-            try:
-                if state == OutcomeState.PREPARED:
-                    await channel.send(Abort(Reason.CANCELLED, message[:200]))
-                    with contextlib.suppress(RelocdError, OSError, TimeoutError):
-                        async with asyncio.timeout(2):
-                            await channel.recv()  # the target closes once it has dropped it
-                    # Confirmed only by asking again: a lost ABORT must not count.
-                    continue
-                if state in (OutcomeState.ABORTED, OutcomeState.UNKNOWN):
-                    lg.info("target holds no prepared copy")
-                    return
-            finally:
-                await channel.close()
-        except (RelocdError, OSError) as exc:
-            lg.info("cannot reach the target yet to drop its prepared copy", error=str(exc))
-
-
-async def settle_abort(journal: Journal, reconnect: Reconnect, migration_id: str, message: str) -> None:
-    """A migration rolled back before GO: the entry closes once the target holds no copy."""
-    await drop_prepared_copy(reconnect, migration_id, message)
-    journal.finish(migration_id, "rolled-back", message)
 
 
 class SourceMigration:
@@ -164,15 +144,20 @@ class SourceMigration:
         self.limiter = RateLimiter(options.max_bandwidth)
         self.log = log.bind(migration_id=migration_id, domain=self.name, target=target)
         self.paused_at: float | None = None
-        self.we_paused = False
-        self._renamed = False
-        self._logging_dirty = False
+        #: our copy's fate: paused, renamed, handed over or rolled back (engine/localcopy.py)
+        self.copy = LocalCopy(domain, self.name, journal, migration_id, self.hooks, self.log)
         self._pending = np.empty(0, dtype=np.uint64)
         self._digest_algo = DigestAlgo.SHA256
         self.committed = False
         #: set once with the interim result when a lost link post-GO has not
         #: settled within recovery_s; the migration goes on asking
         self.in_doubt_notice: asyncio.Future[MigrationResult] | None = None
+        #: set (synchronously) as the handoff begins: from here no abort, only its ending
+        self.past_go = False
+        self._abort_reason: str | None = None
+        self._task: asyncio.Task[object] | None = None
+        self._started = time.monotonic()
+        self._last_stats: RoundStats | None = None
 
     @classmethod
     def in_doubt(
@@ -199,8 +184,8 @@ class SourceMigration:
             hooks=hooks,
         )
         self.name = original_name
-        self.we_paused = True
-        self._renamed = domain.name != original_name
+        self.result.domain = original_name
+        self.copy = LocalCopy.in_doubt(domain, original_name, journal, migration_id, self.hooks, self.log)
         return self
 
     async def resolve(self) -> MigrationResult:
@@ -209,8 +194,45 @@ class SourceMigration:
 
     # -- top level -----------------------------------------------------------
 
+    # -- operator's control (relocd abort, migrate-set) ------------------------------
+
+    def request_abort(self, why: str = "cancelled by the operator") -> None:
+        """Cancel before GO: the domain runs on here, the target drops its copy.
+
+        Never awaits, so it cannot race the handoff: once ``past_go`` is set
+        (synchronously, before the handoff's first await) it is refused.
+        """
+        if self.past_go:
+            raise DomainBusy(f"{self.name} is past GO: the handoff completes or rolls back by itself")
+        if self._abort_reason is None:
+            self._abort_reason = why
+            if self._task is not None:
+                self._task.cancel()
+
+    def set_limits(self, *, downtime_ms: int | None = None, max_bandwidth: int | None = None) -> None:
+        """migrate-set: the next round (and the next batch, for bandwidth) uses these."""
+        if downtime_ms is not None:
+            if not isinstance(self.opts.policy, DowntimePolicy):
+                raise ConfigError("this migration's policy (xend) has no downtime target; start it with the downtime policy")
+            self.opts.policy.downtime_ms = downtime_ms
+        if max_bandwidth is not None:
+            self.limiter = RateLimiter(max_bandwidth)
+            self.opts.max_bandwidth = max_bandwidth
+
+    def _check_timeout(self) -> str | None:
+        """The live migration has run past its --timeout: abort (raises) or say stop."""
+        limit = self.opts.timeout_s
+        if limit is None or time.monotonic() - self._started < limit:
+            return None
+        if self.opts.timeout_action == TIMEOUT_STOP:
+            return "timeout"
+        raise RelocdError(f"did not converge within {limit:g} s (--timeout-action abort)", reason=Reason.CANCELLED)
+
+    # -- top level -----------------------------------------------------------
+
     async def run(self) -> MigrationResult:
         journaled = False
+        self._task = asyncio.current_task()
         try:
             peer_hello = await hello(self.channel, Role.SOURCE, self.mid)
             self._digest_algo = digest_algo_for(peer_hello.features)
@@ -237,6 +259,11 @@ class SourceMigration:
             await self._abort_before_go(exc, journaled)
             return self.result.finish("rolled-back" if journaled else "failed", msg)
         except asyncio.CancelledError:
+            why = self._abort_reason
+            if why is not None and self._task is not None and self._task.uncancel() == 0:
+                # relocd abort: an ABORT goes to the target, which drops its copy.
+                await self._abort_before_go(RelocdError(why, reason=Reason.CANCELLED), journaled)
+                return self.result.finish("cancelled", why)
             await self._abort_before_go(MigrationAborted("cancelled", reason=Reason.CANCELLED), journaled)
             raise
         return await self._handoff()
@@ -301,10 +328,14 @@ class SourceMigration:
         return await self._send_pfns(round_no, pfns)
 
     async def _send_pfns(self, round_no: int, pfns: np.ndarray) -> tuple[int, int]:
-        """Send pages (zero pages as pfns only); returns (pages, bytes)."""
+        """Send pages (zero pages as pfns only); returns (pages, bytes).
+
+        Progress goes out every 250 ms inside the round (engine/meter.py).
+        """
         memory = self.domain.memory()
         pages = 0
         nbytes = 0
+        meter = RoundMeter(round_no, len(pfns), self.result.bytes_sent)
         for batch in iter_batches(pfns, self.opts.batch_pages):
             data, zero = split_zero_pages(memory, batch)
             if self.on_batch is not None:
@@ -313,6 +344,11 @@ class SourceMigration:
             pages += len(batch)
             nbytes += n
             self.result.zero_pages += len(zero)
+            meter.add(len(batch), n)
+            if meter.due():
+                await self.progress(**meter.event())
+            if self.paused_at is None and self.opts.timeout_action == TIMEOUT_ABORT:
+                self._check_timeout()  # an abort does not wait for the round's end
             delay = self.limiter.delay_for(n)
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -323,8 +359,7 @@ class SourceMigration:
     async def _precopy(self) -> None:
         dom = self.domain
         npages = dom.npages
-        await dom.dirty_log_start()
-        self._logging_dirty = True
+        await self.copy.start_dirty_log()
         pfns = np.arange(npages, dtype=np.uint64)
         round_no = 1
         total_bytes = 0
@@ -352,7 +387,8 @@ class SourceMigration:
                 dirty_pages=len(pfns),
                 memory_pages=npages,
             )
-            reason = self.opts.policy.should_stop(stats)
+            self._last_stats = stats
+            reason = self.opts.policy.should_stop(stats) or self._check_timeout()
             bw = nbytes / dt if dt > 0 else 0.0
             await self.progress(
                 phase="precopy",
@@ -369,14 +405,31 @@ class SourceMigration:
                 return
             round_no += 1
 
+    def _warn_overshoot(self) -> None:
+        """Say so when the stop-and-copy is predicted to take over twice the downtime target."""
+        policy = self.opts.policy
+        if not isinstance(policy, DowntimePolicy):
+            return
+        target = policy.downtime_ms
+        self.result.downtime_target_ms = float(target)
+        if self._last_stats is None:
+            return
+        expected = policy.expected_downtime_ms(self._last_stats)
+        if expected is not None and expected > OVERSHOOT_WARNING * target:
+            warning = (
+                f"stop-and-copy predicted to take {expected:,.0f} ms, over {OVERSHOOT_WARNING:g}x "
+                f"the {target:g} ms downtime target"
+            )
+            self.result.downtime_warning = warning
+            self.log.warning("downtime target will be missed", expected_ms=round(expected, 1), target_ms=target)
+
     async def stop_and_copy(self) -> None:
         dom = self.domain
+        self._warn_overshoot()
         await self.progress(phase="stop-and-copy")
         self.paused_at = time.monotonic()
-        await dom.pause()
-        self.we_paused = True
+        await self.copy.pause()
         self.result.mark("paused")
-        await self.hooks.paused(dom)
         if self.opts.live:
             # Pages dirtied since the last fetch, plus the last round's dirty set.
             final = bitmap_to_pfns(await dom.dirty_log_fetch(), dom.npages)
@@ -398,9 +451,7 @@ class SourceMigration:
         self.committed = True  # from here the target may build a prepared copy
         await self.send(Commit())
         self.result.mark("committed")
-        if self._logging_dirty:
-            await dom.dirty_log_stop()
-            self._logging_dirty = False
+        await self.copy.stop_dirty_log()
 
     async def _expect_prepared(self) -> None:
         await self.progress(phase="prepare")
@@ -417,8 +468,8 @@ class SourceMigration:
     async def _handoff(self) -> MigrationResult:
         # Past this point the target holds a complete, paused copy.  Rename
         # ours first so the two are never confused, then make GO durable.
-        await self.domain.rename(self.name + MIGRATED_AWAY_SUFFIX)
-        self._renamed = True
+        self.past_go = True  # before the first await: no abort from here
+        await self.copy.rename_away()
         self.journal.set_phase(self.mid, Phase.GO_SENT)
         try:
             await self.send(Go())
@@ -438,12 +489,11 @@ class SourceMigration:
             self.result.downtime_ms = (time.monotonic() - self.paused_at) * 1000
         if not answer.ok:
             # The target could not resume and has destroyed its copy: ours is the one.
-            await self._roll_back()
+            await self.copy.roll_back()
             self.journal.finish(self.mid, "rolled-back", "target failed to resume")
             await channel.close()
             return self.result.finish("rolled-back", f"target failed to resume: {answer.details.get('error', '?')}")
-        await self.domain.destroy()
-        await self.hooks.destroyed(self.domain)
+        await self.copy.hand_over()
         try:
             await channel.send(Done())
         except (RelocdError, OSError):
@@ -485,7 +535,7 @@ class SourceMigration:
                     if state in (OutcomeState.ABORTED, OutcomeState.UNKNOWN):
                         # The target holds no copy (it never got GO, or dropped
                         # a prepared domain): ours is the only one.
-                        await self._roll_back()
+                        await self.copy.roll_back()
                         self.journal.finish(self.mid, "rolled-back", "target reports no copy")
                         return self.result.finish("rolled-back", "link lost; target holds no copy, resumed here")
                     last_error = f"target reports {state.name}"
@@ -514,8 +564,7 @@ class SourceMigration:
     async def _conclude_resumed_elsewhere(self, channel: RecordChannel) -> MigrationResult:
         if self.paused_at is not None:
             self.result.downtime_ms = (time.monotonic() - self.paused_at) * 1000
-        await self.domain.destroy()
-        await self.hooks.destroyed(self.domain)
+        await self.copy.hand_over()
         try:
             await channel.send(Done())
         except (RelocdError, OSError):
@@ -537,7 +586,7 @@ class SourceMigration:
             except (RelocdError, OSError, TimeoutError, AssertionError):
                 pass
         await self.channel.close()
-        await self._roll_back()
+        await self.copy.roll_back()
         if not journaled:
             return
         if not self.committed or self.reconnect is None:
@@ -552,31 +601,3 @@ class SourceMigration:
         )
         _FOLLOW_UPS.add(task)
         task.add_done_callback(_FOLLOW_UPS.discard)
-
-    async def _roll_back(self) -> None:
-        """Ours is the copy that runs: journal that (ABORTED) before acting on it.
-
-        A source whose copy is gone at a restart and whose journal still says
-        STOPPED or PREPARED then knows its copy never ran after the pause: a
-        target's prepared copy is the latest state, and gets GO.
-        """
-        entry = self.journal.get(self.mid) if self.journal is not None else None
-        if entry is not None and not entry.finished and entry.phase != Phase.ABORTED:
-            self.journal.set_phase(self.mid, Phase.ABORTED)
-        await self._restore_local()
-
-    async def _restore_local(self) -> None:
-        dom = self.domain
-        if self._logging_dirty:
-            try:
-                await dom.dirty_log_stop()
-            except RelocdError:
-                pass
-            self._logging_dirty = False
-        if self._renamed:
-            await dom.rename(self.name)
-            self._renamed = False
-        if self.we_paused:
-            await dom.undo_send()  # the driver's own undo (a resume, or more)
-            self.we_paused = False
-            await self.hooks.resumed_here(dom)

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import uuid as uuidlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import structlog
 
@@ -20,12 +19,9 @@ from relocd.config.domain import config_from_sxp
 from relocd.drivers.base import INCOMING_SUFFIX, Domain, DomainConfig, DomainState, Driver
 from relocd.engine.faults import fault_point
 from relocd.engine.host import Host
-from relocd.engine.hooks import DomainHooks
-from relocd.engine.journal import Journal, Phase
-from relocd.engine.pages import memory_digest
+from relocd.engine.journal import Phase
 from relocd.engine.reservation import (
     ReservationRequest,
-    ReservationTable,
     check_reservation,
 )
 from relocd.engine.result import Progress, no_progress
@@ -43,16 +39,12 @@ from relocd.errors import (
 )
 from relocd.protocol.records import (
     Abort,
-    Commit,
     Config,
-    Digest,
     DigestAlgo,
     Done,
-    EndRound,
     Go,
     Outcome,
     OutcomeState,
-    PagesHeader,
     Prepared,
     Query,
     Refuse,
@@ -60,8 +52,6 @@ from relocd.protocol.records import (
     Reserved,
     Resumed,
     Role,
-    Stop,
-    VcpuState,
 )
 
 log = structlog.get_logger("relocd.target")

@@ -244,8 +244,7 @@ class StreamTransfer(Transfer):
             await stop(1)
         await dom.send_stream(live, mig.opts.policy, sink, on_round)
         # Suspended now, by the driver's save: a rollback undoes it (Domain.undo_send).
-        mig.we_paused = True
-        await mig.hooks.paused(dom)
+        await mig.copy.suspended_by_send()
         await fault_point("source", "stop-and-copy")
         if live and result.stop_reason is None:
             # The driver stopped iterating on its own (e.g. its own round limit).

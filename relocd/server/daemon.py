@@ -15,7 +15,6 @@ import os
 import signal
 import socket
 from pathlib import Path
-from typing import Any
 
 import structlog
 

@@ -32,7 +32,7 @@ from relocd.engine.policy import make_policy
 from relocd.engine.result import MigrationResult
 from relocd.engine.source import SendOptions, SourceMigration, new_migration_id
 from relocd.engine.stream import ByteTransport, RecordChannel
-from relocd.errors import ConfigError, DomainBusy, DomainExists, DomainNotFound, DriverError, RelocdError
+from relocd.errors import ConfigError, DomainExists, DriverError, RelocdError
 from relocd.protocol.records import Role
 from relocd.protocol.state import Conversation
 from relocd.server import saveops

@@ -22,15 +22,14 @@ from relocd.drivers.base import (
     INCOMING_SUFFIX,
     MIGRATED_AWAY_SUFFIX,
     Domain,
-    DomainState,
 )
 from relocd.engine.journal import JournalEntry, Phase
 from relocd.engine.policy import XendPolicy
 from relocd.engine.journal import TLS
 from relocd.config.settings import Settings
 from relocd.engine.host import Host
-from relocd.engine.query import Backoff, Reconnect, ask
-from relocd.engine.source import SendOptions, SourceMigration, settle_abort
+from relocd.engine.query import Backoff, Reconnect, ask, settle_abort
+from relocd.engine.source import SendOptions, SourceMigration
 from relocd.engine.stream import ByteTransport, RecordChannel
 from relocd.engine.target import finish_resume, release_incoming
 from relocd.errors import RelocdError

@@ -10,7 +10,6 @@ domain.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import time
@@ -21,14 +20,14 @@ from typing import Any
 
 import structlog
 
-from relocd.drivers.base import INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX, Domain, DomainState
+from relocd.drivers.base import INCOMING_SUFFIX, DomainState
 from relocd.config.settings import Settings
 from relocd.engine.host import Host
 from relocd.engine.policy import make_policy
 from relocd.engine.savefile import inspect_savefile, restore_savefile, save_domain
 from relocd.engine.savefile_io import OpenSavefile
 from relocd.engine.savefile_stream import open_foreign
-from relocd.errors import DomainNotFound, RelocdError
+from relocd.errors import RelocdError
 from relocd.server.requests import arg, progress_to
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from relocd.drivers.base import RoundDecision as RoundDecision
 from relocd.engine.policy import PrecopyPolicy, RoundStats
