@@ -2,7 +2,8 @@
 
 Access control happens before a single byte from the peer is read: the
 peer's address (then, if needed, its forward-confirmed reverse DNS name) is
-checked against hosts-allow; a refused peer is logged and its socket closed
+checked against hosts-allow; a refused peer is logged, reported to
+``on_refused`` (the metrics count it by reason) and its socket closed
 unread.  DNS runs on the loop's resolver with a timeout, so one slow lookup
 never holds up other connections.
 """
@@ -22,6 +23,8 @@ from relocd.server.access import HostsAllow, peer_allowed
 log = structlog.get_logger("relocd.listener")
 
 Handler = Callable[[socket.socket, str], Awaitable[None]]
+#: told why a peer was turned away: "hosts_allow", "too_many_connections" (metrics)
+RefusalCallback = Callable[[str], None]
 
 
 def _is_ip(text: str) -> bool:
@@ -92,6 +95,7 @@ class RelocationListener:
         dns_timeout: float,
         max_connections: int,
         name: str = "relocation",
+        on_refused: RefusalCallback | None = None,
     ) -> None:
         self.sock = sock
         self.handler = handler
@@ -99,6 +103,7 @@ class RelocationListener:
         self.dns_timeout = dns_timeout
         self.max_connections = max_connections
         self.name = name
+        self.on_refused = on_refused
         self.tasks: set[asyncio.Task[None]] = set()
         self._accept_task: asyncio.Task[None] | None = None
 
@@ -126,6 +131,7 @@ class RelocationListener:
             if len(self.tasks) >= self.max_connections:
                 log.warning("connection refused: too many connections", peer=peer, limit=self.max_connections)
                 conn.close()
+                self._refused("too_many_connections")
                 continue
             task = loop.create_task(self._admit(conn, peer))
             self.tasks.add(task)
@@ -136,6 +142,7 @@ class RelocationListener:
             allowed, name = await peer_allowed(peer, self.allow, self.dns_timeout)
             if not allowed:
                 log.warning("connection refused by hosts-allow", peer=peer, listener=self.name)
+                self._refused("hosts_allow")
                 return
             log.info("connection accepted", peer=peer, name=name, listener=self.name)
             await self.handler(conn, peer)
@@ -148,6 +155,13 @@ class RelocationListener:
                 conn.close()
             except OSError:
                 pass
+
+    def _refused(self, reason: str) -> None:
+        if self.on_refused is not None:
+            try:
+                self.on_refused(reason)
+            except Exception:  # a counter must not stop the accept loop
+                log.exception("refusal callback failed", reason=reason)
 
     async def stop_accepting(self) -> None:
         if self._accept_task is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import urllib.request
@@ -18,6 +19,8 @@ from relocd.engine.host import Host
 from relocd.engine.journal import SOURCE, TARGET, Journal, Phase
 from relocd.engine.reservation import ReservationRequest, ReservationTable
 from relocd.errors import ConfigError
+from relocd.server.access import HostsAllow
+from relocd.server.listener import RelocationListener, bind_socket
 from relocd.server.metrics import REFUSAL_REASONS, Metrics, MetricsEndpoint
 
 
@@ -371,3 +374,73 @@ def test_endpoint_on_a_taken_port_is_one_line() -> None:
             endpoint.start()
     assert info.value.message == f"relocd-metrics-address: cannot listen on 127.0.0.1:{port}: Address already in use"
     endpoint.stop()  # nothing to stop: harmless
+
+
+# --- refused peers, from the listener ------------------------------------------------------------
+
+
+async def connect_and_wait_for_close(port: int) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        return await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("patterns", "max_connections", "reason"),
+    [
+        ((r"^10\.9\.9\.9$",), 16, "hosts_allow"),
+        ((), 0, "too_many_connections"),
+    ],
+)
+async def test_listener_reports_refused_peers(patterns: tuple[str, ...], max_connections: int, reason: str) -> None:
+    m = Metrics()
+    served: list[str] = []
+
+    async def handler(sock: socket.socket, peer: str) -> None:
+        served.append(peer)
+
+    listener = RelocationListener(
+        bind_socket("127.0.0.1", 0),
+        handler,
+        hosts_allow=HostsAllow(patterns),
+        dns_timeout=0.5,
+        max_connections=max_connections,
+        on_refused=m.peer_refused,
+    )
+    listener.start()
+    try:
+        assert await connect_and_wait_for_close(listener.address[1]) == b""
+        for _ in range(100):  # the count follows the close by a step of the loop
+            if value(m, "relocd_peers_refused_total", reason=reason):
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await listener.stop_accepting()
+        await listener.drain(1)
+    assert served == []
+    assert value(m, "relocd_peers_refused_total", reason=reason) == 1
+    others = set(REFUSAL_REASONS) - {reason}
+    assert all(value(m, "relocd_peers_refused_total", reason=r) == 0 for r in others)
+
+
+async def test_listener_counts_nothing_for_an_admitted_peer() -> None:
+    m = Metrics()
+    served: list[str] = []
+
+    async def handler(sock: socket.socket, peer: str) -> None:
+        served.append(peer)
+
+    listener = RelocationListener(
+        bind_socket("127.0.0.1", 0), handler, hosts_allow=HostsAllow(()), dns_timeout=0.5,
+        max_connections=16, on_refused=m.peer_refused,
+    )  # fmt: skip
+    listener.start()
+    try:
+        await connect_and_wait_for_close(listener.address[1])
+    finally:
+        await listener.stop_accepting()
+        await listener.drain(1)
+    assert served == ["127.0.0.1"]
+    assert all(value(m, "relocd_peers_refused_total", reason=r) == 0 for r in REFUSAL_REASONS)
