@@ -4,17 +4,22 @@ Why: the fault matrix (docs/faults.md) kills and cuts at nine fixed points
 of real runs; this model tries every interleaving of crashes, lost messages
 and timeouts around the handoff, within stated bounds, against the rule the
 daemon exists to keep -- the domain runs on exactly one host, never two,
-never none, and nothing half-moved is left behind.
+never none, never from a stale snapshot, and nothing half-moved is left
+behind.
 
 What is modelled (docs/faults.md, "The handoff model", says what is not):
 
-* two daemons, source and target, each with a durable journal phase (kept
-  across a crash) and volatile memory (``mode``: what the daemon is doing;
-  lost on a crash);
+* two daemons, source and target, each with a durable journal (its phase,
+  and for the source whether the entry is closed: both kept across a crash)
+  and volatile memory (``mode``: what the daemon is doing; lost on a crash);
 * one domain copy per host, as the hypervisor shows it: ``absent``,
   ``partial`` (target only: half received), ``paused`` or ``running``, and
   its name (normal, ``--incoming``, ``--migratedaway``).  A copy outlives its
   daemon's crash; with ``Bounds.power_loss`` a crash may take it too;
+* which copy holds the latest state: the target's copy is a snapshot of the
+  source's paused one, so it is stale once the source's copy has run again
+  (``State.src_ran``); the source's is stale once the target's has run
+  (``State.tgt_ran``);
 * a lossy, reordering link: the set of messages in flight (RESERVE..COMMIT
   is one COMMIT message); any message may be lost, the link may be cut
   (every message in flight lost); a message to a daemon that is down is lost;
@@ -42,14 +47,13 @@ ABSENT, PARTIAL, PAUSED, RUNNING = "absent", "partial", "paused", "running"
 NORMAL, INCOMING, AWAY = "normal", "--incoming", "--migratedaway"
 COMPLETE = (PAUSED, RUNNING)
 
-# Journal phases (durable).  ABORTING is the model's name for "rolled back
-# here, target not yet confirmed to hold no copy" (see Protocol.drop_in_memory).
+# Journal phases (durable).  A source entry is also open or closed
+# (``Host.closed``, the journal's ``finished``): ABORTED and open is "rolled
+# back (or rolling back) here, the target not yet confirmed to hold no copy".
 STREAMING, STOPPED, PREPARED, GO_SENT, DONE = "STREAMING", "STOPPED", "PREPARED", "GO_SENT", "DONE"
-ABORTING, ABORTED = "ABORTING", "ABORTED"
+ABORTED = "ABORTED"
 RECEIVING, RESUMING, RESUMED = "RECEIVING", "RESUMING", "RESUMED"
-SOURCE_FINAL = (DONE, ABORTED)
 TARGET_FINAL = (RESUMED, ABORTED)
-BEFORE_GO = (STREAMING, STOPPED, PREPARED)
 
 DOWN = "down"  # the mode of a crashed daemon
 
@@ -65,10 +69,12 @@ class Host(NamedTuple):
     mode: str  # memory: what the daemon is doing; DOWN while crashed
     dom: str  # the copy: ABSENT, PARTIAL, PAUSED, RUNNING (survives a daemon crash)
     name: str  # NORMAL, INCOMING, AWAY
+    #: journal: the entry is finished (source only; the target's RESUMED and ABORTED are final)
+    closed: bool = False
 
     def show(self) -> str:
         copy = "-" if self.dom == ABSENT else self.dom + ("" if self.name == NORMAL else self.name)
-        return f"{self.phase}/{self.mode} copy={copy}"
+        return f"{self.phase}{' (closed)' if self.closed else ''}/{self.mode} copy={copy}"
 
 
 class State(NamedTuple):
@@ -79,12 +85,18 @@ class State(NamedTuple):
     power_losses: int
     losses: int
     resume_failures: int
-    #: a power loss destroyed the domain (see Bounds.power_loss); only safety is checked after
+    #: a power loss (or a fault after one) destroyed the domain itself (see
+    #: _loses_domain): from then on a run may end with no copy
     lost: bool
+    #: the source's copy ran again after its pause: the target's snapshot is stale
+    src_ran: bool = False
+    #: the target's copy ran: the source's paused copy is stale
+    tgt_ran: bool = False
 
     def show(self) -> str:
         net = " ".join(sorted(self.net)) or "-"
-        return f"S {self.src.show()} | T {self.tgt.show()} | net {net}"
+        ran = "".join(f" [{who} ran]" for who, r in (("source", self.src_ran), ("target", self.tgt_ran)) if r)
+        return f"S {self.src.show()} | T {self.tgt.show()} | net {net}{ran}"
 
 
 INITIAL = State(
@@ -105,7 +117,9 @@ class Protocol:
 
     (a)-(c) are the broken handoffs issue 11 asks the checker to catch;
     (a) and (d)-(g) are also what relocd's committed code did at 81cf964
-    (target.py, source.py, server/recovery.py), read by hand.
+    (target.py, source.py, server/recovery.py), read by hand; (h) and (i)
+    together are what they did until f92650c; (j) is what ``recovery.py``
+    does at f92650c (a divergence: see docs/faults.md, "The handoff model").
     """
 
     #: (a) target journals RESUMED after the resume, no RESUMING intent, and its
@@ -130,6 +144,16 @@ class Protocol:
     #: on the live path; ROLLBACK_RETRY_S, 1 h, for a drop); no clocks here, so
     #: giving up may happen at any time
     retries_give_up: bool = False
+    #: (h) a rollback renames back and resumes the source's copy, then journals
+    #: ABORTED (source.py's _abort_before_go and recovery.py before f92650c)
+    resume_before_journal: bool = False
+    #: (i) a source restarted at STOPPED or PREPARED whose copy is gone takes
+    #: the domain for lost and tells the target to drop its copy
+    drop_when_copy_gone: bool = False
+    #: (j) a target restarted at RESUMING whose copy is gone journals ABORTED,
+    #: and QUERY answers ABORTED: the source resumes its own copy, though the
+    #: target's may have run (recovery.py's _recover_target at f92650c)
+    resuming_gone_is_aborted: bool = False
 
 
 VARIANTS: dict[str, Protocol] = {
@@ -141,6 +165,9 @@ VARIANTS: dict[str, Protocol] = {
     "e": Protocol(drop_in_memory=True),
     "f": Protocol(drop_unconfirmed=True),
     "g": Protocol(retries_give_up=True),
+    "h": Protocol(resume_before_journal=True),
+    "i": Protocol(drop_when_copy_gone=True),
+    "j": Protocol(resuming_gone_is_aborted=True),
 }
 
 
@@ -153,7 +180,7 @@ class Bounds:
     max_resume_failures: int = 1  # the target's hypervisor fails to resume its copy after GO
     #: a crash may also be a host power loss that destroys that host's copy (at most one)
     power_loss: bool = False
-    max_depth: int = 40  # steps from the initial state; the bounds above are exhausted by about 31
+    max_depth: int = 40  # steps from the initial state; the bounds above are exhausted by step 31
 
 
 # -- helpers ----------------------------------------------------------------------
@@ -173,25 +200,58 @@ def _without(s: State, msg: str) -> frozenset[str]:
     return s.net - {msg}
 
 
-def _resume_here(src: Host) -> Host:
-    """Source takes its copy back: its own name, running (nothing to do if the copy is gone)."""
-    if src.dom == ABSENT:
-        return src._replace(name=NORMAL)
-    return src._replace(dom=RUNNING, name=NORMAL)
+def _fresh(s: State, side: str) -> bool:
+    """Does ``side`` hold a complete copy with the latest state (one that may rightly run)?"""
+    if side == "src":
+        return s.src.dom in COMPLETE and not s.tgt_ran
+    return s.tgt.dom in COMPLETE and not s.src_ran
 
 
 Step = tuple[str, State]
 
 
 # -- the source daemon ----------------------------------------------------------------
+#
+# A rollback is a mode "rollback:THEN", worked through one step at a time (so
+# that a crash may cut it short anywhere): journal ABORTED (the entry stays
+# open), rename the copy back, resume it; then THEN: "close" the entry (the
+# target holds no copy: before COMMIT, or after GO when it said so), or
+# "drop": ask the target until it confirms it holds no copy, and close then.
+# A step that has nothing to do (no copy, not renamed, already running) is
+# skipped.  Variant (h) journals ABORTED last.
 
 
-def _source_rollback(s: State, p: Protocol, why: str) -> Step:
-    """Before GO: ours is the only copy that may run; then see that the target drops its own."""
-    src = _resume_here(s.src)._replace(phase=ABORTED if p.drop_in_memory else ABORTING, mode="dropping")
-    s2 = s._replace(src=src)
-    return (f"source: {why}: roll back (resume own copy), journal {src.phase}, send QUERY",
-            s2._replace(net=_send(s2, "QUERY>t")))
+def _start_rollback(s: State, then: str, why: str) -> Step:
+    return f"source: {why}: roll back ({then})", s._replace(src=s.src._replace(mode="rollback:" + then))
+
+
+def _rollback_step(s: State, p: Protocol) -> Step:
+    src = s.src
+    then = src.mode.split(":")[1]
+    journaled = src.phase == ABORTED or src.closed
+    order = ("rename", "resume", "journal") if p.resume_before_journal else ("journal", "rename", "resume")
+    for what in order:
+        if what == "journal" and not journaled:
+            tag = " [variant h]" if p.resume_before_journal else ""
+            return f"source: journal ABORTED (entry open){tag}", s._replace(src=src._replace(phase=ABORTED))
+        if what == "rename" and src.dom != ABSENT and src.name == AWAY:
+            return "source: rename own copy back", s._replace(src=src._replace(name=NORMAL))
+        if what == "resume" and src.dom == PAUSED:
+            return "source: resume own copy", s._replace(src=src._replace(dom=RUNNING), src_ran=True)
+    if then == "close":
+        return "source: rolled back, close the entry", s._replace(src=src._replace(mode="done", closed=True))
+    if p.drop_in_memory:
+        s2 = s._replace(src=src._replace(mode="dropping", closed=True))
+        return ("source: rolled back, close the entry, send QUERY (the drop lives in memory) [variant e]",
+                s2._replace(net=_send(s2, "QUERY>t")))
+    s2 = s._replace(src=src._replace(mode="dropping"))
+    return "source: rolled back, send QUERY (until the target holds no copy)", s2._replace(net=_send(s2, "QUERY>t"))
+
+
+def _close_lost(s: State, why: str) -> Step:
+    """No copy here and none (that may run) there: the domain went with a host; close the entry."""
+    return f"source: {why}, own copy gone: domain lost, close the entry", s._replace(
+        src=s.src._replace(mode="done", closed=True))
 
 
 def _source_steps(s: State, p: Protocol) -> Iterator[Step]:
@@ -214,30 +274,28 @@ def _source_steps(s: State, p: Protocol) -> Iterator[Step]:
         s2 = s._replace(src=src._replace(mode="wait_resumed"))
         yield "source: send GO", s2._replace(net=_send(s2, "GO>t"))
     elif m == "finishing":
-        s2 = s._replace(src=src._replace(phase=DONE, mode="done"))
+        s2 = s._replace(src=src._replace(phase=DONE, mode="done", closed=True))
         yield "source: send DONE, journal DONE", s2._replace(net=_send(s2, "DONE>t"))
+    elif m.startswith("rollback:"):
+        yield _rollback_step(s, p)
     # timeouts
     if m == "wait_prepared":
-        yield _source_rollback(s, p, "no PREPARED (timeout)")
+        yield _start_rollback(s, "drop", "no PREPARED (timeout)")
     elif m == "wait_resumed":
         if p.resume_on_timeout_after_go:
-            s2 = s._replace(src=_resume_here(src)._replace(phase=ABORTED, mode="done"))
-            yield "source: no RESUMED (timeout): resume own copy [variant c]", s2
+            yield _start_rollback(s, "close", "no RESUMED (timeout) [variant c]")
         else:
             s2 = s._replace(src=src._replace(mode="querying"))
             yield "source: no RESUMED (timeout): keep copy paused, send QUERY", s2._replace(net=_send(s2, "QUERY>t"))
     elif m == "querying":
         if p.silence_is_aborted:
-            s2 = s._replace(src=_resume_here(src)._replace(phase=ABORTED, mode="done"))
-            yield "source: QUERY unanswered, taken for ABORTED: resume own copy [variant b]", s2
+            yield _start_rollback(s, "close", "QUERY unanswered, taken for ABORTED [variant b]")
         else:
             yield "source: QUERY unanswered (timeout): send QUERY again", s._replace(net=_send(s, "QUERY>t"))
     elif m == "dropping":
         yield "source: no OUTCOME (timeout): send QUERY again", s._replace(net=_send(s, "QUERY>t"))
     if p.retries_give_up and m in ("querying", "dropping"):
-        new_src = src._replace(mode="gave_up")
-        if m == "dropping" and src.phase == ABORTING:
-            new_src = new_src._replace(phase=ABORTED)
+        new_src = src._replace(mode="gave_up", closed=src.closed or m == "dropping")
         yield f"source: retry deadline passed, stop asking ({m}) [variant g]", s._replace(src=new_src)
     # messages
     for msg in s.net:
@@ -252,13 +310,18 @@ def _source_receives(s: State, p: Protocol, msg: str) -> Step:
     if msg == "PREPARED" and m == "wait_prepared":
         s2 = s1._replace(src=src._replace(phase=PREPARED, mode="prepared"))
         return "source: PREPARED received, journal PREPARED", s2
-    if msg == "ABORT" and m in ("streaming", "stopping", "wait_prepared"):
-        return _source_rollback(s1, p, "target sent ABORT")
+    if msg == "ABORT" and m in ("streaming", "stopping"):
+        # not committed: the target cannot hold a complete copy, close at once (_abort_before_go)
+        return _start_rollback(s1, "close", "target sent ABORT before COMMIT")
+    if msg == "ABORT" and m == "wait_prepared":
+        return _start_rollback(s1, "drop", "target sent ABORT after COMMIT")
     if msg == "RESUMED(ok)" and m in ("wait_resumed", "querying"):
-        return "source: RESUMED(ok): destroy own copy", s1._replace(src=src._replace(dom=ABSENT, mode="finishing"))
+        return "source: RESUMED(ok): destroy own copy", s1._replace(
+            src=src._replace(dom=ABSENT, name=NORMAL, mode="finishing"))
     if msg == "RESUMED(failed)" and m in ("wait_resumed", "querying"):
-        s2 = s1._replace(src=_resume_here(src)._replace(phase=ABORTED, mode="done"))
-        return "source: RESUMED(failed): target dropped its copy, resume own, journal ABORTED", s2
+        if src.dom == ABSENT:
+            return _close_lost(s1, "RESUMED(failed)")
+        return _start_rollback(s1, "close", "RESUMED(failed): target dropped its copy")
     if msg.startswith("OUTCOME(") and m in ("querying", "dropping"):
         state = msg[len("OUTCOME(") : -1]
         if m == "querying":
@@ -266,41 +329,56 @@ def _source_receives(s: State, p: Protocol, msg: str) -> Step:
                 s2 = s1._replace(src=src._replace(mode="wait_resumed"))
                 return "source: OUTCOME(PREPARED): send GO", s2._replace(net=_send(s2, "GO>t"))
             if state == "RESUMED":
-                s2 = s1._replace(src=src._replace(dom=ABSENT, mode="finishing"))
+                s2 = s1._replace(src=src._replace(dom=ABSENT, name=NORMAL, mode="finishing"))
                 return "source: OUTCOME(RESUMED): destroy own copy", s2
             if state in ("ABORTED", "UNKNOWN"):
-                s2 = s1._replace(src=_resume_here(src)._replace(phase=ABORTED, mode="done"))
-                return f"source: OUTCOME({state}): target holds no copy, resume own, journal ABORTED", s2
+                if src.dom == ABSENT:
+                    return _close_lost(s1, f"OUTCOME({state})")
+                return _start_rollback(s1, "close", f"OUTCOME({state}): target holds no copy")
             return f"source: OUTCOME({state}): not settled, ask again later", s1
         # dropping
         if state == "PREPARED":
             if p.drop_unconfirmed:
-                s2 = s1._replace(src=src._replace(phase=ABORTED, mode="done"))
+                s2 = s1._replace(src=src._replace(mode="done", closed=True))
                 return "source: OUTCOME(PREPARED): send ABORT, done [variant f]", s2._replace(net=_send(s2, "ABORT>t"))
             return "source: OUTCOME(PREPARED): send ABORT", s1._replace(net=_send(s1, "ABORT>t"))
         if state in ("ABORTED", "UNKNOWN"):
-            return f"source: OUTCOME({state}): target holds no copy, journal ABORTED", s1._replace(
-                src=src._replace(phase=ABORTED, mode="done"))
+            return f"source: OUTCOME({state}): target holds no copy, close the entry", s1._replace(
+                src=src._replace(mode="done", closed=True))
         return f"source: OUTCOME({state}): not settled, ask again later", s1
     return f"source: ignores {msg}", s1
 
 
 def _source_recovery(s: State, p: Protocol) -> Step:
-    """A restarted source: its journal and its copy, nothing else."""
+    """A restarted source: its journal and its copy, nothing else (recovery.py's _recover_source)."""
     src = s.src._replace(up=True)
+    s = s._replace(src=src)
     ph = src.phase
-    if ph in BEFORE_GO or ph == ABORTING:
-        return _source_rollback(s._replace(src=src), p, f"restart at {ph}")
+    gone = src.dom == ABSENT
+    if src.closed:
+        return f"source: restart at {ph} (closed): nothing to do", s._replace(src=src._replace(mode="done"))
+    if ph == DONE:
+        return "source: restart at DONE: close the entry", s._replace(src=src._replace(mode="done", closed=True))
     if ph == GO_SENT:
         if p.silence_is_aborted:
-            s2 = s._replace(src=_resume_here(src)._replace(phase=ABORTED, mode="done"))
-            return "source: restart at GO_SENT, no migration in memory, taken for ABORTED [variant b]", s2
-        if p.give_up_without_copy and src.dom == ABSENT:
+            return _start_rollback(s, "close", "restart at GO_SENT, no migration in memory, taken for ABORTED [variant b]")
+        if p.give_up_without_copy and gone:
             return "source: restart at GO_SENT, own copy gone: close it, ask nobody [variant d]", s._replace(
-                src=src._replace(phase=DONE, mode="done"))
+                src=src._replace(phase=DONE, mode="done", closed=True))
         s2 = s._replace(src=src._replace(mode="querying"))
-        return "source: restart at GO_SENT: keep copy paused, send QUERY", s2._replace(net=_send(s2, "QUERY>t"))
-    return f"source: restart at {ph}: nothing to do", s._replace(src=src._replace(mode="done"))
+        what = "own copy gone: ask the target" if gone else "keep copy paused"
+        return f"source: restart at GO_SENT, {what}, send QUERY", s2._replace(net=_send(s2, "QUERY>t"))
+    if gone and ph in (STOPPED, PREPARED):
+        if p.drop_when_copy_gone:
+            return _start_rollback(s, "drop", f"restart at {ph}, own copy gone: taken for lost [variant i]")
+        # Never ran after its pause (a rollback journals ABORTED first): a
+        # prepared copy on the target is the latest state; ask, and send it GO.
+        s2 = s._replace(src=src._replace(mode="querying"))
+        return f"source: restart at {ph}, own copy gone: ask the target, send QUERY", s2._replace(
+            net=_send(s2, "QUERY>t"))
+    # STREAMING, STOPPED, PREPARED with a copy, STREAMING without, or ABORTED and open:
+    # ours is the copy that may run; finish the rollback (idempotent), then tell the target.
+    return _start_rollback(s, "drop", f"restart at {ph}" + (", own copy gone" if gone else ""))
 
 
 # -- the target daemon ----------------------------------------------------------------
@@ -350,7 +428,7 @@ def _target_steps(s: State, p: Protocol) -> Iterator[Step]:
         if step == "go":
             yield "target: rename copy to its own name", s._replace(tgt=t._replace(name=NORMAL, mode=how + ":renamed"))
         elif step == "renamed":
-            yield "target: resume copy", s._replace(tgt=t._replace(dom=RUNNING, mode=how + ":running"))
+            yield "target: resume copy", s._replace(tgt=t._replace(dom=RUNNING, mode=how + ":running"), tgt_ran=True)
         else:
             after = "resumed" if how == "resume" else "done"
             yield "target: journal RESUMED", s._replace(tgt=t._replace(phase=RESUMED, mode=after))
@@ -358,7 +436,7 @@ def _target_steps(s: State, p: Protocol) -> Iterator[Step]:
         s2 = s._replace(tgt=t._replace(mode="done"))
         yield "target: send RESUMED(ok)", s2._replace(net=_send(s2, "RESUMED(ok)>s"))
     if m == "receiving":  # the reservation expires when the source goes quiet
-        s2 = s._replace(tgt=t._replace(dom=ABSENT, phase=ABORTED, mode="done"))
+        s2 = s._replace(tgt=t._replace(dom=ABSENT, name=NORMAL, phase=ABORTED, mode="done"))
         yield "target: source quiet (timeout): destroy partial copy, journal ABORTED, send ABORT", s2._replace(
             net=_send(s2, "ABORT>s"))
     for msg in s.net:
@@ -381,7 +459,7 @@ def _target_receives(s: State, p: Protocol, msg: str) -> Step:
         return "target: GO again: already RESUMED, send RESUMED(ok)", s1._replace(net=_send(s1, "RESUMED(ok)>s"))
     if msg == "ABORT" and (m == "receiving" or (m in _IN_DOUBT and t.phase == PREPARED)):
         return "target: ABORT: destroy copy, journal ABORTED", s1._replace(
-            tgt=t._replace(dom=ABSENT, phase=ABORTED, mode="done"))
+            tgt=t._replace(dom=ABSENT, name=NORMAL, phase=ABORTED, mode="done"))
     if msg == "QUERY":
         answer = _outcome(s, p)
         return f"target: QUERY: answer OUTCOME({answer})", s1._replace(net=_send(s1, f"OUTCOME({answer})>s"))
@@ -392,7 +470,7 @@ def _target_recovery(s: State, p: Protocol) -> Step:
     """A restarted target: its journal and its copy, nothing else."""
     t = s.tgt._replace(up=True)
     ph = t.phase
-    gone = t._replace(dom=ABSENT, phase=ABORTED, mode="done")
+    gone = t._replace(dom=ABSENT, name=NORMAL, phase=ABORTED, mode="done")
     if p.no_resuming_intent:  # at 81cf964 (_recover_target)
         if ph == PREPARED and t.dom != ABSENT and t.name == INCOMING:
             kept = s._replace(tgt=t._replace(mode="prepared"))
@@ -400,7 +478,7 @@ def _target_recovery(s: State, p: Protocol) -> Step:
         if ph == RESUMED:
             return "target: restart at RESUMED: nothing to do", s._replace(tgt=t._replace(mode="done"))
         if t.name == INCOMING:
-            t = t._replace(dom=ABSENT)
+            t = t._replace(dom=ABSENT, name=NORMAL)
         return f"target: restart at {ph}: taken for aborted, journal ABORTED [variant a]", s._replace(
             tgt=t._replace(phase=ABORTED, mode="done"))
     if ph == RECEIVING:
@@ -414,7 +492,13 @@ def _target_recovery(s: State, p: Protocol) -> Step:
         # a renamed copy at PREPARED: GO was being acted on (no RESUMING in the model's intended run)
     if ph in (PREPARED, RESUMING):
         if t.dom == ABSENT:
-            return f"target: restart at {ph}, copy gone: journal ABORTED", s._replace(tgt=gone)
+            if p.resuming_gone_is_aborted or ph == PREPARED:
+                tag = " [variant j]" if ph == RESUMING else ""
+                return f"target: restart at {ph}, copy gone: journal ABORTED{tag}", s._replace(tgt=gone)
+            # GO was taken and the copy may have run before the host went dark:
+            # the source's paused copy may be stale, so it must not run.
+            return "target: restart at RESUMING, copy gone (it may have run): journal RESUMED", s._replace(
+                tgt=t._replace(phase=RESUMED, mode="done"))
         step = "recover:" + ("go" if t.name == INCOMING else "running" if t.dom == RUNNING else "renamed")
         return f"target: restart at {ph}: finish the resume", s._replace(tgt=t._replace(phase=RESUMING, mode=step))
     return f"target: restart at {ph}: nothing to do", s._replace(tgt=t._replace(mode="done"))
@@ -428,8 +512,8 @@ def _fault_steps(s: State, b: Bounds) -> Iterator[Step]:
     if t.up and t.mode.endswith(":renamed") and s.resume_failures < b.max_resume_failures:
         # The copy cannot run; destroying it lets the source resume its own.
         # After a power loss that took the source's copy, that was the last one.
-        lost = s.lost or (s.power_losses > 0 and s.src.dom not in COMPLETE)
-        s2 = s._replace(tgt=t._replace(dom=ABSENT, phase=ABORTED, mode="done"),
+        lost = s.lost or not _fresh(s, "src")
+        s2 = s._replace(tgt=t._replace(dom=ABSENT, name=NORMAL, phase=ABORTED, mode="done"),
                         resume_failures=s.resume_failures + 1, lost=lost)
         label = "FAULT: hypervisor fails to resume the target's copy: destroy it, journal ABORTED"
         if t.mode == "resume:renamed":
@@ -455,21 +539,27 @@ def _fault_steps(s: State, b: Bounds) -> Iterator[Step]:
             if b.power_loss and s.power_losses < 1 and host.dom != ABSENT:
                 dark = crashed._replace(power_losses=s.power_losses + 1, lost=s.lost or _loses_domain(s, side))
                 yield f"FAULT: {who} host loses power (its copy too)", dark._replace(
-                    **{side: down._replace(dom=ABSENT)})  # type: ignore[arg-type]
+                    **{side: down._replace(dom=ABSENT, name=NORMAL)})  # type: ignore[arg-type]
 
 
 def _loses_domain(s: State, side: str) -> bool:
-    """Does destroying ``side``'s copy lose the domain itself (not the protocol's fault)?
+    """Does destroying ``side``'s copy lose the domain itself (what the guarantee allows)?
 
-    Yes if that copy was running (the other one is stale), if it was the
-    source's copy before GO (the source still owns the domain, and its
-    recovery rolls back to it), or if no other complete copy is left.
+    Yes if that copy was running (what is left is stale or partial); if that
+    host had journaled that its copy is the one that runs (the source's open
+    ABORTED: its copy may have run since, so the target's must be dropped;
+    the target's RESUMING: GO was taken, its copy may have run, so the
+    source's must not run); or if the other host holds no complete copy with
+    the latest state (before COMMIT is processed, the source's copy is the
+    only one).  Otherwise the copy left is the domain, and must survive.
     """
     host: Host = getattr(s, side)
-    other: Host = s.tgt if side == "src" else s.src
-    if host.dom == RUNNING or other.dom not in COMPLETE:
+    other = "tgt" if side == "src" else "src"
+    if not _fresh(s, other):
         return True
-    return side == "src" and host.phase in BEFORE_GO
+    if side == "src":
+        return host.phase == ABORTED
+    return host.phase in (RESUMING, RESUMED)
 
 
 # -- properties ---------------------------------------------------------------------------
@@ -479,8 +569,12 @@ def safety_violation(s: State) -> str | None:
     """Checked in every state."""
     if s.src.dom == RUNNING and s.tgt.dom == RUNNING:
         return "two copies running"
-    if not s.lost and s.src.dom not in COMPLETE and s.tgt.dom not in COMPLETE:
-        return "no copy left that could run (domain lost)"
+    if s.tgt.dom == RUNNING and s.src_ran:
+        return "a stale copy runs: the target's snapshot is older than the source's copy, which ran after it"
+    if s.src.dom == RUNNING and s.tgt_ran:
+        return "a stale copy runs: the source's paused copy is older than the target's, which ran"
+    if not s.lost and not (_fresh(s, "src") or _fresh(s, "tgt")):
+        return "no copy left that holds the latest state (domain lost)"
     return None
 
 
@@ -492,8 +586,8 @@ def quiescent_violation(s: State) -> str | None:
         return "settled with a copy left behind: " + ", ".join(leftovers)
     if not s.lost and len(copies) != 1:
         return f"settled with {len(copies)} running copies"
-    if s.src.phase not in SOURCE_FINAL or s.tgt.phase not in TARGET_FINAL:
-        return f"settled with unfinished journals: source {s.src.phase}, target {s.tgt.phase}"
+    if not s.src.closed or s.tgt.phase not in TARGET_FINAL:
+        return f"settled with unfinished journals: source {s.src.phase} (open), target {s.tgt.phase}"
     return None
 
 
