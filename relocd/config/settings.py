@@ -22,7 +22,7 @@ from relocd.config.sxp import SxpList, parse
 from relocd.config.options import OPTIONS, RELOCD_PREFIX, XEND_OPTIONS, parse_hosts_allow
 from relocd.errors import ConfigError
 
-__all__ = ["Settings", "load_settings", "check_config", "MAX_CONFIG_BYTES"]
+__all__ = ["Settings", "load_settings", "check_config", "review_config", "MAX_CONFIG_BYTES"]
 
 #: A config file larger than this is certainly not one.
 MAX_CONFIG_BYTES = 1 << 20
@@ -107,9 +107,16 @@ class _Scan:
     values: dict[str, object] = field(default_factory=dict)
     lines: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    #: None: the first error raises; a list: every error is kept here (check-config)
+    errors: list[str] | None = None
 
     def where(self, line: int) -> str:
         return f"{self.filename} line {line}"
+
+    def fail(self, message: str) -> None:
+        if self.errors is None:
+            raise ConfigError(message)
+        self.errors.append(message)
 
 
 def _suggest(word: str, candidates: list[str]) -> str:
@@ -132,9 +139,9 @@ def _read_text(path: Path) -> str:
         raise ConfigError(f"{path} line {line}: not UTF-8 text") from None
 
 
-def _scan(text: str, filename: str, base_dir: Path) -> _Scan:
-    """Walk the top-level forms; raise on errors, collect warnings."""
-    scan = _Scan(filename)
+def _scan(text: str, filename: str, base_dir: Path, *, every_error: bool = False) -> _Scan:
+    """Walk the top-level forms; raise on the first error (or keep them all), collect warnings."""
+    scan = _Scan(filename, errors=[] if every_error else None)
     for item in parse(text, filename):
         if not isinstance(item, SxpList):
             scan.warnings.append(f"{filename}: stray value {item!r} outside any (option value) ignored")
@@ -148,7 +155,8 @@ def _scan(text: str, filename: str, base_dir: Path) -> _Scan:
         if opt is None:
             if keyword.startswith(RELOCD_PREFIX):
                 hint = _suggest(keyword, list(OPTIONS))
-                raise ConfigError(f"{where}: unknown option {keyword!r}{hint}")
+                scan.fail(f"{where}: unknown option {keyword!r}{hint}")
+                continue
             if keyword not in XEND_OPTIONS:
                 hint = _suggest(keyword, list(OPTIONS) + sorted(XEND_OPTIONS))
                 scan.warnings.append(f"{where}: unknown option {keyword!r} ignored{hint}")
@@ -164,7 +172,8 @@ def _scan(text: str, filename: str, base_dir: Path) -> _Scan:
             hint = " (quote a value that has spaces)" if len(args) > 1 else ""
             if any(isinstance(a, str) and a.startswith(("[", "]")) for a in args):
                 hint = " (quote a value that has brackets, e.g. '[::1]:9782')"
-            raise ConfigError(f"{where}: {keyword}: expected one value, got {len(args)}{hint}")
+            scan.fail(f"{where}: {keyword}: expected one value, got {len(args)}{hint}")
+            continue
         if opt.field == "hosts_allow" and args[0].strip() and "" in args[0].split(" "):
             scan.warnings.append(
                 f"{where}: {keyword}: empty pattern (double or outer space) ignored; "
@@ -173,7 +182,7 @@ def _scan(text: str, filename: str, base_dir: Path) -> _Scan:
         try:
             scan.values[opt.field] = opt.parse(args[0], base_dir)
         except ValueError as e:
-            raise ConfigError(f"{where}: {keyword}: {e}") from None
+            scan.fail(f"{where}: {keyword}: {e}")
         scan.lines[opt.field] = item.line
     return scan
 
@@ -253,6 +262,49 @@ def _file_warnings(s: Settings, scan: _Scan) -> list[str]:
     return warnings
 
 
+def review_config(path: Path) -> tuple[Settings | None, list[str], list[str]]:
+    """check-config: every error and warning in ``path``, not only the first.
+
+    Returns (settings, errors, warnings).  An option whose value is bad keeps
+    its default in ``settings``, so later checks (TLS files, addresses) still
+    run on the rest; settings is None when the file cannot be read or parsed
+    at all.  A repeated option's later values are not checked (the first one
+    wins, as in xend).
+    """
+    try:
+        scan = _scan(_read_text(path), str(path), path.absolute().parent, every_error=True)
+    except ConfigError as e:  # unreadable, or not sxp: nothing more can be said
+        return None, [e.message], []
+    errors = list(scan.errors or [])
+    try:
+        settings: Settings | None = Settings.model_validate({**scan.values, "config_file": path})
+    except ValidationError as e:  # the option parsers should have caught it
+        settings = None
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "settings"
+            errors.append(f"{path}: {loc}: {err['msg']}")
+    warnings = list(scan.warnings)
+    if settings is not None:
+        if "hosts_allow" in scan.lines:
+            warnings += _hosts_allow_warnings(settings.hosts_allow, scan.where(scan.lines["hosts_allow"]))
+        warnings += _listen_warnings(settings, scan)
+    return settings, errors, warnings
+
+
+def _listen_warnings(s: Settings, scan: _Scan) -> list[str]:
+    if not s.relocation_server and not s.relocation_ssl_server:
+        return [
+            f"{scan.filename}: xend-relocation-server and xend-relocation-ssl-server are "
+            "both off: this host will not accept incoming migrations"
+        ]
+    if not s.hosts_allow:
+        return [
+            f"{scan.filename}: xend-relocation-hosts-allow is empty: "
+            "every host that can reach the relocation port may migrate domains here"
+        ]
+    return []
+
+
 def check_config(path: Path) -> list[str]:
     """Load ``path`` as the daemon would; raise ConfigError on errors, return warnings."""
     scan, s = _scan_file(path)
@@ -260,14 +312,4 @@ def check_config(path: Path) -> list[str]:
     if "hosts_allow" in scan.lines:
         warnings += _hosts_allow_warnings(s.hosts_allow, scan.where(scan.lines["hosts_allow"]))
     warnings += _file_warnings(s, scan)
-    if not s.relocation_server and not s.relocation_ssl_server:
-        warnings.append(
-            f"{scan.filename}: xend-relocation-server and xend-relocation-ssl-server are "
-            "both off: this host will not accept incoming migrations"
-        )
-    elif not s.hosts_allow:
-        warnings.append(
-            f"{scan.filename}: xend-relocation-hosts-allow is empty: "
-            "every host that can reach the relocation port may migrate domains here"
-        )
-    return warnings
+    return warnings + _listen_warnings(s, scan)
