@@ -1,4 +1,4 @@
-"""What `relocd migrate` shows while the daemon migrates, and the summary after.
+"""What `relocd migrate` (and `job`, `evacuate`) show while the daemon migrates, and the summary after.
 
 The daemon sends progress events over the control socket with these fields
 (all optional, unknown ones ignored):
@@ -6,10 +6,15 @@ The daemon sends progress events over the control socket with these fields
 ``phase`` (reserve, precopy, stop-and-copy, prepare, ...), ``round``,
 ``pages_left`` (pages dirty, still to send), ``dirty_rate`` (bytes/s the guest
 dirties), ``bandwidth`` (bytes/s on the wire), ``expected_downtime_ms``,
-``bytes_sent``.
+``bytes_sent`` (total so far), ``round_bytes_sent`` and ``round_bytes_total``
+(this round), ``percent`` (within the round), ``eta_s``, ``bytes_remaining``,
+``bytes_total``, and ``domain`` (which domain: `evacuate` moves several).
 
-On a terminal one line is redrawn in place; otherwise (a pipe, a log, CI) a
-plain line is printed at most once per interval and on every phase change.
+On a terminal one line per domain is redrawn in place, cut to the terminal's
+width (the least useful numbers go first).  Elsewhere (a pipe, a log, CI) a
+plain line with the numbers is printed at most once per interval (a few
+seconds) per domain; events that carry no numbers (``[reserve]``) print
+nothing there.
 """
 
 from __future__ import annotations
@@ -19,7 +24,15 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
-from relocd.units import format_bytes, format_rate
+from relocd.units import format_bytes, format_duration, format_rate
+
+#: How often a plain (non-terminal) line is printed at most, per domain.
+PLAIN_INTERVAL_S = 3.0
+#: How often the terminal display is redrawn at most.
+TTY_INTERVAL_S = 0.1
+#: The fields that make an event worth a plain line.
+_NUMBERS = ("pages_left", "bytes_sent", "round_bytes_sent", "percent", "bandwidth", "eta_s",
+            "bytes_remaining")
 
 
 def _number(event: Mapping[str, Any], key: str) -> float | None:
@@ -29,37 +42,97 @@ def _number(event: Mapping[str, Any], key: str) -> float | None:
     return float(value)
 
 
-def describe(event: Mapping[str, Any]) -> str:
-    """One line describing a progress event, e.g. ``round 3: 1,204 pages dirty, ...``."""
-    parts: list[str] = []
+def percent_of(event: Mapping[str, Any]) -> float | None:
+    """The round's percentage: the daemon's, else from the round's bytes; 0 to 100."""
+    pct = _number(event, "percent")
+    if pct is None:
+        sent, total = _number(event, "round_bytes_sent"), _number(event, "round_bytes_total")
+        if sent is not None and total:
+            pct = 100.0 * sent / total
+    return None if pct is None else min(100.0, max(0.0, pct))
+
+
+def _segments(event: Mapping[str, Any]) -> list[tuple[int, str]]:
+    """(priority, text) pieces of the line, in display order; priority 0 is kept longest."""
+    parts: list[tuple[int, str]] = []
+    pct = percent_of(event)
+    if pct is not None:
+        text = f"{pct:.0f}%"
+        sent, total = _number(event, "round_bytes_sent"), _number(event, "round_bytes_total")
+        if sent is not None and total:
+            text += f" of {format_bytes(total)}"
+        parts.append((1, text))
+    eta = _number(event, "eta_s")
+    if eta is not None:
+        parts.append((2, f"ETA {format_duration(eta)}"))
+    pages_left = _number(event, "pages_left")
+    if pages_left is not None:
+        parts.append((4, f"{int(pages_left):,} pages dirty"))
+    dirty_rate = _number(event, "dirty_rate")
+    if dirty_rate is not None:
+        parts.append((6, f"dirtying {format_rate(dirty_rate)}"))
+    bandwidth = _number(event, "bandwidth")
+    if bandwidth is not None:
+        parts.append((3, f"sending {format_rate(bandwidth)}"))
+    bytes_sent = _number(event, "bytes_sent")
+    if bytes_sent is not None:
+        total = _number(event, "bytes_total")
+        shown = format_bytes(bytes_sent)
+        parts.append((5, f"{shown} sent" if not total else f"{shown} sent of {format_bytes(total)}"))
+    remaining = _number(event, "bytes_remaining")
+    if remaining is not None:
+        parts.append((8, f"{format_bytes(remaining)} left"))
+    downtime = _number(event, "expected_downtime_ms")
+    if downtime is not None:
+        parts.append((7, f"expected downtime {downtime:,.1f} ms"))
+    return parts
+
+
+def _head(event: Mapping[str, Any], label: str | None) -> str:
     rnd = _number(event, "round")
     head = f"round {int(rnd)}" if rnd is not None else ""
     phase = event.get("phase")
     if isinstance(phase, str) and phase:
         head = f"{head} [{phase}]" if head else f"[{phase}]"
-    pages_left = _number(event, "pages_left")
-    if pages_left is not None:
-        parts.append(f"{int(pages_left):,} pages dirty")
-    dirty_rate = _number(event, "dirty_rate")
-    if dirty_rate is not None:
-        parts.append(f"dirtying {format_rate(dirty_rate)}")
-    bandwidth = _number(event, "bandwidth")
-    if bandwidth is not None:
-        parts.append(f"sending {format_rate(bandwidth)}")
-    bytes_sent = _number(event, "bytes_sent")
-    if bytes_sent is not None:
-        parts.append(f"{format_bytes(bytes_sent)} sent")
-    downtime = _number(event, "expected_downtime_ms")
-    if downtime is not None:
-        parts.append(f"expected downtime {downtime:,.1f} ms")
-    body = ", ".join(parts)
-    if head and body:
-        return f"{head}: {body}"
-    return head or body or "working"
+    if label:
+        head = f"{label}: {head}" if head else label
+    return head
+
+
+def describe(event: Mapping[str, Any], width: int | None = None, label: str | None = None) -> str:
+    """One line for a progress event, e.g. ``round 3 [precopy]: 45% of 2.0 GiB, ETA 4 s, ...``.
+
+    With ``width``, the least useful numbers are left out until the line fits
+    (and the line is cut as a last resort).
+    """
+    head = _head(event, label)
+    parts = _segments(event)
+    while True:
+        body = ", ".join(text for _, text in parts)
+        line = f"{head}: {body}" if head and body else (head or body or "working")
+        if width is None or len(line) <= width or not parts:
+            break
+        worst = max(range(len(parts)), key=lambda i: (parts[i][0], i))
+        del parts[worst]
+    if width is not None and len(line) > width:
+        line = line[: max(width - 3, 1)] + "..."
+    return line
+
+
+def has_numbers(event: Mapping[str, Any]) -> bool:
+    return any(_number(event, key) is not None for key in _NUMBERS)
+
+
+def terminal_width() -> int:
+    return shutil.get_terminal_size((80, 24)).columns
 
 
 class MigrationProgress:
-    """Turns progress events into a live line (terminal) or periodic lines (pipe)."""
+    """Turns progress events into live lines (terminal) or periodic plain lines (pipe).
+
+    ``multi``: events carry ``domain`` and each domain gets its own line
+    (`evacuate`); otherwise one line, whatever the events say.
+    """
 
     def __init__(
         self,
@@ -68,89 +141,155 @@ class MigrationProgress:
         tty: bool | None = None,
         interval_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        width: Callable[[], int] = terminal_width,
+        multi: bool = False,
     ) -> None:
         self.stream = stream
         self.tty = stream.isatty() if tty is None else tty
-        self.interval_s = (0.1 if self.tty else 1.0) if interval_s is None else interval_s
+        self.interval_s = (TTY_INTERVAL_S if self.tty else PLAIN_INTERVAL_S) if interval_s is None else interval_s
+        self.multi = multi
         self._clock = clock
-        self._last_shown: float | None = None
-        self._last_phase: object = None
-        self._pending: Mapping[str, Any] | None = None
-        self._line_open = False
+        self._width = width
+        #: label -> latest event (insertion order = line order on a terminal)
+        self._latest: dict[str, Mapping[str, Any]] = {}
+        #: label -> when its last plain line was printed
+        self._printed_at: dict[str, float] = {}
+        self._drawn_at: float | None = None
+        self._drawn_lines = 0
+        self._dirty = False
+        self._suspended = False
+
+    def _label(self, event: Mapping[str, Any]) -> str:
+        if not self.multi:
+            return ""
+        name = event.get("domain")
+        return name if isinstance(name, str) and name else "?"
 
     def update(self, event: Mapping[str, Any]) -> None:
-        """Take one event; draw it now if due (always on a phase change)."""
+        """Take one event; draw it now if due."""
+        label = self._label(event)
+        self._latest[label] = event
         now = self._clock()
-        phase = event.get("phase")
-        phase_changed = self._last_shown is not None and phase != self._last_phase
-        if phase_changed and self._pending is not None and not self.tty:
-            self._show(describe(self._pending))  # how the previous phase ended
-        due = (
-            self._last_shown is None
-            or phase_changed
-            or now - self._last_shown >= self.interval_s
-        )
-        self._last_phase = phase
-        if not due:
-            self._pending = event  # shown later, or by finish()
+        if self.tty:
+            self._dirty = True
+            if self._suspended:
+                return
+            if self._drawn_at is None or now - self._drawn_at >= self.interval_s:
+                self._redraw(now)
             return
-        self._pending = None
-        self._last_shown = now
-        self._show(describe(event))
+        if not has_numbers(event) or self._suspended:
+            return
+        last = self._printed_at.get(label)
+        if last is None or now - last >= self.interval_s:
+            self._printed_at[label] = now
+            self.stream.write(describe(event, label=label or None) + "\n")
+            self.stream.flush()
+
+    def _redraw(self, now: float) -> None:
+        width = max(self._width() - 1, 20)  # the last column would wrap on some terminals
+        lines = [describe(ev, width, label or None) for label, ev in self._latest.items()]
+        out = ["\r"]
+        if self._drawn_lines > 1:
+            out.append(f"\x1b[{self._drawn_lines - 1}A")
+        for i, line in enumerate(lines):
+            out.append(line + "\x1b[K")
+            if i < len(lines) - 1:
+                out.append("\n")
+        self.stream.write("".join(out))
+        self.stream.flush()
+        self._drawn_lines = len(lines)
+        self._drawn_at = now
+        self._dirty = False
+
+    def suspend(self) -> None:
+        """Leave the live lines for a question (Ctrl-C); updates are kept, not drawn."""
+        if self.tty and self._dirty:
+            self._redraw(self._clock())
+        self._close_lines()
+        self._suspended = True
+
+    def resume(self) -> None:
+        self._suspended = False
+        if self.tty and self._latest:
+            self._redraw(self._clock())
 
     def finish(self) -> None:
-        """Show the last event not yet drawn and leave the cursor on a fresh line."""
-        if self._pending is not None and not self.tty:
-            self._show(describe(self._pending))
-        self._pending = None
-        if self._line_open:
-            self.stream.write("\n")
-            self._line_open = False
+        """Draw what is not drawn yet and leave the cursor on a fresh line."""
+        if self.tty and self._dirty and not self._suspended:
+            self._redraw(self._clock())
+        self._close_lines()
+        self._suspended = False
         self.stream.flush()
 
-    def _show(self, line: str) -> None:
-        if self.tty:
-            width = shutil.get_terminal_size((100, 24)).columns
-            if len(line) >= width:
-                line = line[: max(width - 2, 10)] + "…"
-            self.stream.write("\r" + line + "\x1b[K")
-            self._line_open = True
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+    def _close_lines(self) -> None:
+        if self._drawn_lines:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._drawn_lines = 0
+            self._drawn_at = None
+
+
+# --- after the migration ----------------------------------------------------------
 
 
 def _seconds(ms: float) -> str:
     return f"{ms:,.0f} ms" if ms < 1000 else f"{ms / 1000:,.2f} s"
 
 
+def _mode(result: Mapping[str, Any]) -> str:
+    return "live" if result.get("live") else "non-live"
+
+
 def summarize_migration(result: Mapping[str, Any], host: str) -> str:
-    """One paragraph saying how a migration went, from its result object."""
+    """A paragraph saying how a completed migration went, from its result object.
+
+    (A migration that did not complete is one line on stderr: see
+    :func:`describe_failure`.)
+    """
     name = result.get("domain", "?")
-    mode = "live" if result.get("live") else "non-live"
     status = result.get("status", "failed")
     total_ms = _number(result, "total_ms") or 0.0
+    if status != "completed":
+        return describe_failure(result, host) + "."
+    rounds = int(_number(result, "iterations") or 0)
+    pages = int(_number(result, "pages_sent") or 0)
+    sent = _number(result, "bytes_sent") or 0.0
+    downtime = _number(result, "downtime_ms") or 0.0
+    text = (
+        f"Migrated {name} to {host} ({_mode(result)}) in {_seconds(total_ms)}: "
+        f"{rounds} round{'s' if rounds != 1 else ''}, {pages:,} pages sent "
+        f"({format_bytes(sent)}), downtime {downtime:,.1f} ms"
+    )
+    target = _number(result, "downtime_target_ms")
+    if target is not None:
+        text += f" (target {target:,.0f} ms)"
+    verified = result.get("verified")
+    if verified is True:
+        text += ", memory verified"
+    elif verified is False:
+        text += ", memory verification FAILED"
+    text += "."
+    reason = result.get("stop_reason")
+    if isinstance(reason, str) and reason:
+        text += f" Precopy stopped: {reason}."
+    warning = result.get("downtime_warning")
+    if isinstance(warning, str) and warning:
+        text += f"\nwarning: {warning}"
+    return text
+
+
+def describe_failure(result: Mapping[str, Any], host: str) -> str:
+    """One line for a migration that did not complete: what happened, and where the domain is."""
+    name = result.get("domain", "?")
+    status = result.get("status") or "failed"
     error = result.get("error")
-    if status == "completed":
-        rounds = int(_number(result, "iterations") or 0)
-        pages = int(_number(result, "pages_sent") or 0)
-        sent = _number(result, "bytes_sent") or 0.0
-        downtime = _number(result, "downtime_ms") or 0.0
-        text = (
-            f"Migrated {name} to {host} ({mode}) in {_seconds(total_ms)}: "
-            f"{rounds} round{'s' if rounds != 1 else ''}, {pages:,} pages sent "
-            f"({format_bytes(sent)}), downtime {downtime:,.1f} ms"
-        )
-        verified = result.get("verified")
-        if verified is True:
-            text += ", memory verified"
-        elif verified is False:
-            text += ", memory verification FAILED"
-        return text + "."
-    outcome = "rolled back" if status == "rolled-back" else "failed"
-    text = f"Migration of {name} to {host} ({mode}) {outcome} after {_seconds(total_ms)}"
+    total_ms = _number(result, "total_ms") or 0.0
+    outcome = {"rolled-back": "rolled back", "cancelled": "was cancelled"}.get(str(status), str(status))
+    text = f"migration of {name} to {host} {outcome}"
+    if total_ms >= 1000 and status != "failed":
+        text += f" after {_seconds(total_ms)}"
     if error:
         text += f": {error}"
-    if status == "rolled-back":
-        text += f". {name} stays on this host"
-    return text + "."
+    if status in ("rolled-back", "cancelled"):
+        text += f"; {name} stays on this host"
+    return text
