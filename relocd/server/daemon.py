@@ -1,11 +1,12 @@
 """The daemon's life: startup, serve, shutdown (uvicorn's three phases).
 
 Startup: state dir, journal, drivers (which find the domains that outlived a
-previous daemon), recovery of unfinished migrations, listeners, control
-socket, then READY=1.  Signals only set the stop event.  Shutdown, in order:
-stop accepting, let in-flight migrations finish for a grace period, cancel
-the rest (which aborts them safely: before GO the source resumes its copy),
-close the control socket, let go of domains without stopping them.
+previous daemon), the metrics endpoint (if relocd-metrics-address is set),
+recovery of unfinished migrations, listeners, control socket, then READY=1.
+Signals only set the stop event.  Shutdown, in order: stop accepting, let
+in-flight migrations finish for a grace period, cancel the rest (which aborts
+them safely: before GO the source resumes its copy), close the control socket
+and the metrics endpoint, let go of domains without stopping them.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from relocd.server.control import ControlServer
 from relocd.net import AnnounceConfig
 from relocd.server.network import NetworkHooks, netns_prefix_for
 from relocd.server.listener import RelocationListener, bind_socket
+from relocd.server.metrics import Metrics, MetricsEndpoint
 from relocd.server.operations import Operations, format_host_port
 from relocd.server import saveops
 from relocd.server.recovery import recover_unfinished
@@ -61,6 +63,9 @@ class Daemon:
         #: built whole in startup; operations and sessions get it, never the daemon
         self.host: Host | None = None
         self.ops: Operations | None = None
+        #: relocd-metrics-address: both None when it is unset
+        self.metrics: Metrics | None = None
+        self.metrics_endpoint: MetricsEndpoint | None = None
 
     # -- startup -------------------------------------------------------------------
 
@@ -90,6 +95,14 @@ class Daemon:
             max_memory=s.max_memory,
             hooks=NetworkHooks(netns_prefix_for(self.state_dir), AnnounceConfig.from_settings(s)),
         )
+        if s.metrics_address is not None:
+            # Before recovery and the listeners, so their work is counted; a
+            # port it cannot bind keeps the daemon down (ConfigError, one line).
+            self.metrics = Metrics(host)
+            host.observers.append(self.metrics.observe)
+            self.metrics_endpoint = MetricsEndpoint(self.metrics.registry, s.metrics_address)
+            self.metrics_endpoint.start()
+            log.info("metrics endpoint listening", address=format_host_port(*self.metrics_endpoint.address))
         self.ops = Operations(host, s, lambda: [format_host_port(*lst.address) for lst in self.listeners])
         host.spawn(self._expire_reservations(host))
         await recover_unfinished(host, s)
@@ -102,6 +115,7 @@ class Daemon:
                 hosts_allow=HostsAllow(s.hosts_allow),
                 dns_timeout=s.dns_timeout,
                 max_connections=max(16, 4 * s.max_incoming),
+                on_refused=self._peer_refused,
             )
             listener.start()
             self.listeners.append(listener)
@@ -123,6 +137,7 @@ class Daemon:
                 transport = await accept_tls(sock, ctx, timeout=s.handshake_timeout, peer=peer)
             except PeerGone as exc:
                 log.warning("connection refused: TLS handshake failed", peer=peer, error=exc.message)
+                self._peer_refused("tls_handshake")
                 return
             await self._serve_transport(transport, peer, peer_identity=transport.peer_identity())
 
@@ -134,6 +149,7 @@ class Daemon:
             dns_timeout=s.dns_timeout,
             max_connections=max(16, 4 * s.max_incoming),
             name="relocation-ssl",
+            on_refused=self._peer_refused,
         )
         listener.start()
         self.listeners.append(listener)
@@ -155,6 +171,11 @@ class Daemon:
         return [d for drv in self.drivers.values() for d in drv.domains()]
 
     # -- incoming peers ----------------------------------------------------------------
+
+    def _peer_refused(self, reason: str) -> None:
+        """The listeners turned a peer away (relocd_peers_refused_total)."""
+        if self.metrics is not None:
+            self.metrics.peer_refused(reason)
 
     async def _serve_peer(self, sock: socket.socket, peer: str) -> None:
         await self._serve_transport(SocketTransport(sock), peer)
@@ -199,6 +220,8 @@ class Daemon:
             await asyncio.wait(background, timeout=5)
         if self.control is not None:
             await self.control.close()
+        if self.metrics_endpoint is not None:  # before the journal its gauges read closes
+            await asyncio.to_thread(self.metrics_endpoint.stop)
         for driver in self.drivers.values():
             await driver.close()
         if self.journal is not None:
