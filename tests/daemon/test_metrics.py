@@ -197,3 +197,38 @@ def test_a_port_that_cannot_be_bound_fails_startup_with_one_line(tmp_path: Path,
 def test_metrics_are_off_by_default(host: DaemonProc) -> None:
     assert host.call_sync("status")["version"]
     assert "metrics endpoint" not in host.log_text()
+
+
+async def test_a_failed_tls_handshake_is_counted(tmp_path: Path, daemons: list[DaemonProc]) -> None:
+    pytest.importorskip("cryptography")
+    from relocd.tools.certs import make_ca, make_host_cert
+
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    ca = make_ca(pki)
+    files = make_host_cert(pki, "hostA", ips=("127.0.0.1",))
+    tls_port = free_port()
+    d, port = with_metrics(
+        tmp_path, daemons, "hostA", "127.0.0.1",
+        f"(xend-relocation-ssl-server yes)\n(xend-relocation-ssl-port {tls_port})\n"
+        f"(xend-relocation-server-ssl-key-file '{files.key}')\n"
+        f"(xend-relocation-server-ssl-cert-file '{files.cert}')\n"
+        f"(relocd-relocation-ssl-ca-file '{ca.cert}')\n",
+    )  # fmt: skip
+
+    def plain_text_to_the_tls_port() -> None:
+        with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as s:
+            s.sendall(b"this is not a TLS client hello\r\n\r\n")
+            while s.recv(4096):
+                pass
+
+    await asyncio.to_thread(plain_text_to_the_tls_port)
+    deadline = time.monotonic() + 10
+    while True:
+        samples = await scrape(port)
+        refused = sample(samples, "relocd_peers_refused_total", reason="tls_handshake")
+        if refused or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert refused == 1
+    assert sample(samples, "relocd_peers_refused_total", reason="hosts_allow") == 0
