@@ -13,6 +13,7 @@ finished migration) is a bug in the caller and raises RelocdError.
 from __future__ import annotations
 
 import enum
+import json
 import sqlite3
 import threading
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 from relocd.engine.faults import crash_point
 from relocd.errors import RelocdError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: the history table
 #: Columns added after schema 1 (ALTER TABLE on an older journal), with their SQL type.
 _ADDED_COLUMNS = (
     ("transport", "TEXT NOT NULL DEFAULT 'plain'"),
@@ -39,6 +40,9 @@ TLS = "tls"
 SOURCE = "source"
 TARGET = "target"
 ROLES = (SOURCE, TARGET)
+
+#: Rows `relocd history` keeps (the oldest go first).
+HISTORY_ROWS = 10_000
 
 #: Seconds to wait for another connection's write lock before giving up.
 LOCK_TIMEOUT_S = 5.0
@@ -134,6 +138,15 @@ CREATE TABLE IF NOT EXISTS migrations (
     finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS migrations_unfinished ON migrations (finished_at);
+CREATE TABLE IF NOT EXISTS history (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS history_domain ON history (domain, finished_at);
 """
 
 _COLUMNS = (
@@ -356,6 +369,39 @@ class Journal:
             (limit,),
         )
         return [_entry(r) for r in rows]
+
+    # -- history (relocd history) ---------------------------------------------------
+
+    def add_history(self, kind: str, domain: str, started_at: float, finished_at: float,
+                    record: dict[str, object]) -> None:  # fmt: skip
+        """Keep what an operator asks `relocd history` about a finished migration, save or restore."""
+        with self._transaction() as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute(
+                "INSERT INTO history (kind, domain, started_at, finished_at, record) VALUES (?,?,?,?,?)",
+                (kind, domain, started_at, finished_at, json.dumps(record, default=str)),
+            )
+            # Bounded: the oldest rows go past HISTORY_ROWS.
+            db.execute(
+                "DELETE FROM history WHERE id <= (SELECT MAX(id) FROM history) - ?", (HISTORY_ROWS,)
+            )
+
+    def history(self, domain: str | None = None, limit: int = 50) -> list[dict[str, object]]:
+        """Finished migrations, saves and restores, newest first."""
+        sql = "SELECT kind, domain, started_at, finished_at, record FROM history"
+        args: tuple[object, ...] = ()
+        if domain is not None:
+            sql += " WHERE domain = ?"
+            args = (domain,)
+        rows = self._read(sql + " ORDER BY finished_at DESC, id DESC LIMIT ?", (*args, limit))
+        out = []
+        for kind, dom, started, finished, record in rows:
+            try:
+                fields = json.loads(str(record))
+            except ValueError:
+                fields = {}
+            out.append({**fields, "kind": kind, "domain": dom, "started_at": started, "finished_at": finished})
+        return out
 
     def close(self) -> None:
         with self._lock:

@@ -107,6 +107,13 @@ class RestoreResult:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass
+class SaveControl:
+    """What `relocd abort` may ask of a save in flight: nothing once the file is committed."""
+
+    committed: bool = False
+
+
 def temp_name(final: Path) -> Path:
     """Where a save writes until it is complete: hidden, same directory, never final-looking."""
     return final.with_name(f".{final.name}.{uuidlib.uuid4().hex[:8]}.partial")
@@ -166,12 +173,16 @@ async def save_domain(
     progress: Progress = no_progress,
     batch_pages: int = 1024,
     hooks: DomainHooks | None = None,
+    control: SaveControl | None = None,
 ) -> SaveResult:
     """Write ``domain`` to ``path``; destroy it unless ``checkpoint``.  Raises RelocdError.
 
-    On failure the temporary file is gone and the domain runs (or stays
-    paused) as it did before.
+    On failure (or a cancel, e.g. `relocd abort`) the temporary file is gone
+    and the domain runs (or stays paused) as it did before.  The rename that
+    makes the file appear is the commit point (``control.committed``): from
+    there the save completes, even if cancelled.
     """
+    control = control or SaveControl()
     t0 = time.monotonic()
     hooks = hooks or DomainHooks()
     final = Path(path).absolute()
@@ -266,8 +277,8 @@ async def save_domain(
         await asyncio.to_thread(os.fsync, fd)
         os.close(fd)
         fd = -1
+        control.committed = True  # no abort from here: the file is the domain now
         os.rename(tmp, final)
-        await asyncio.to_thread(_fsync_dir, final.parent)
     except BaseException as exc:
         await writer.settle()
         digest.cancel()
@@ -290,9 +301,19 @@ async def save_domain(
     result.stream_bytes = streamed.stream_bytes if streamed is not None else 0
     result.pages = sender.result.pages_sent
     result.zero_pages = sender.result.zero_pages
+
+    async def conclude() -> None:
+        try:
+            await asyncio.to_thread(_fsync_dir, final.parent)
+        except OSError as exc:  # the file is complete and renamed; only the rename's durability is in doubt
+            log.warning("could not sync the savefile's directory", file=str(final), error=str(exc))
+        if not checkpoint:
+            await domain.destroy()
+            await hooks.destroyed(domain)
+
+    # Committed: a cancel must not leave the domain and its savefile both live.
+    await asyncio.shield(asyncio.ensure_future(conclude()))
     if not checkpoint:
-        await domain.destroy()
-        await hooks.destroyed(domain)
         result.pause_ms = round((time.monotonic() - paused_at) * 1000, 3)
     result.status = "completed"
     result.total_ms = round((time.monotonic() - t0) * 1000, 3)

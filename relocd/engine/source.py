@@ -352,6 +352,8 @@ class SourceMigration:
             delay = self.limiter.delay_for(n)
             if delay > 0:
                 await asyncio.sleep(delay)
+        if pages:
+            await self.progress(**meter.event())  # the round's end: 100%, whatever the interval
         self.result.pages_sent += pages
         self.result.bytes_sent += nbytes
         return pages, nbytes

@@ -139,7 +139,12 @@ class TargetSession:
             if self._journaled:
                 entry = self.ctx.journal.get(self.mid)
                 status = (entry.outcome if entry.finished else "in-doubt") if entry is not None else "failed"
-                self.ctx.notify("migration_finished", direction="incoming", status=status or "failed", result=None)
+                self.ctx.notify(
+                    "migration_finished", direction="incoming", status=status or "failed", result=None,
+                    domain=self.request.name if self.request else None, peer=self.peer, migration_id=self.mid,
+                    live=entry.live if entry else None, started_at=entry.started_at if entry else None,
+                    error=entry.error if entry else None,
+                )  # fmt: skip
 
     # -- migration -------------------------------------------------------------
 

@@ -30,12 +30,12 @@ from relocd.engine.host import Host
 from relocd.engine.journal import PLAIN, TLS
 from relocd.engine.policy import make_policy
 from relocd.engine.result import MigrationResult
-from relocd.engine.source import SendOptions, SourceMigration, new_migration_id
+from relocd.engine.source import TIMEOUT_ABORT, TIMEOUT_STOP, SendOptions, SourceMigration, new_migration_id
 from relocd.engine.stream import ByteTransport, RecordChannel
 from relocd.errors import ConfigError, DomainExists, DriverError, RelocdError
 from relocd.protocol.records import Role
 from relocd.protocol.state import Conversation
-from relocd.server import saveops
+from relocd.server import jobs, saveops
 from relocd.server.requests import arg, progress_to
 from relocd.server.tls import client_context, connect_tls
 from relocd.server.transport import connect
@@ -61,6 +61,9 @@ class Operations:
         self.listening = listening
         #: uuid -> migration in flight (source side)
         self.outgoing: dict[str, SourceMigration] = {}
+        #: migrations and saves in flight, for abort, job and migrate-set
+        self.jobs = jobs.Jobs()
+        host.observers.append(jobs.record_history(host))
 
     @property
     def hooks(self) -> DomainHooks:
@@ -77,7 +80,11 @@ class Operations:
             "stats": self.stats,
             "pause": self.pause,
             "resume": self.resume,
-            "save": lambda args, sink: saveops.save(self.host, self.settings, args, sink),
+            "save": lambda args, sink: saveops.save(self.host, self.settings, args, sink, self.jobs),
+            "abort": lambda args, sink: jobs.abort(self.jobs, args, sink),
+            "job": lambda args, sink: jobs.watch(self.jobs, args, sink),
+            "migrate_set": lambda args, sink: jobs.migrate_set(self.jobs, args, sink),
+            "history": lambda args, sink: jobs.history(self.host, args, sink),
             "restore": lambda args, sink: saveops.restore(self.host, self.settings, args, sink),
             "inspect": lambda args, sink: saveops.inspect(self.host, self.settings, args, sink),
         }
@@ -258,7 +265,10 @@ class Operations:
             batch_pages=min(2048, max(16, max_bw // PAGE_SIZE // 4)) if max_bw else 2048,
             transport=TLS if tls_ctx is not None else PLAIN,
             server_name=host if tls_ctx is not None else None,
+            timeout_s=_timeout(args),
+            timeout_action=_timeout_action(args),
         )
+        job = self.jobs.start(jobs.MIGRATE, dom.name)
 
         async def open_channel(role: Role) -> RecordChannel:
             transport: ByteTransport
@@ -276,6 +286,11 @@ class Operations:
             except RelocdError as exc:
                 result = MigrationResult(domain=name, live=live, migration_id=mid, target=target)
                 return result.finish("failed", exc.message)
+            except asyncio.CancelledError:
+                if job.abort_reason is None:
+                    raise
+                result = MigrationResult(domain=name, live=live, migration_id=mid, target=target)
+                return result.finish("cancelled", job.abort_reason)  # aborted while connecting
             migration = SourceMigration(
                 dom,
                 channel,
@@ -284,20 +299,22 @@ class Operations:
                 migration_id=mid,
                 target=target,
                 reconnect=lambda: open_channel(Role.QUERY),
-                progress=progress_to(sink),
+                progress=job.progress(progress_to(sink)),
                 hooks=self.hooks,
             )
             migration.in_doubt_notice = notice
             self.outgoing[dom.config.uuid] = migration
+            job.migration = migration
             return await migration.run()
 
         structlog.contextvars.bind_contextvars(migration_id=mid)
         loop = asyncio.get_running_loop()
         notice: asyncio.Future[MigrationResult] = loop.create_future()
-        task = self.host.start_operation(run())
+        task = job.task = self.host.start_operation(run())
 
         def settled(t: asyncio.Task[Any], uuid: str = dom.config.uuid) -> None:
             self.outgoing.pop(uuid, None)
+            self.jobs.end(job)
             claim.release()
             if not t.cancelled() and t.exception() is None:
                 res = t.result()
@@ -313,10 +330,30 @@ class Operations:
             # migration; an in-doubt one answers the operator and asks on
             await asyncio.wait({task, notice}, return_when=asyncio.FIRST_COMPLETED)
             result = task.result() if task.done() else notice.result()
+        except BaseException:
+            job.finish({"status": "failed", "domain": name, "error": "the migration ended abnormally"})
+            raise
         finally:
             structlog.contextvars.unbind_contextvars("migration_id")
         log.info("migration finished", domain=name, status=result.status, error=result.error)
+        job.finish(result.to_json())
         return result.to_json()
+
+
+def _timeout(args: dict[str, Any]) -> float | None:
+    raw = args.get("timeout")
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or raw < 0:
+        raise ConfigError("--timeout: seconds, zero or more")
+    return float(raw)
+
+
+def _timeout_action(args: dict[str, Any]) -> str:
+    action = arg(args, "timeout_action", str, TIMEOUT_ABORT)
+    if action not in (TIMEOUT_ABORT, TIMEOUT_STOP):
+        raise ConfigError(f"--timeout-action: {TIMEOUT_ABORT} or {TIMEOUT_STOP}, not {action!r}")
+    return str(action)
 
 
 def parse_migration_id(text: str) -> str:

@@ -10,6 +10,7 @@ domain.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -24,10 +25,11 @@ from relocd.drivers.base import INCOMING_SUFFIX, DomainState
 from relocd.config.settings import Settings
 from relocd.engine.host import Host
 from relocd.engine.policy import make_policy
-from relocd.engine.savefile import inspect_savefile, restore_savefile, save_domain
+from relocd.engine.savefile import SaveControl, inspect_savefile, restore_savefile, save_domain
 from relocd.engine.savefile_io import OpenSavefile
 from relocd.engine.savefile_stream import open_foreign
 from relocd.errors import RelocdError
+from relocd.server.jobs import SAVE, Jobs
 from relocd.server.requests import arg, progress_to
 
 
@@ -55,7 +57,9 @@ class _Marker:
         self.path.unlink(missing_ok=True)
 
 
-async def save(host: Host, settings: Settings, args: dict[str, Any], sink: Any) -> dict[str, Any]:
+async def save(
+    host: Host, settings: Settings, args: dict[str, Any], sink: Any, jobs: Jobs | None = None
+) -> dict[str, Any]:
     """args: name, file, checkpoint (bool), downtime_ms (optional, checkpoint pause target)."""
     name = arg(args, "name", str)
     file = arg(args, "file", str)
@@ -73,25 +77,52 @@ async def save(host: Host, settings: Settings, args: dict[str, Any], sink: Any) 
     hooks = host.hooks
     info = {"name": name, "uuid": dom.config.uuid, "file": str(Path(file).absolute()),
             "was_running": dom.state == DomainState.RUNNING}  # fmt: skip
-    with claim, _Marker(settings, "save", info), _observed(host, "save_finished"):
-        result = await host.run_to_end(
-            save_domain(dom, file, checkpoint=checkpoint, policy=policy, journal=host.journal,
-                        progress=progress_to(sink), hooks=hooks),  # fmt: skip
-        )
+    jobs = jobs or Jobs()
+    job = jobs.start(SAVE, dom.name)
+    job.save = SaveControl()
+    observed = _observed(host, "save_finished", domain=name, file=info["file"], checkpoint=checkpoint)
+    try:
+        with claim, _Marker(settings, "save", info), observed:
+            task = job.task = host.start_operation(
+                save_domain(dom, file, checkpoint=checkpoint, policy=policy, journal=host.journal,
+                            progress=job.progress(progress_to(sink)), hooks=hooks, control=job.save),  # fmt: skip
+            )
+            try:
+                result = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if not task.cancelled() or job.abort_reason is None:
+                    raise
+                # relocd abort: the save undid itself (no file, the domain as it was)
+                job.finish({"status": "cancelled", "domain": name, "file": info["file"], "error": job.abort_reason})
+                raise SaveCancelled(f"save of {name} cancelled: {job.abort_reason}") from None
+    finally:
+        jobs.end(job)
     out: dict[str, Any] = result.to_json()
+    job.finish(out)
     return out
 
 
+class SaveCancelled(RelocdError):
+    """`relocd abort` stopped a save before its file was committed."""
+
+
 @contextlib.contextmanager
-def _observed(host: Host, event: str) -> Iterator[None]:
+def _observed(host: Host, event: str, **fields: Any) -> Iterator[None]:
     """Tell the host's observers how a save or restore ended, and how long it took."""
     t0 = time.monotonic()
     status = "failed"
+    error: str | None = None
     try:
         yield
         status = "completed"
+    except SaveCancelled as exc:
+        status, error = "cancelled", exc.message
+        raise
+    except RelocdError as exc:
+        error = exc.message
+        raise
     finally:
-        host.notify(event, status=status, seconds=time.monotonic() - t0)
+        host.notify(event, status=status, seconds=time.monotonic() - t0, error=error, **fields)
 
 
 async def restore(host: Host, settings: Settings, args: dict[str, Any], sink: Any) -> dict[str, Any]:
@@ -101,7 +132,8 @@ async def restore(host: Host, settings: Settings, args: dict[str, Any], sink: An
     # Read the header first so the marker names the domain; restore_savefile
     # checks everything again (trailer, digest) before it creates anything.
     name, uuid = _peek(file)
-    with _Marker(settings, "restore", {"name": name, "uuid": uuid, "file": file}), _observed(host, "restore_finished"):
+    observed = _observed(host, "restore_finished", domain=name, file=str(Path(file).absolute()))
+    with _Marker(settings, "restore", {"name": name, "uuid": uuid, "file": file}), observed:
         result = await host.run_to_end(
             restore_savefile(file, host, verify_memory=verify, progress=progress_to(sink))
         )

@@ -1,0 +1,118 @@
+"""Operators' control of migrations in flight, through real daemons (issue 12).
+
+A bandwidth cap keeps each migration in precopy for many seconds; each
+test waits for the event that shows where it is (a watcher's progress)
+before it acts, so nothing depends on a sleep being long enough.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from harness import DaemonProc
+
+from relocd.server.control import call
+from relocd.errors import RelocdError
+
+SLOW = "4MB/s"  # 64 MiB takes ~16 s: abort, watch and tune have all the time they need
+
+
+async def names(d: DaemonProc) -> list[tuple[str, str]]:
+    return [(x["name"], x["state"]) for x in await d.call("list")]
+
+
+async def start_slow_migration(a: DaemonProc, b: DaemonProc, name: str) -> tuple[asyncio.Task[Any], asyncio.Queue[dict[str, Any]]]:
+    await a.call("create", name=name, memory=64, workload="hotset:size=8MiB,rate=20MB/s")
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    task = asyncio.ensure_future(
+        call(a.control, "migrate", {"name": name, "host": b.address, "port": b.port, "live": True,
+                                    "max_bandwidth": SLOW, "policy": "downtime"}, events.put_nowait)  # fmt: skip
+    )
+    while True:  # the migration's own events: wait until it streams pages
+        event = await asyncio.wait_for(events.get(), 30)
+        if event.get("percent") is not None:
+            return task, events
+
+
+async def test_abort_cancels_a_migration_and_leaves_nothing(pair: tuple[DaemonProc, DaemonProc]) -> None:
+    a, b = pair
+    task, _ = await start_slow_migration(a, b, "web")
+    answer = await a.call("abort", name="web")
+    assert answer["aborted"] == ["web"] and answer["refused"] == {}
+    result = await asyncio.wait_for(task, 30)
+    assert result["status"] == "cancelled" and result["error"] == "cancelled by the operator"
+    assert await names(a) == [("web", "running")]
+    assert (await a.call("check", name="web"))["ok"]
+    for _ in range(100):  # the target drops its copy when the ABORT arrives
+        status = await b.call("status")
+        if (await names(b)) == [] and status["reservations"] == 0 and status["in_doubt"] == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert await names(b) == []
+    assert (await b.call("status"))["reservations"] == 0
+    history = await a.call("history", name="web")
+    assert history[0]["kind"] == "migrate" and history[0]["status"] == "cancelled"
+    # and the domain moves again afterwards
+    result = await a.call("migrate", name="web", host=b.address, port=b.port, live=True)
+    assert result["status"] == "completed", result
+
+
+async def test_job_attaches_from_a_second_client_and_migrate_set_speeds_it_up(pair: tuple[DaemonProc, DaemonProc]) -> None:
+    a, b = pair
+    task, _ = await start_slow_migration(a, b, "db")
+    watched: list[dict[str, Any]] = []
+    watcher = asyncio.ensure_future(call(a.control, "job", {"name": "db"}, watched.append))
+    changed = await a.call("migrate_set", name="db", max_bandwidth="1GB/s", downtime_ms=500)
+    assert changed["max_bandwidth"] == 10**9 and changed["downtime_ms"] == 500
+    result = await asyncio.wait_for(task, 60)
+    seen = await asyncio.wait_for(watcher, 10)
+    assert result["status"] == "completed", result
+    assert seen == result, "the watcher got another answer than the migration's own"
+    assert any(e.get("percent") is not None for e in watched) and all(e.get("domain") == "db" for e in watched)
+    assert await names(b) == [("db", "running")]
+    assert result["downtime_target_ms"] == 500
+
+
+async def test_abort_of_nothing_and_job_of_nothing_say_so(host: DaemonProc) -> None:
+    with pytest.raises(RelocdError, match="no migration or save of 'ghost' in flight"):
+        await host.call("abort", name="ghost")
+    with pytest.raises(RelocdError, match="in flight"):
+        await host.call("job", name="ghost")
+    assert await host.call("abort", all=True) == {"aborted": [], "refused": {}, "results": {}}
+
+
+async def test_save_is_aborted_before_its_file_is_committed(tmp_path: Any, daemons: list[DaemonProc]) -> None:
+    """A checkpoint save held after its first round (RELOCD_FAULT stall): abort leaves no file."""
+    d = DaemonProc(tmp_path, "hostA", "127.0.0.1", env={"RELOCD_FAULT": "source:precopy-1:stall"})
+    daemons.append(d)
+    d.start()
+    await d.call("create", name="vm", memory=32, workload="hotset:size=4MiB,rate=10MB/s")
+    file = tmp_path / "vm.save"
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    task = asyncio.ensure_future(
+        call(d.control, "save", {"name": "vm", "file": str(file), "checkpoint": True}, events.put_nowait)
+    )
+    while True:  # round 1 sent in full: the save now holds at the fault point
+        event = await asyncio.wait_for(events.get(), 30)
+        if event.get("round") == 1 and event.get("percent") == 100.0:
+            break
+    assert dict(await names(d))["vm"] == "migrating"
+    answer = await d.call("abort", name="vm")
+    assert answer["aborted"] == ["vm"] and answer["results"]["vm"]["status"] == "cancelled"
+    with pytest.raises(RelocdError, match="cancelled"):
+        await task
+    assert not file.exists() and list(tmp_path.glob(".vm.save.*")) == []
+    assert await names(d) == [("vm", "running")]
+    assert (await d.call("check", name="vm"))["ok"]
+    assert (await d.call("history", name="vm"))[0]["status"] == "cancelled"
+
+
+async def test_timeout_abort_through_the_daemon(pair: tuple[DaemonProc, DaemonProc]) -> None:
+    a, b = pair
+    await a.call("create", name="busy", memory=64, workload="uniform:rate=400MB/s")
+    result = await a.call("migrate", name="busy", host=b.address, port=b.port, live=True, max_bandwidth="8MB/s",
+                          timeout=1.0, timeout_action="abort")  # fmt: skip
+    assert result["status"] == "rolled-back" and "did not converge within 1 s" in result["error"]
+    assert await names(a) == [("busy", "running")]
