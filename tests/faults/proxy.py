@@ -238,7 +238,7 @@ class FaultProxy:
             t.add_done_callback(self._tasks.discard)
         await asyncio.gather(*pumps, return_exceptions=True)
 
-    async def cut_now(self, settle: float = 0.2) -> int:
+    async def cut_now(self, settle: float = 0.05) -> int:
         """Cut every open link (both sides closed); returns how many were open.
 
         First ``settle`` seconds for connections the kernel has accepted but
