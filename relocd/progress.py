@@ -53,15 +53,17 @@ def percent_of(event: Mapping[str, Any]) -> float | None:
 
 
 def _segments(event: Mapping[str, Any]) -> list[tuple[int, str]]:
-    """(priority, text) pieces of the line, in display order; priority 0 is kept longest."""
+    """(priority, text) pieces of the line, in display order; the lowest priority is kept longest.
+
+    A piece that starts with a space continues the one before it (``34%`` `` of 2.0 GiB``).
+    """
     parts: list[tuple[int, str]] = []
     pct = percent_of(event)
     if pct is not None:
-        text = f"{pct:.0f}%"
+        parts.append((1, f"{pct:.0f}%"))
         sent, total = _number(event, "round_bytes_sent"), _number(event, "round_bytes_total")
         if sent is not None and total:
-            text += f" of {format_bytes(total)}"
-        parts.append((1, text))
+            parts.append((5, f" of {format_bytes(total)}"))
     eta = _number(event, "eta_s")
     if eta is not None:
         parts.append((2, f"ETA {format_duration(eta)}"))
@@ -108,7 +110,8 @@ def describe(event: Mapping[str, Any], width: int | None = None, label: str | No
     head = _head(event, label)
     parts = _segments(event)
     while True:
-        body = ", ".join(text for _, text in parts)
+        body = "".join(text if text.startswith(" ") or i == 0 else ", " + text
+                       for i, (_, text) in enumerate(parts))
         line = f"{head}: {body}" if head and body else (head or body or "working")
         if width is None or len(line) <= width or not parts:
             break
@@ -154,6 +157,8 @@ class MigrationProgress:
         self._latest: dict[str, Mapping[str, Any]] = {}
         #: label -> when its last plain line was printed
         self._printed_at: dict[str, float] = {}
+        #: label -> an event with numbers not printed yet (plain output)
+        self._unprinted: dict[str, Mapping[str, Any]] = {}
         self._drawn_at: float | None = None
         self._drawn_lines = 0
         self._dirty = False
@@ -177,13 +182,31 @@ class MigrationProgress:
             if self._drawn_at is None or now - self._drawn_at >= self.interval_s:
                 self._redraw(now)
             return
-        if not has_numbers(event) or self._suspended:
+        if not has_numbers(event):
             return
-        last = self._printed_at.get(label)
-        if last is None or now - last >= self.interval_s:
-            self._printed_at[label] = now
-            self.stream.write(describe(event, label=label or None) + "\n")
-            self.stream.flush()
+        self._unprinted[label] = event
+        if not self._suspended:
+            self._print_due(now)
+
+    def tick(self) -> None:
+        """Draw what is due though no event came (the watcher calls this every interval)."""
+        now = self._clock()
+        if self._suspended:
+            return
+        if self.tty:
+            if self._dirty and (self._drawn_at is None or now - self._drawn_at >= self.interval_s):
+                self._redraw(now)
+        else:
+            self._print_due(now)
+
+    def _print_due(self, now: float) -> None:
+        for label, event in list(self._unprinted.items()):
+            last = self._printed_at.get(label)
+            if last is None or now - last >= self.interval_s:
+                self._printed_at[label] = now
+                del self._unprinted[label]
+                self.stream.write(describe(event, label=label or None) + "\n")
+                self.stream.flush()
 
     def _redraw(self, now: float) -> None:
         width = max(self._width() - 1, 20)  # the last column would wrap on some terminals

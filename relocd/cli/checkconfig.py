@@ -16,6 +16,7 @@ import ipaddress
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from relocd.cli.common import DEFAULT_CONFIG, EXIT_OK, EXIT_USAGE, default_config_path
@@ -24,6 +25,9 @@ from relocd.errors import ConfigError
 from relocd.server.control import one_line
 
 _ADDRESS = "xend-relocation-address"
+_KEY = "xend-relocation-server-ssl-key-file"
+_CERT = "xend-relocation-server-ssl-cert-file"
+_CA = "relocd-relocation-ssl-ca-file"
 
 
 def cmd_check_config(ns: argparse.Namespace) -> int:
@@ -66,21 +70,22 @@ def serve_checks(s: Settings) -> tuple[list[str], list[str]]:
         problem = address_problem(s.relocation_address)
         if problem:
             errors.append(f"{where}: {_ADDRESS}: {problem}")
+    # Each file that is missing, by name (ssl's own error does not say which
+    # of key and certificate it could not open), then the contexts themselves.
+    missing = [f"{option}: {path}: no such file" for option, path in (
+        (_KEY, s.ssl_key_file), (_CERT, s.ssl_cert_file), (_CA, s.ssl_ca_file))
+        if path is not None and not path.exists()]
     if s.relocation_ssl_server:
-        try:
-            server_context(s)
-        except ConfigError as exc:
-            errors.append(f"{where}: TLS listener cannot start: {exc.message}")
+        for problem in missing + _context_problem(server_context, s, missing):
+            errors.append(f"{where}: TLS listener cannot start: {problem}")
     tls_files = (s.ssl_key_file, s.ssl_cert_file, s.ssl_ca_file)
     if s.relocation_ssl or any(f is not None for f in tls_files):
-        try:
-            client_context(s)
-        except ConfigError as exc:
+        for problem in missing + _context_problem(client_context, s, missing):
             if s.relocation_ssl:
                 errors.append(f"{where}: xend-relocation-ssl is on, but outgoing TLS cannot "
-                              f"start: {exc.message}")
+                              f"start: {problem}")
             else:
-                warnings.append(f"{where}: migrate --ssl will fail: {exc.message}")
+                warnings.append(f"{where}: migrate --ssl will fail: {problem}")
     for what, directory in (("relocd-state-dir", s.state_dir),
                             ("relocd-control-socket", s.control_socket.parent)):
         problem = directory_problem(directory)
@@ -92,6 +97,15 @@ def serve_checks(s: Settings) -> tuple[list[str], list[str]]:
         warnings.append(f"{where}: relocd-default-driver: no driver named {s.default_driver!r} "
                         f"(known: {', '.join(DRIVER_NAMES)}): create without --driver will fail")
     return errors, warnings
+
+
+def _context_problem(build: Callable[[Settings], object], s: Settings, missing: list[str]) -> list[str]:
+    """Why the context cannot be built; a missing file is already in ``missing``."""
+    try:
+        build(s)
+    except ConfigError as exc:
+        return [] if missing and "no such file" in exc.message else [exc.message]
+    return []
 
 
 def address_problem(address: str) -> str | None:

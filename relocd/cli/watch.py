@@ -51,6 +51,7 @@ class Watch:
             installed = True
         except (ValueError, RuntimeError, NotImplementedError):  # not the main thread
             installed = False
+        ticker = asyncio.ensure_future(self._tick()) if self.display is not None else None
         try:
             while True:
                 if await self._wait_for(self._interrupts.get()) is _FINISHED:
@@ -59,12 +60,20 @@ class Watch:
                 if self._main.done():
                     return self._main.result()
         finally:
+            if ticker is not None:
+                ticker.cancel()
             if installed:
                 loop.remove_signal_handler(signal.SIGINT)
             if not self._main.done():
                 self._main.cancel()
                 with contextlib.suppress(BaseException):
                     await self._main
+
+    async def _tick(self) -> None:
+        assert self.display is not None
+        while True:
+            await asyncio.sleep(min(self.display.interval_s, 0.25))
+            self.display.tick()
 
     async def _wait_for(self, awaitable: Awaitable[Any]) -> Any:
         """The awaitable's value, or _FINISHED if the op ends first."""
