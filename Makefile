@@ -2,10 +2,11 @@
 #   make demo   set up .venv, start two local daemons, live-migrate a domain
 #   make test   set up .venv and run the whole test suite (fast tests first)
 #   make wheel  dist/relocd-*.whl: what `pip install .` installs, built offline
+#   make man    build/man/relocd.8, the man page, from the command's parser
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench wheel clean
+.PHONY: demo test bench wheel man clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,6 +29,13 @@ bench: $(VENV)/.installed
 wheel: $(VENV)/.installed
 	rm -rf build
 	$(PY) -m pip wheel --no-deps --no-build-isolation --no-index --wheel-dir dist .
+
+# argparse-manpage comes with the test extra (or: pip install '.[man]').
+# Install with: install -Dm644 build/man/relocd.8 /usr/local/share/man/man8/relocd.8
+man: $(VENV)/.installed
+	mkdir -p build/man
+	$(PY) -m relocd.cli.extras man > build/man/relocd.8.tmp
+	mv build/man/relocd.8.tmp build/man/relocd.8
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
