@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import urllib.error
 import urllib.request
 import uuid as uuidlib
 from pathlib import Path
@@ -341,8 +342,9 @@ def test_endpoint_serves_and_stops() -> None:
         assert samples[("relocd_peers_refused_total", (("reason", "hosts_allow"),))] == 1
     finally:
         endpoint.stop()
-    with pytest.raises(OSError):
+    with pytest.raises(urllib.error.URLError) as info:
         scrape(endpoint.address)
+    assert isinstance(info.value.reason, ConnectionRefusedError)
     # The port is free again: a new endpoint can take it at once.
     again = MetricsEndpoint(m.registry, endpoint.address)
     again.start()
