@@ -20,7 +20,7 @@ import structlog
 from relocd.drivers.base import INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX, Domain, Driver
 from relocd.engine.claims import Claim, ClaimTable
 from relocd.engine.hooks import DomainHooks
-from relocd.engine.journal import SOURCE, Journal, JournalEntry, Phase
+from relocd.engine.journal import SOURCE, TARGET, Journal, JournalEntry, Phase
 from relocd.engine.reservation import ReservationTable
 from relocd.errors import DomainBusy, DomainNotFound
 from relocd.protocol.records import Resumed
@@ -83,7 +83,9 @@ class Host:
         For `relocd status` and the metrics endpoint, which calls it from its
         own thread: the journal takes its lock, and ``len`` of a dict is atomic.
         """
-        incoming = len(self.in_doubt)
+        incoming = len(self.in_doubt) + sum(
+            1 for e in self.journal.unfinished(TARGET) if e.phase == Phase.STARTING and self.migration_copy(e) is None
+        )
         outgoing = sum(1 for e in self.journal.unfinished(SOURCE) if e.phase in (Phase.GO_SENT, Phase.ABORTED))
         return {"in_doubt": incoming + outgoing, "in_doubt_incoming": incoming, "in_doubt_outgoing": outgoing}
 
@@ -120,7 +122,7 @@ class Host:
             allowed = {name + MIGRATED_AWAY_SUFFIX}
             if entry.phase not in (Phase.GO_SENT, Phase.DONE):
                 allowed.add(name)
-        elif entry.phase in (Phase.RESUMING, Phase.RESUMED):
+        elif entry.phase in (Phase.RESUMING, Phase.STARTING, Phase.RESUMED):
             allowed = {name + INCOMING_SUFFIX, name}
         else:
             allowed = {name + INCOMING_SUFFIX}

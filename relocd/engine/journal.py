@@ -60,6 +60,7 @@ class Phase(str, enum.Enum):
     # target
     RECEIVING = "receiving"
     RESUMING = "resuming"  # GO received: renaming and resuming (journaled before either)
+    STARTING = "starting"  # the resume call is next: from here the copy may have run
     RESUMED = "resumed"
     # both
     ABORTED = "aborted"
@@ -81,7 +82,7 @@ PHASE_ORDER: dict[str, tuple[Phase, ...]] = {
         Phase.GO_SENT,
         Phase.DONE,
     ),
-    TARGET: (Phase.RECEIVING, Phase.PREPARED, Phase.RESUMING, Phase.RESUMED),
+    TARGET: (Phase.RECEIVING, Phase.PREPARED, Phase.RESUMING, Phase.STARTING, Phase.RESUMED),
 }
 
 

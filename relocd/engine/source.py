@@ -471,8 +471,13 @@ class SourceMigration:
         # Past this point the target holds a complete, paused copy.  Rename
         # ours first so the two are never confused, then make GO durable.
         self.past_go = True  # before the first await: no abort from here
-        await self.copy.rename_away()
-        self.journal.set_phase(self.mid, Phase.GO_SENT)
+        try:
+            await self.copy.rename_away()
+            self.journal.set_phase(self.mid, Phase.GO_SENT)
+        except (RelocdError, OSError) as exc:  # GO not sent: ours is still the copy that runs
+            msg = exc.message if isinstance(exc, RelocdError) else f"I/O error: {exc}"
+            await self._abort_before_go(exc, True)
+            return self.result.finish("rolled-back", f"before GO: {msg}")
         try:
             await self.send(Go())
             await fault_point("source", "go")

@@ -460,7 +460,7 @@ class TargetSession:
             except (RelocdError, OSError, TimeoutError, AssertionError):
                 pass
         entry = self.ctx.journal.get(self.mid) if self._journaled else None
-        if entry is not None and entry.phase in (Phase.PREPARED, Phase.RESUMING, Phase.RESUMED):
+        if entry is not None and entry.phase in (Phase.PREPARED, Phase.RESUMING, Phase.STARTING, Phase.RESUMED):
             # Past PREPARED only the source decides (GO or ABORT, here or on a
             # later QUERY): keep the prepared copy and its reservation.
             if entry.phase == Phase.RESUMED and not entry.finished:
@@ -522,6 +522,10 @@ async def finish_resume(
             await domain.rename(final_name)
         if domain.state != DomainState.RUNNING:
             await ctx.hooks.before_resume(domain)
+            # The last fact before the copy may run: a restart that finds it
+            # gone after this must not let the source resume an older state.
+            if ctx.journal.get(mid).phase != Phase.STARTING:  # type: ignore[union-attr]
+                ctx.journal.set_phase(mid, Phase.STARTING)
             await domain.resume()
     except RelocdError as exc:
         # Could not resume: destroy ours so the source may resume its own.
@@ -566,8 +570,8 @@ def outcome_of(ctx: TargetContext, mid: str) -> OutcomeState:
                 ctx.in_doubt[mid] = dom
                 return OutcomeState.PREPARED
             return OutcomeState.RECEIVING  # renamed: a resume under way; recovery settles it
-        if phase == Phase.RESUMING:
-            return OutcomeState.RECEIVING
+        if phase in (Phase.RESUMING, Phase.STARTING):
+            return OutcomeState.RECEIVING  # being resumed, or (STARTING, copy lost) for the operator
         if phase == Phase.RESUMED:
             return OutcomeState.RESUMED
         if phase == Phase.ABORTED:

@@ -28,7 +28,7 @@ from relocd.engine.policy import XendPolicy
 from relocd.engine.journal import TLS
 from relocd.config.settings import Settings
 from relocd.engine.host import Host
-from relocd.engine.query import Backoff, Reconnect, ask, settle_abort
+from relocd.engine.query import Backoff, Reconnect, ask, drop_prepared_copy, settle_abort
 from relocd.engine.source import SendOptions, SourceMigration
 from relocd.engine.stream import ByteTransport, RecordChannel
 from relocd.engine.target import finish_resume, release_incoming
@@ -109,9 +109,13 @@ async def _recover_source(
                 await dom.rename(entry.domain)
             await dom.undo_send()
             lg.info("interrupted migration rolled back: domain runs here")
-    finally:
-        # ABORTED and still open: the target has not yet confirmed it holds no copy.
-        host.spawn(settle_abort(journal, reconnect, mid, "source restarted before GO"))
+    except RelocdError:
+        # The entry stays open, so the next restart tries the rollback again;
+        # the target is told to drop its copy meanwhile.
+        host.spawn(drop_prepared_copy(reconnect, mid, "source restarted before GO"))
+        raise
+    # ABORTED and still open: the target has not yet confirmed it holds no copy.
+    host.spawn(settle_abort(journal, reconnect, mid, "source restarted before GO"))
 
 
 async def _open(s: Settings, entry: JournalEntry) -> RecordChannel:
@@ -185,7 +189,17 @@ async def _recover_target(ctx: Host, entry: JournalEntry, dom: Domain | None, lg
     if entry.phase == Phase.RESUMED:
         journal.finish(mid, "completed")
         return
-    if entry.phase == Phase.RESUMING or (
+    if entry.phase == Phase.STARTING and dom is None:
+        # The copy may have run here before it was lost (the host lost power):
+        # the source's paused copy is older than what ran.  Neither side may
+        # decide alone; the entry stays open, the source keeps asking (and
+        # hears RECEIVING), and the operator settles it (docs/faults.md).
+        lg.error(
+            "the incoming copy may have run before this host lost it: the source's copy is older;"
+            " left for the operator to settle (see docs/faults.md, 'A copy lost after it ran')"
+        )
+        return
+    if entry.phase in (Phase.RESUMING, Phase.STARTING) or (
         entry.phase == Phase.PREPARED and dom is not None and not dom.name.endswith(INCOMING_SUFFIX)
     ):
         # GO was received (RESUMING is journaled before the rename); a renamed

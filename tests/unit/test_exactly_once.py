@@ -415,6 +415,45 @@ async def test_hole1_restarted_target_at_resuming_finishes_the_resume(hosts: tup
     assert outcome_of(b.ctx, mid) == OutcomeState.RESUMED
 
 
+async def test_restarted_target_whose_copy_ran_and_vanished_leaves_it_to_the_operator(hosts: tuple[Host, Host]) -> None:
+    """STARTING on disk (the resume was called) and the copy gone with the host's power.
+
+    The copy may have run: the source's paused copy is older than what ran.
+    Answering ABORTED (what RESUMING with no copy answers) would have the
+    source resume that older state (the handoff model's variant j); the
+    entry stays open, QUERY hears RECEIVING, status counts it in doubt.
+    """
+    _, b = hosts
+    dom = await b.driver.create(DomainConfig(name="vm--incoming", memory_mib=16), start=False)
+    mid = new_migration_id()
+    b.journal.begin(mid, "target", "vm", dom.config.uuid, A_ADDR, True)
+    for phase in (Phase.PREPARED, Phase.RESUMING, Phase.STARTING):
+        b.journal.set_phase(mid, phase)
+    await dom.destroy()  # power lost: the copy is gone
+    restarted = b.restarted()
+    await restarted.recover()
+    await settle(restarted)
+    entry = b.journal.get(mid)
+    assert entry is not None and not entry.finished and entry.phase == Phase.STARTING
+    assert outcome_of(b.ctx, mid) == OutcomeState.RECEIVING
+    assert b.ctx.in_doubt_counts()["in_doubt_incoming"] == 1
+
+
+async def test_restarted_target_at_resuming_with_the_copy_gone_answers_aborted(hosts: tuple[Host, Host]) -> None:
+    """RESUMING but not STARTING: the copy never ran here, so the source's copy is the latest."""
+    _, b = hosts
+    dom = await b.driver.create(DomainConfig(name="vm--incoming", memory_mib=16), start=False)
+    mid = new_migration_id()
+    b.journal.begin(mid, "target", "vm", dom.config.uuid, A_ADDR, True)
+    b.journal.set_phase(mid, Phase.PREPARED)
+    b.journal.set_phase(mid, Phase.RESUMING)
+    await dom.destroy()
+    restarted = b.restarted()
+    await restarted.recover()
+    await settle(restarted)
+    assert outcome_of(b.ctx, mid) == OutcomeState.ABORTED
+
+
 async def test_hole1_restarted_target_on_a_shared_hypervisor_leaves_the_source_copy_alone(tmp_path: Path) -> None:
     """Two daemons on one hypervisor see each other's domains: same uuid, two copies.
 

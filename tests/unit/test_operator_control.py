@@ -23,7 +23,7 @@ from relocd.engine.reservation import ReservationTable
 from relocd.engine.source import TIMEOUT_STOP, SendOptions, SourceMigration, new_migration_id
 from relocd.engine.stream import RecordChannel, memory_pipe
 from relocd.engine.target import TargetContext, TargetSession
-from relocd.errors import ConfigError, DomainBusy
+from relocd.errors import ConfigError, DomainBusy, DriverError
 from relocd.protocol.records import Abort, EndRound, Go, Prepared, Record, Role
 from relocd.protocol.state import Conversation
 from relocd.units import PAGE_SIZE
@@ -256,3 +256,24 @@ def test_meter_never_runs_backwards() -> None:
     assert not meter.due()
     now[0] = 10.3
     assert meter.due()
+
+
+async def test_a_rename_that_fails_before_go_rolls_back(hosts: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The handoff's first step (rename to --migratedaway) fails: GO never goes out, so the
+    domain runs on here and the target drops its prepared copy (it stayed paused before)."""
+    a, b = hosts
+    dom = await a.driver.create(DomainConfig(name="vm", memory_mib=8))
+    real_rename = dom.rename
+
+    async def failing_rename(new_name: str) -> None:
+        if new_name.endswith("--migratedaway"):
+            raise DriverError("rename refused (test)")
+        await real_rename(new_name)
+
+    monkeypatch.setattr(dom, "rename", failing_rename)
+    mig, src, task, session = start(a, b, "vm", SendOptions(live=False, verify=False, policy=XendPolicy()), hold=Go)
+    result = await asyncio.wait_for(task, 20)
+    await asyncio.wait_for(session, 10)
+    assert result.status == "rolled-back" and "rename refused" in (result.error or "")
+    assert [(d.name, d.state) for d in a.driver.domains()] == [("vm", DomainState.RUNNING)]
+    assert b.driver.domains() == [] and b.ctx.reservations.all() == []
