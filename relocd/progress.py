@@ -30,6 +30,10 @@ from relocd.units import format_bytes, format_duration, format_rate
 PLAIN_INTERVAL_S = 3.0
 #: How often the terminal display is redrawn at most.
 TTY_INTERVAL_S = 0.1
+#: Fields that describe the current round (or phase): forgotten when a new one starts.
+_ROUND_FIELDS = ("pages_left", "percent", "eta_s", "round_bytes_sent", "round_bytes_total",
+                 "bytes_remaining", "bytes_total", "expected_downtime_ms", "dirty_rate",
+                 "bandwidth")
 #: The fields that make an event worth a plain line.
 _NUMBERS = ("pages_left", "bytes_sent", "round_bytes_sent", "percent", "bandwidth", "eta_s",
             "bytes_remaining")
@@ -78,9 +82,7 @@ def _segments(event: Mapping[str, Any]) -> list[tuple[int, str]]:
         parts.append((3, f"sending {format_rate(bandwidth)}"))
     bytes_sent = _number(event, "bytes_sent")
     if bytes_sent is not None:
-        total = _number(event, "bytes_total")
-        shown = format_bytes(bytes_sent)
-        parts.append((5, f"{shown} sent" if not total else f"{shown} sent of {format_bytes(total)}"))
+        parts.append((5, f"{format_bytes(bytes_sent)} sent"))
     remaining = _number(event, "bytes_remaining")
     if remaining is not None:
         parts.append((8, f"{format_bytes(remaining)} left"))
@@ -120,6 +122,20 @@ def describe(event: Mapping[str, Any], width: int | None = None, label: str | No
     if width is not None and len(line) > width:
         line = line[: max(width - 3, 1)] + "..."
     return line
+
+
+def merge_event(known: Mapping[str, Any], event: Mapping[str, Any]) -> dict[str, Any]:
+    """What is known of a migration after ``event``."""
+    merged = dict(known)
+    phase, rnd = event.get("phase"), event.get("round")
+    new_phase = phase is not None and phase != known.get("phase")
+    if new_phase or (rnd is not None and rnd != known.get("round")):
+        for key in _ROUND_FIELDS:
+            merged.pop(key, None)
+        if new_phase and rnd is None:
+            merged.pop("round", None)
+    merged.update((k, v) for k, v in event.items() if v is not None)
+    return merged
 
 
 def has_numbers(event: Mapping[str, Any]) -> bool:
@@ -171,8 +187,15 @@ class MigrationProgress:
         return name if isinstance(name, str) and name else "?"
 
     def update(self, event: Mapping[str, Any]) -> None:
-        """Take one event; draw it now if due."""
+        """Take one event; draw it now if due.
+
+        Events may carry part of the picture (a phase change, then the byte
+        counts of its round): they are merged into what is known of the
+        domain, and a new round or phase forgets the last one's numbers.
+        """
         label = self._label(event)
+        fresh_numbers = has_numbers(event)
+        event = merge_event(self._latest.get(label, {}), event)
         self._latest[label] = event
         now = self._clock()
         if self.tty:
@@ -182,7 +205,7 @@ class MigrationProgress:
             if self._drawn_at is None or now - self._drawn_at >= self.interval_s:
                 self._redraw(now)
             return
-        if not has_numbers(event):
+        if not fresh_numbers:  # a bare phase change: shown with the next numbers
             return
         self._unprinted[label] = event
         if not self._suspended:

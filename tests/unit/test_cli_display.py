@@ -82,7 +82,7 @@ def test_durations() -> None:
 def test_describe_has_percent_eta_and_the_numbers() -> None:
     line = describe(ROUND)
     assert line.startswith("round 1 [precopy]: 34% of 2.0 GiB, ETA 4 s, 120,000 pages dirty")
-    for part in ("dirtying 10.2 MB/s", "sending 1.2 GB/s", "700.0 MiB sent of 2.0 GiB",
+    for part in ("dirtying 10.2 MB/s", "sending 1.2 GB/s", "700.0 MiB sent",
                  "1.3 GiB left", "expected downtime 3.0 ms"):
         assert part in line
 
@@ -98,6 +98,30 @@ def test_describe_fits_the_width_keeping_what_matters(width: int) -> None:
     assert len(line) <= width
     if width >= 40:
         assert "34%" in line and "ETA 4 s" in line  # the last to go
+
+
+def test_partial_events_are_merged_and_a_new_round_forgets_the_last() -> None:
+    """As the daemon sends them: a phase change, then the byte counts of its round."""
+    out = io.StringIO()
+    display = MigrationProgress(out, tty=False, interval_s=0.0, clock=clock(*range(10)))
+    display.update({"phase": "reserve", "domain": "w1"})
+    display.update({"phase": "precopy", "round": 1, "pages_left": 32768, "domain": "w1"})
+    display.update({"round": 1, "bytes_sent": 8 << 20, "round_bytes_sent": 8 << 20,
+                    "round_bytes_total": 128 << 20, "percent": 6.2, "eta_s": 2.0, "domain": "w1"})
+    display.update({"phase": "stop-and-copy", "domain": "w1"})
+    display.update({"round": 4, "bytes_sent": 200 << 20, "percent": 100.0, "domain": "w1"})
+    display.update({"phase": "prepare", "domain": "w1"})
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "round 1 [precopy]: 32,768 pages dirty"
+    assert lines[1] == "round 1 [precopy]: 6% of 128.0 MiB, ETA 2 s, 32,768 pages dirty, 8.0 MiB sent"
+    assert lines[2] == "round 4 [stop-and-copy]: 100%, 200.0 MiB sent"
+    assert len(lines) == 3  # the bare [reserve], [stop-and-copy] and [prepare] printed nothing
+    tty = io.StringIO()
+    display = MigrationProgress(tty, tty=True, interval_s=0.0, clock=clock(*range(10)),
+                                width=lambda: 80)
+    display.update({"phase": "precopy", "round": 4, "percent": 100.0, "bytes_sent": 200 << 20})
+    display.update({"phase": "prepare"})
+    assert tty.getvalue().split("\r")[-1] == "[prepare]: 200.0 MiB sent\x1b[K"
 
 
 def test_describe_without_numbers() -> None:
