@@ -134,6 +134,8 @@ def merge_event(known: Mapping[str, Any], event: Mapping[str, Any]) -> dict[str,
             merged.pop(key, None)
         if new_phase and rnd is None:
             merged.pop("round", None)
+    if "bytes_remaining" in event and "pages_left" not in event:
+        merged.pop("pages_left", None)  # the round's count at its start: stale once bytes flow
     merged.update((k, v) for k, v in event.items() if v is not None)
     return merged
 

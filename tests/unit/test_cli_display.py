@@ -108,14 +108,17 @@ def test_partial_events_are_merged_and_a_new_round_forgets_the_last() -> None:
     display.update({"phase": "precopy", "round": 1, "pages_left": 32768, "domain": "w1"})
     display.update({"round": 1, "bytes_sent": 8 << 20, "round_bytes_sent": 8 << 20,
                     "round_bytes_total": 128 << 20, "percent": 6.2, "eta_s": 2.0, "domain": "w1"})
+    display.update({"round": 1, "bytes_sent": 9 << 20, "bytes_remaining": 119 << 20,
+                    "domain": "w1"})
     display.update({"phase": "stop-and-copy", "domain": "w1"})
     display.update({"round": 4, "bytes_sent": 200 << 20, "percent": 100.0, "domain": "w1"})
     display.update({"phase": "prepare", "domain": "w1"})
     lines = out.getvalue().splitlines()
     assert lines[0] == "round 1 [precopy]: 32,768 pages dirty"
     assert lines[1] == "round 1 [precopy]: 6% of 128.0 MiB, ETA 2 s, 32,768 pages dirty, 8.0 MiB sent"
-    assert lines[2] == "round 4 [stop-and-copy]: 100%, 200.0 MiB sent"
-    assert len(lines) == 3  # the bare [reserve], [stop-and-copy] and [prepare] printed nothing
+    assert lines[2] == "round 1 [precopy]: 6% of 128.0 MiB, ETA 2 s, 9.0 MiB sent, 119.0 MiB left"
+    assert lines[3] == "round 4 [stop-and-copy]: 100%, 200.0 MiB sent"
+    assert len(lines) == 4  # the bare [reserve], [stop-and-copy] and [prepare] printed nothing
     tty = io.StringIO()
     display = MigrationProgress(tty, tty=True, interval_s=0.0, clock=clock(*range(10)),
                                 width=lambda: 80)
