@@ -313,6 +313,9 @@ class SourceMigration:
         if isinstance(answer, Abort):  # e.g. our RESERVE arrived corrupted
             raise MigrationAborted(f"target aborted: {answer.message}", reason=answer.reason)
         assert isinstance(answer, Reserved)
+        free = answer.info.get("free_bytes")  # optional: older targets do not say
+        if isinstance(free, int) and not isinstance(free, bool):
+            self.result.target_free_bytes = free
 
     async def precopy(self) -> Pfns:
         """Run the precopy rounds (the policy decides when to stop); returns the pages still dirty.

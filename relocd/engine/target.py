@@ -268,7 +268,12 @@ class TargetSession:
         self.log.info("reservation granted", domain=req.name, memory=req.memory_bytes)
         ctx.notify("migration_started", direction="incoming")
         await self.channel.send(
-            Reserved({"reservation": self.mid, "expires_ms": int(ctx.reservations.timeout_s * 1000)})
+            Reserved({
+                "reservation": self.mid,
+                "expires_ms": int(ctx.reservations.timeout_s * 1000),
+                # what is left after this one: evacuate spreads domains by it
+                "free_bytes": max(0, caps.free_memory_bytes - ctx.reservations.reserved_bytes),
+            })  # fmt: skip
         )
         # The reservation expires when the source goes quiet this long: every
         # record touches it, and a read that waits longer ends the session,

@@ -100,6 +100,8 @@ class Jobs:
 
     def __init__(self) -> None:
         self._by_name: dict[str, Job] = {}
+        #: `relocd evacuate`s in flight (their ``stopped`` event; abort --all sets it)
+        self.evacuations: set[Any] = set()
 
     def start(self, kind: str, name: str) -> Job:
         job = Job(kind, name)
@@ -126,6 +128,8 @@ class Jobs:
 async def abort(jobs: Jobs, args: dict[str, Any], sink: Any) -> dict[str, Any]:
     """args: name, or all=true.  Answers once the aborted jobs have ended."""
     if arg(args, "all", bool, False):
+        for evac in jobs.evacuations:
+            evac.stopped.set()  # queued moves never start
         targets = jobs.all()
     else:
         targets = [jobs.get(arg(args, "name", str))]

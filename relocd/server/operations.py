@@ -35,7 +35,7 @@ from relocd.engine.stream import ByteTransport, RecordChannel
 from relocd.errors import ConfigError, DomainExists, DriverError, RelocdError
 from relocd.protocol.records import Role
 from relocd.protocol.state import Conversation
-from relocd.server import jobs, saveops
+from relocd.server import evacuate, jobs, saveops
 from relocd.server.requests import arg, progress_to
 from relocd.server.tls import client_context, connect_tls
 from relocd.server.transport import connect
@@ -63,6 +63,8 @@ class Operations:
         self.outgoing: dict[str, SourceMigration] = {}
         #: migrations and saves in flight, for abort, job and migrate-set
         self.jobs = jobs.Jobs()
+        #: evacuations in flight (abort --all stops them)
+        self.evacuations: set[evacuate.Evacuation] = self.jobs.evacuations
         host.observers.append(jobs.record_history(host))
 
     @property
@@ -85,6 +87,7 @@ class Operations:
             "job": lambda args, sink: jobs.watch(self.jobs, args, sink),
             "migrate_set": lambda args, sink: jobs.migrate_set(self.jobs, args, sink),
             "history": lambda args, sink: jobs.history(self.host, args, sink),
+            "evacuate": lambda args, sink: evacuate.evacuate(self.host, self.migrate, self.evacuations, args, sink),
             "restore": lambda args, sink: saveops.restore(self.host, self.settings, args, sink),
             "inspect": lambda args, sink: saveops.inspect(self.host, self.settings, args, sink),
         }

@@ -116,3 +116,37 @@ async def test_timeout_abort_through_the_daemon(pair: tuple[DaemonProc, DaemonPr
                           timeout=1.0, timeout_action="abort")  # fmt: skip
     assert result["status"] == "rolled-back" and "did not converge within 1 s" in result["error"]
     assert await names(a) == [("busy", "running")]
+
+
+async def test_evacuate_spreads_domains_over_two_targets_skipping_one_that_refuses(
+    tmp_path: Any, daemons: list[DaemonProc]
+) -> None:
+    """Three domains, two targets; B refuses anything over 96 MiB (relocd-max-memory): the big one goes to C."""
+    a = DaemonProc(tmp_path, "hostA", "127.0.0.1")
+    b = DaemonProc(tmp_path, "hostB", "127.0.0.2", extra_config="(relocd-max-memory 96M)")
+    c = DaemonProc(tmp_path, "hostC", "127.0.0.3")
+    daemons.extend([a, b, c])
+    for d in (a, b, c):
+        d.start()
+    await a.call("create", name="big", memory=128)
+    await a.call("create", name="small1", memory=32)
+    await a.call("create", name="small2", memory=32)
+    events: list[dict[str, Any]] = []
+    answer = await call(a.control, "evacuate", {"hosts": [f"{b.address}:{b.port}", f"{c.address}:{c.port}"],
+                                                "live": True, "parallel": 2}, events.append)  # fmt: skip
+    assert sorted(answer["moved"]) == ["big", "small1", "small2"] and answer["failed"] == {}, answer
+    assert await names(a) == []
+    on_b, on_c = dict(await names(b)), dict(await names(c))
+    assert "big" in on_c and "big" not in on_b, (on_b, on_c)
+    assert sorted([*on_b, *on_c]) == ["big", "small1", "small2"]
+    assert all(state == "running" for state in [*on_b.values(), *on_c.values()])
+    assert {e.get("domain") for e in events} >= {"big", "small1", "small2"}
+
+
+async def test_evacuate_reports_what_could_not_move(pair: tuple[DaemonProc, DaemonProc]) -> None:
+    a, b = pair
+    await a.call("create", name="web", memory=32)
+    await b.call("create", name="web", memory=32)  # a clash: B refuses it, and there is no other target
+    answer = await a.call("evacuate", hosts=[b.address], port=b.port)
+    assert answer["moved"] == [] and "already exists" in answer["failed"]["web"]
+    assert await names(a) == [("web", "running")]
