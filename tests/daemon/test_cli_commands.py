@@ -246,3 +246,17 @@ def test_evacuate_to_two_targets_one_refusing(tmp_path: Path, daemons: list[Daem
     assert names(a) == {} and set(names(b)) == {"web1", "web2", "web3"} and names(c) == {}
     as_json = relocd(a, "evacuate", "127.0.0.2", "-p", str(port), "--json")
     assert as_json.returncode == 0 and json.loads(as_json.stdout)["moved"] == []
+
+
+def test_completion_offers_the_daemons_domains(web1: tuple[DaemonProc, DaemonProc],
+                                               tmp_path: Path) -> None:
+    pytest.importorskip("argcomplete")
+    a, _ = web1
+    out = tmp_path / "offered"
+    line = "relocd migrate w"
+    env = dict(_env(), _ARGCOMPLETE="1", COMP_LINE=line, COMP_POINT=str(len(line)),
+               _ARGCOMPLETE_IFS="\n", _ARGCOMPLETE_STDOUT_FILENAME=str(out),
+               RELOCD_CONTROL=str(a.control))
+    subprocess.run([sys.executable, "-m", "relocd"], env=env, capture_output=True, timeout=60,
+                   stdin=subprocess.DEVNULL)
+    assert out.read_text().split("\n") == ["web1"]
