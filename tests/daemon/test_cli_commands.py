@@ -260,3 +260,22 @@ def test_completion_offers_the_daemons_domains(web1: tuple[DaemonProc, DaemonPro
     subprocess.run([sys.executable, "-m", "relocd"], env=env, capture_output=True, timeout=60,
                    stdin=subprocess.DEVNULL)
     assert [w.strip() for w in out.read_text().split("\n")] == ["web1"]  # a space: the word is whole
+
+
+@pytest.mark.parametrize("action", ["abort", "stop"])
+def test_migrate_timeout_both_ways(web1: tuple[DaemonProc, DaemonProc], action: str) -> None:
+    a, b = web1
+    proc = relocd(a, "migrate", "-l", "web1", target(b), "--timeout", "1",
+                  "--timeout-action", action, "--max-bandwidth", "16MB/s")
+    if action == "abort":
+        assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1, proc
+        assert proc.stderr.startswith("relocd: migration of web1 to ")
+        assert "stays on this host" in proc.stderr
+        assert names(a) == {"web1": "running"} and names(b) == {}
+    else:
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        (summary,) = [i for i, line in enumerate(lines) if line.startswith("Migrated web1 to ")]
+        # stopping early overshoots the downtime target: the summary's last line says so
+        assert all(line.startswith("warning: ") for line in lines[summary + 1:])
+        assert names(b) == {"web1": "running"}
