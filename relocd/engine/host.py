@@ -148,16 +148,16 @@ class Host:
 
     # -- tasks ---------------------------------------------------------------------
 
-    def spawn(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+    def spawn(self, coro: Coroutine[Any, Any, _T], name: str | None = None) -> asyncio.Task[_T]:
         """A helper the shutdown cancels (it picks up again from the journal)."""
-        task = asyncio.get_running_loop().create_task(coro)
+        task = asyncio.get_running_loop().create_task(coro, name=name)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
         return task
 
-    def start_operation(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+    def start_operation(self, coro: Coroutine[Any, Any, _T], name: str | None = None) -> asyncio.Task[_T]:
         """An operation the shutdown lets finish (then cancels: it rolls back)."""
-        task = asyncio.get_running_loop().create_task(coro)
+        task = asyncio.get_running_loop().create_task(coro, name=name)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task

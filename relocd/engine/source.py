@@ -107,6 +107,11 @@ _T = TypeVar("_T")
 _FOLLOW_UPS: set[asyncio.Task[None]] = set()
 
 
+def settling_task_name(migration_id: str) -> str:
+    """The name of a task that settles a migration with its peer (relocd settle cancels it)."""
+    return f"settle:{migration_id}"
+
+
 def new_migration_id() -> str:
     return str(uuidlib.uuid4())
 
@@ -607,7 +612,8 @@ class SourceMigration:
         # journal entry stays open (ABORTED) until the target confirms, so a
         # restart picks the telling up again.
         task = asyncio.get_running_loop().create_task(
-            settle_abort(self.journal, self.reconnect, self.mid, f"source gave up: {msg}")
+            settle_abort(self.journal, self.reconnect, self.mid, f"source gave up: {msg}"),
+            name=settling_task_name(self.mid),
         )
         _FOLLOW_UPS.add(task)
         task.add_done_callback(_FOLLOW_UPS.discard)

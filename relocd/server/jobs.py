@@ -44,6 +44,7 @@ class Job:
     started_at: float = dataclasses.field(default_factory=time.time)
     #: set once the migration object exists (after the connection opened)
     migration: SourceMigration | None = None
+    migration_id: str | None = None
     save: SaveControl | None = None
     task: asyncio.Task[Any] | None = None
     last: dict[str, Any] | None = None
@@ -59,6 +60,8 @@ class Job:
 
         async def emit(**fields: Any) -> None:
             fields.setdefault("domain", self.name)
+            if self.migration_id is not None:
+                fields.setdefault("migration_id", self.migration_id)
             self.last = fields
             for q in list(self._watchers):
                 if q.full():

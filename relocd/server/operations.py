@@ -30,12 +30,20 @@ from relocd.engine.host import Host
 from relocd.engine.journal import PLAIN, TLS
 from relocd.engine.policy import make_policy
 from relocd.engine.result import MigrationResult
-from relocd.engine.source import TIMEOUT_ABORT, TIMEOUT_STOP, SendOptions, SourceMigration, new_migration_id
+from relocd.engine.source import (
+    TIMEOUT_ABORT,
+    TIMEOUT_STOP,
+    SendOptions,
+    SourceMigration,
+    new_migration_id,
+    settling_task_name,
+)
 from relocd.engine.stream import ByteTransport, RecordChannel
 from relocd.errors import ConfigError, DomainExists, DriverError, RelocdError
 from relocd.protocol.records import Role
 from relocd.protocol.state import Conversation
-from relocd.server import evacuate, jobs, saveops
+from relocd.server import evacuate, jobs, saveops, settle
+from relocd.server.recovery import dial_target
 from relocd.server.requests import arg, progress_to
 from relocd.server.tls import client_context, connect_tls
 from relocd.server.transport import connect
@@ -88,11 +96,27 @@ class Operations:
             "migrate_set": lambda args, sink: jobs.migrate_set(self.jobs, args, sink),
             "history": lambda args, sink: jobs.history(self.host, args, sink),
             "evacuate": lambda args, sink: evacuate.evacuate(self.host, self.migrate, self.evacuations, args, sink),
+            "settle": lambda args, sink: settle.settle(
+                self.host, lambda e: dial_target(self.settings, e), self._source_reachable, args, sink
+            ),
             "restore": lambda args, sink: saveops.restore(self.host, self.settings, args, sink),
             "inspect": lambda args, sink: saveops.inspect(self.host, self.settings, args, sink),
         }
 
     # -- helpers ------------------------------------------------------------------
+
+    async def _source_reachable(self, address: str) -> bool:
+        """Does a relocd listen at ``address`` (either relocation port)?  For settle's guard."""
+        s = self.settings
+        for port in (s.relocation_port, s.relocation_ssl_port):
+            try:
+                async with asyncio.timeout(settle.PROBE_S):
+                    _, writer = await asyncio.open_connection(address, port)
+            except (OSError, TimeoutError):
+                continue
+            writer.close()
+            return True
+        return False
 
     def find(self, name: str) -> Domain:
         return self.host.find(name)
@@ -313,7 +337,9 @@ class Operations:
         structlog.contextvars.bind_contextvars(migration_id=mid)
         loop = asyncio.get_running_loop()
         notice: asyncio.Future[MigrationResult] = loop.create_future()
-        task = job.task = self.host.start_operation(run())
+        job.migration_id = mid
+        # named so `relocd settle` can stop it asking, should its peer be gone for good
+        task = job.task = self.host.start_operation(run(), name=settling_task_name(mid))
 
         def settled(t: asyncio.Task[Any], uuid: str = dom.config.uuid) -> None:
             self.outgoing.pop(uuid, None)
@@ -332,7 +358,11 @@ class Operations:
             # shield: a control client that goes away must not cancel the
             # migration; an in-doubt one answers the operator and asks on
             await asyncio.wait({task, notice}, return_when=asyncio.FIRST_COMPLETED)
-            result = task.result() if task.done() else notice.result()
+            if task.done() and task.cancelled():  # relocd settle took it over
+                settled_by_hand = MigrationResult(domain=name, live=live, migration_id=mid, target=target)
+                result = settled_by_hand.finish("failed", "in doubt, then settled by the operator (relocd settle)")
+            else:
+                result = task.result() if task.done() else notice.result()
         except BaseException:
             job.finish({"status": "failed", "domain": name, "error": "the migration ended abnormally"})
             raise

@@ -29,7 +29,7 @@ from relocd.engine.journal import TLS
 from relocd.config.settings import Settings
 from relocd.engine.host import Host
 from relocd.engine.query import Backoff, Reconnect, ask, drop_prepared_copy, settle_abort
-from relocd.engine.source import SendOptions, SourceMigration
+from relocd.engine.source import SendOptions, SourceMigration, settling_task_name
 from relocd.engine.stream import ByteTransport, RecordChannel
 from relocd.engine.target import finish_resume, release_incoming
 from relocd.errors import RelocdError
@@ -71,7 +71,7 @@ async def _recover_source(
     journal = host.journal
 
     def reconnect() -> Awaitable[RecordChannel]:
-        return _open(settings, entry)
+        return dial_target(settings, entry)
 
     mid = entry.migration_id
     if entry.phase == Phase.DONE:
@@ -83,11 +83,11 @@ async def _recover_source(
             # Our copy is gone (the host lost power, say): the target's may be
             # the only one, and may still wait for GO.  Ask before anything.
             lg.warning("GO was sent and the local copy is gone; asking the target")
-            host.spawn(_resolve_without_copy(host, reconnect, entry))
+            host.spawn(_resolve_without_copy(host, reconnect, entry), name=settling_task_name(mid))
             return
         lg.warning("migration in doubt after restart: keeping the domain paused and asking the target")
         claim = host.claims.take(entry.uuid, entry.domain, f"in-doubt migration to {entry.peer}", moving=True)
-        task = host.spawn(_resolve_in_doubt(host, reconnect, entry, dom))
+        task = host.spawn(_resolve_in_doubt(host, reconnect, entry, dom), name=settling_task_name(mid))
         task.add_done_callback(lambda _t: claim.release())
         return
     if dom is None and entry.phase in (Phase.STOPPED, Phase.PREPARED):
@@ -95,7 +95,7 @@ async def _recover_source(
         # (a rollback journals ABORTED first): a prepared copy on the target
         # holds the latest state and is the only one.  Ask, and send it GO.
         lg.warning("the local copy is gone before GO; asking the target whether it holds the only one")
-        host.spawn(_resolve_without_copy(host, reconnect, entry))
+        host.spawn(_resolve_without_copy(host, reconnect, entry), name=settling_task_name(mid))
         return
     if dom is None and entry.phase != Phase.ABORTED:
         lg.error("the local copy is gone and the target never had all of it: the domain is lost")
@@ -112,13 +112,13 @@ async def _recover_source(
     except RelocdError:
         # The entry stays open, so the next restart tries the rollback again;
         # the target is told to drop its copy meanwhile.
-        host.spawn(drop_prepared_copy(reconnect, mid, "source restarted before GO"))
+        host.spawn(drop_prepared_copy(reconnect, mid, "source restarted before GO"), name=settling_task_name(mid))
         raise
     # ABORTED and still open: the target has not yet confirmed it holds no copy.
-    host.spawn(settle_abort(journal, reconnect, mid, "source restarted before GO"))
+    host.spawn(settle_abort(journal, reconnect, mid, "source restarted before GO"), name=settling_task_name(mid))
 
 
-async def _open(s: Settings, entry: JournalEntry) -> RecordChannel:
+async def dial_target(s: Settings, entry: JournalEntry) -> RecordChannel:
     """Dial the migration's target the way the journal says it was dialled."""
     host, port = split_host_port(entry.peer)
     transport: ByteTransport

@@ -150,3 +150,46 @@ async def test_evacuate_reports_what_could_not_move(pair: tuple[DaemonProc, Daem
     answer = await a.call("evacuate", hosts=[b.address], port=b.port)
     assert answer["moved"] == [] and "already exists" in answer["failed"]["web"]
     assert await names(a) == [("web", "running")]
+
+
+async def test_settle_by_hand_when_the_target_is_gone_for_good(tmp_path: Any, daemons: list[DaemonProc]) -> None:
+    """B dies at GO and never comes back: A keeps its copy paused and asks; the operator
+    settles it (keep-here), and the guard refused while B could still answer."""
+    a = DaemonProc(tmp_path, "hostA", "127.0.0.1")
+    b = DaemonProc(tmp_path, "hostB", "127.0.0.2", env={"RELOCD_FAULT": "target:go:kill"})
+    daemons.extend([a, b])
+    a.start()
+    b.start()
+    await a.call("create", name="web", memory=32)
+    events: list[dict[str, Any]] = []
+    migrating = asyncio.ensure_future(
+        call(a.control, "migrate", {"name": "web", "host": b.address, "port": b.port}, events.append)
+    )
+    for _ in range(300):  # B kills itself on GO; A holds web--migratedaway and keeps asking
+        if not b.alive and ("web--migratedaway", "migrating") in await names(a):
+            break
+        await asyncio.sleep(0.05)
+    assert not b.alive
+    mid = next(e["migration_id"] for e in events if e.get("migration_id"))
+    status = await a.call("status")
+    assert status["in_doubt_outgoing"] == 1
+    answer = await a.call("settle", migration_id=mid, action="keep-here")
+    assert answer["action"] == "keep-here" and answer["role"] == "source"
+    result = await asyncio.wait_for(migrating, 10)
+    assert result["status"] == "failed" and "settled by the operator" in result["error"]
+    assert await names(a) == [("web", "running")]
+    assert (await a.call("check", name="web"))["ok"]
+    status = await a.call("status")
+    assert status["in_doubt"] == 0 and status["outgoing"] == 0
+    with pytest.raises(RelocdError, match="not in doubt"):
+        await a.call("settle", migration_id=mid, action="keep-here")
+
+
+async def test_settle_of_a_finished_migration_is_refused(pair: tuple[DaemonProc, DaemonProc]) -> None:
+    """Nothing in doubt, nothing to settle: the operator is told so, and nothing changes."""
+    a, b = pair
+    await a.call("create", name="web", memory=32)
+    result = await a.call("migrate", name="web", host=b.address, port=b.port)
+    assert result["status"] == "completed"
+    with pytest.raises(RelocdError, match="not in doubt"):
+        await a.call("settle", migration_id=result["migration_id"], action="drop-here")
