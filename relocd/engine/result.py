@@ -44,6 +44,10 @@ class MigrationResult:
     #: the downtime policy's target, and a warning when the stop was predicted to overshoot it 2x
     downtime_target_ms: float | None = None
     downtime_warning: str | None = None
+    #: where the downtime went: pause, last pages, vCPU state, commit, prepare, GO (the
+    #: handoff's rename and journal write), GO round trip (less the target's
+    #: share), resume and announce (the target's, from its RESUMED details)
+    downtime_breakdown_ms: dict[str, float] = dataclasses.field(default_factory=dict)
     #: the target's free memory as it reported it at reservation (evacuate spreads by it)
     target_free_bytes: int | None = None
     target: str | None = None
@@ -55,6 +59,27 @@ class MigrationResult:
 
     def mark(self, milestone: str) -> None:
         self.timeline_ms[milestone] = round((time.monotonic() - self._t0) * 1000, 3)
+
+    def breakdown(self) -> dict[str, float]:
+        """The downtime's parts, from the milestones (and the target's own resume time)."""
+        t = self.timeline_ms
+        start = "pausing" if "pausing" in t else "paused"
+        if start not in t or "resumed" not in t:
+            return {}
+        steps = [("pause", "paused"), ("last_pages", "last-pages"), ("vcpu_state", "state-sent"), ("commit", "committed"),
+                 ("prepare", "prepared"), ("go", "go"), ("go_round_trip", "resumed")]  # fmt: skip
+        out: dict[str, float] = {}
+        at = t[start]
+        for name, mark in steps:
+            if mark in t:
+                out[name] = round(t[mark] - at, 3)
+                at = t[mark]
+        for part in ("resume", "announce"):  # the target's own share of the round trip
+            took = self.target_details.get(f"{part}_ms")
+            if isinstance(took, (int, float)) and not isinstance(took, bool) and "go_round_trip" in out:
+                out[part] = round(float(took), 3)
+                out["go_round_trip"] = round(max(0.0, out["go_round_trip"] - float(took)), 3)
+        return out
 
     def finish(self, status: str, error: str | None = None) -> MigrationResult:
         self.status = status

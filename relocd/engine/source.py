@@ -438,6 +438,7 @@ class SourceMigration:
         self._warn_overshoot()
         await self.progress(phase="stop-and-copy")
         self.paused_at = time.monotonic()
+        self.result.mark("pausing")
         await self.copy.pause()
         self.result.mark("paused")
         if self.opts.live:
@@ -451,10 +452,12 @@ class SourceMigration:
         self.journal.set_phase(self.mid, Phase.STOPPED)
         await self.send(Stop(round_no))
         await self._send_pfns(round_no, pfns)
+        self.result.mark("last-pages")
         await fault_point("source", "stop-and-copy")
         self.result.iterations = round_no
         blob = await dom.save_state()
         await self.send(VcpuState(dom.config.driver, blob))
+        self.result.mark("state-sent")
         if self.opts.verify:
             digest = await asyncio.to_thread(memory_digest, dom.memory(), self._digest_algo)
             await self.send(Digest(self._digest_algo, digest))
@@ -482,6 +485,7 @@ class SourceMigration:
         try:
             await self.copy.rename_away()
             self.journal.set_phase(self.mid, Phase.GO_SENT)
+            self.result.mark("go")
         except (RelocdError, OSError) as exc:  # GO not sent: ours is still the copy that runs
             msg = exc.message if isinstance(exc, RelocdError) else f"I/O error: {exc}"
             await self._abort_before_go(exc, True)
@@ -502,6 +506,7 @@ class SourceMigration:
         self.result.target_details = dict(answer.details)
         if self.paused_at is not None:
             self.result.downtime_ms = (time.monotonic() - self.paused_at) * 1000
+            self.result.downtime_breakdown_ms = self.result.breakdown()
         if not answer.ok:
             # The target could not resume and has destroyed its copy: ours is the one.
             await self.copy.roll_back()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid as uuidlib
 from collections.abc import Callable
 
@@ -522,6 +523,7 @@ async def finish_resume(
     skipped when the hypervisor shows it done.
     """
     final_name = domain.name.removesuffix(INCOMING_SUFFIX)
+    t0 = time.monotonic()
     try:
         if domain.name != final_name:
             await domain.rename(final_name)
@@ -542,14 +544,16 @@ async def finish_resume(
         ctx.journal.finish(mid, "failed", exc.message)
         return Resumed(False, {"error": exc.message})
     ctx.journal.set_phase(mid, Phase.RESUMED)
+    resume_ms = round((time.monotonic() - t0) * 1000, 3)
     release(mid)
-    lg.info("domain resumed", domain=final_name)
+    lg.info("domain resumed", domain=final_name, resume_ms=resume_ms)
     try:
         details = await ctx.hooks.after_resume(domain)
     except Exception as exc:  # an announce failure never undoes a resume
         lg.exception("after-resume hook failed")
         details = {"announce_error": str(exc)}
-    return Resumed(True, details)
+    announce_ms = round((time.monotonic() - t0) * 1000 - resume_ms, 3)
+    return Resumed(True, {**details, "resume_ms": resume_ms, "announce_ms": announce_ms})
 
 
 def outcome_of(ctx: TargetContext, mid: str) -> OutcomeState:

@@ -277,3 +277,19 @@ async def test_a_rename_that_fails_before_go_rolls_back(hosts: tuple[Host, Host]
     assert result.status == "rolled-back" and "rename refused" in (result.error or "")
     assert [(d.name, d.state) for d in a.driver.domains()] == [("vm", DomainState.RUNNING)]
     assert b.driver.domains() == [] and b.ctx.reservations.all() == []
+
+
+async def test_the_downtime_is_broken_down(hosts: tuple[Host, Host]) -> None:
+    """downtime_breakdown_ms names where the pause went, and its parts add up to the downtime."""
+    a, b = hosts
+    await a.driver.create(DomainConfig(name="vm", memory_mib=16, workload="hotset:size=1MiB,rate=10MB/s"))
+    mig, src, task, session = start(a, b, "vm", SendOptions(live=True, verify=False, policy=DowntimePolicy(50)),
+                                    hold=Go)  # fmt: skip
+    await asyncio.wait_for(src.reached.wait(), 20)
+    src.release.set()
+    result = await asyncio.wait_for(task, 20)
+    await asyncio.wait_for(session, 10)
+    parts = result.downtime_breakdown_ms
+    assert list(parts) == ["pause", "last_pages", "vcpu_state", "commit", "prepare", "go", "go_round_trip", "resume", "announce"]
+    assert all(v >= 0 for v in parts.values())
+    assert sum(parts.values()) == pytest.approx(result.downtime_ms, abs=2.0)
