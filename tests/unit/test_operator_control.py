@@ -8,49 +8,21 @@ exact await by channels that wait on an event, never by sleeping.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from relocd.drivers.base import DomainConfig, DomainState
-from relocd.drivers.sim import SimDriver
-from relocd.engine.journal import Journal
 from relocd.engine.meter import RoundMeter
 from relocd.engine.policy import DowntimePolicy, XendPolicy
-from relocd.engine.reservation import ReservationTable
 from relocd.engine.source import TIMEOUT_STOP, SendOptions, SourceMigration, new_migration_id
 from relocd.engine.stream import RecordChannel, memory_pipe
-from relocd.engine.target import TargetContext, TargetSession
+from relocd.engine.target import TargetSession
 from relocd.errors import ConfigError, DomainBusy, DriverError
 from relocd.protocol.records import Abort, EndRound, Go, Prepared, Record, Role
 from relocd.protocol.state import Conversation
 from relocd.units import PAGE_SIZE
-
-
-class Host:
-    def __init__(self, root: Path, name: str) -> None:
-        self.dir = root / name
-        self.dir.mkdir(parents=True)
-        self.driver = SimDriver(self.dir)
-        self.journal = Journal(self.dir / "journal.sqlite")
-        self.ctx = TargetContext(drivers={"sim": self.driver}, reservations=ReservationTable(30), journal=self.journal)
-
-
-@pytest.fixture
-async def hosts(tmp_path: Path) -> AsyncIterator[tuple[Host, Host]]:
-    a, b = Host(tmp_path, "a"), Host(tmp_path, "b")
-    await a.driver.start()
-    await b.driver.start()
-    try:
-        yield a, b
-    finally:
-        for h in (a, b):
-            for d in h.driver.domains():
-                await d.destroy()
-            await h.driver.close()
-            h.journal.close()
+from tests.unit.test_engine import Host, hosts  # noqa: F401  (the two sim hosts and their fixture)
 
 
 class HeldChannel(RecordChannel):
