@@ -164,15 +164,18 @@ def cmd_migrate(ns: argparse.Namespace) -> int:
     if ns.timeout_action is not None:
         args["timeout_action"] = ns.timeout_action
     where = host if port is None else f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    sent = False
     try:
         _refuse_own_host(ns, host, port)
+        sent = True  # from here on the request may have reached the daemon
         display = _display(ns)
         handler = abort_handler(f"migration of {ns.name}", {"name": ns.name},
                                 ask=interactive(ns.json))
         result = _watched(ns, "migrate", args, display, handler)
     except KeyboardInterrupt:
-        report(f"left; the migration of {ns.name} goes on in the daemon "
-               f"(relocd job {ns.name} to watch it, relocd abort {ns.name} to cancel it)")
+        if sent:
+            report(f"left; the migration of {ns.name} goes on in the daemon "
+                   f"(relocd job {ns.name} to watch it, relocd abort {ns.name} to cancel it)")
         raise
     except RelocdError as exc:
         if ns.json and exit_status_for(exc) == EXIT_FAILED:
