@@ -67,6 +67,9 @@ class Settings(BaseModel):
     announce_initial_ms: int = Field(default=50, ge=0)
     announce_step_ms: int = Field(default=100, ge=0)
     log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: relocd-shutdown-grace: how long a stop lets migrations in flight finish
+    shutdown_grace: float = Field(default=30.0, ge=0)
     default_driver: str = "sim"
     #: relocd-metrics-address: (host, port) of the Prometheus endpoint; None = off
     metrics_address: tuple[str, int] | None = None
