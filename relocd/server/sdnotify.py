@@ -4,13 +4,22 @@ systemd passes a datagram socket in ``$NOTIFY_SOCKET`` to Type=notify
 services; a leading ``@`` names a socket in the abstract namespace.  When the
 variable is unset (run by hand, under tests) every call is a no-op.  Nothing
 here ever raises: a daemon must not die because its supervisor went away.
+
+The watchdog (``WatchdogSec=``) is fed from the event loop itself
+(:func:`keep_informed`): a loop stuck in a blocking call (a hung libxenctrl
+call, a xenstored that never answers) runs no task, sends no ``WATCHDOG=1``,
+and systemd restarts the daemon.  A thread would keep pinging for a daemon
+that no longer does anything.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -83,6 +92,11 @@ class SdNotifier:
             self._sock = None
 
 
+def reloading_fields() -> dict[str, Any]:
+    """RELOADING=1 with the MONOTONIC_USEC systemd 253+ asks for (READY=1 ends it)."""
+    return {"RELOADING": 1, "MONOTONIC_USEC": time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}
+
+
 def watchdog_interval_s() -> float | None:
     """How often to send WATCHDOG=1 (half of WatchdogSec), or None if not asked."""
     try:
@@ -104,3 +118,69 @@ def notify(**fields: Any) -> bool:
     if _default is None:
         _default = SdNotifier()
     return _default.notify(**fields)
+
+
+class Activity(NamedTuple):
+    """What ``STATUS=`` reports: domains here, migrations in flight each way."""
+
+    domains: int
+    outgoing: int
+    incoming: int
+
+
+class ServiceStatus:
+    """``STATUS=`` for ``systemctl status``, e.g. ``serving; 3 domains; 1 outgoing, 0 incoming migrations``.
+
+    ``observe`` is a Host observer: each migration that starts or ends sends
+    the line at once; :func:`keep_informed` refreshes it (domains created or
+    destroyed).  A line is sent only when it changed.
+    """
+
+    def __init__(self, notifier: SdNotifier, activity: Callable[[], Activity]) -> None:
+        self.notifier = notifier
+        self.activity = activity
+        #: "serving", then "shutting down"
+        self.phase = "serving"
+        self._sent: str | None = None
+
+    def text(self) -> str:
+        a = self.activity()
+        domains = f"{a.domains} domain{'' if a.domains == 1 else 's'}"
+        return f"{self.phase}; {domains}; {a.outgoing} outgoing, {a.incoming} incoming migrations"
+
+    def update(self, **fields: Any) -> bool:
+        """Send the line if it changed, or if other fields (READY=1, STOPPING=1) go with it."""
+        try:
+            line = self.text()
+        except Exception:  # a daemon half started or half stopped: say nothing
+            log.debug("status line unavailable", exc_info=True)
+            return False
+        if line == self._sent and not fields:
+            return False
+        self._sent = line
+        return self.notifier.notify(**fields, STATUS=line)
+
+    def observe(self, event: str, fields: dict[str, Any]) -> None:
+        if event in ("migration_started", "migration_finished"):
+            self.update()
+
+
+#: How often the status line is looked at when no watchdog asks for more.
+STATUS_REFRESH_S = 5.0
+
+
+async def keep_informed(
+    notifier: SdNotifier, status: ServiceStatus | None, watchdog_s: float | None
+) -> None:
+    """Feed the watchdog every ``watchdog_s`` (half of WatchdogSec) and refresh ``status``.
+
+    Runs as a task on the daemon's loop until cancelled, the last thing the
+    shutdown does: a long drain is still a live daemon.
+    """
+    period = STATUS_REFRESH_S if watchdog_s is None else min(watchdog_s, STATUS_REFRESH_S)
+    while True:
+        if watchdog_s is not None:
+            notifier.watchdog()
+        if status is not None:
+            status.update()
+        await asyncio.sleep(period)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +15,15 @@ from pathlib import Path
 import pytest
 
 from relocd.server import sdnotify
-from relocd.server.sdnotify import SdNotifier, format_fields, watchdog_interval_s
+from relocd.server.sdnotify import (
+    Activity,
+    SdNotifier,
+    ServiceStatus,
+    format_fields,
+    keep_informed,
+    reloading_fields,
+    watchdog_interval_s,
+)
 
 
 @pytest.fixture
@@ -104,3 +114,87 @@ def test_watchdog_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     assert watchdog_interval_s() is None  # meant for another process
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
     assert watchdog_interval_s() == 5.0
+
+
+# --- the watchdog and STATUS= (keep_informed, ServiceStatus) ------------------------
+
+
+def pending(sock: socket.socket) -> list[bytes]:
+    """Every datagram waiting on the socket, without blocking."""
+    out = []
+    sock.setblocking(False)
+    try:
+        while True:
+            out.append(sock.recv(4096))
+    except BlockingIOError:
+        return out
+    finally:
+        sock.settimeout(2)
+
+
+async def test_watchdog_pings_stop_while_the_loop_is_blocked(
+    fake_systemd: tuple[str, socket.socket],
+) -> None:
+    path, sock = fake_systemd
+    task = asyncio.get_running_loop().create_task(keep_informed(SdNotifier(path), None, 0.02))
+    try:
+        await asyncio.sleep(0.2)
+        assert pending(sock).count(b"WATCHDOG=1") >= 5
+        # A blocking call in the loop (a hung libxenctrl call): no task runs, no ping goes.
+        time.sleep(0.3)
+        assert pending(sock) == []
+        await asyncio.sleep(0.3)  # the loop runs again, and so do the pings
+        assert pending(sock).count(b"WATCHDOG=1") >= 2
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert pending(sock) == [], "a cancelled task pings no more"
+
+
+async def test_no_watchdog_asked_means_no_pings(fake_systemd: tuple[str, socket.socket]) -> None:
+    path, sock = fake_systemd
+    status = ServiceStatus(SdNotifier(path), lambda: Activity(2, 0, 0))
+    task = asyncio.get_running_loop().create_task(keep_informed(SdNotifier(path), status, None))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert pending(sock) == [b"STATUS=serving; 2 domains; 0 outgoing, 0 incoming migrations"]
+
+
+def test_status_line_follows_migrations(fake_systemd: tuple[str, socket.socket]) -> None:
+    path, sock = fake_systemd
+    now = Activity(3, 0, 0)
+    status = ServiceStatus(SdNotifier(path), lambda: now)
+    assert status.update(READY=1)
+    assert received(sock) == {"READY": "1", "STATUS": "serving; 3 domains; 0 outgoing, 0 incoming migrations"}
+    now = Activity(3, 1, 0)
+    status.observe("migration_started", {"direction": "outgoing"})
+    assert received(sock) == {"STATUS": "serving; 3 domains; 1 outgoing, 0 incoming migrations"}
+    status.observe("save_finished", {"status": "completed"})  # not a migration: nothing sent
+    status.observe("migration_started", {"direction": "outgoing"})  # same line: nothing sent
+    assert pending(sock) == []
+    now = Activity(1, 0, 0)
+    status.observe("migration_finished", {"direction": "outgoing", "status": "completed"})
+    assert received(sock) == {"STATUS": "serving; 1 domain; 0 outgoing, 0 incoming migrations"}
+    status.phase = "shutting down"
+    assert status.update(STOPPING=1)
+    assert received(sock) == {"STOPPING": "1", "STATUS": "shutting down; 1 domain; 0 outgoing, 0 incoming migrations"}
+
+
+def test_status_line_that_cannot_be_computed_is_not_sent(fake_systemd: tuple[str, socket.socket]) -> None:
+    path, sock = fake_systemd
+
+    def broken() -> Activity:
+        raise RuntimeError("half started")
+
+    assert ServiceStatus(SdNotifier(path), broken).update() is False
+    assert pending(sock) == []
+
+
+def test_reloading_carries_a_monotonic_timestamp(fake_systemd: tuple[str, socket.socket]) -> None:
+    path, sock = fake_systemd
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    assert SdNotifier(path).notify(**reloading_fields())
+    fields = received(sock)
+    assert fields["RELOADING"] == "1"
+    assert before <= int(fields["MONOTONIC_USEC"]) <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
