@@ -7,8 +7,10 @@ that fails before leaves no file and the domain as it was.  A restore checks
 the header, the trailer and the whole-file digest, and reserves memory and the
 domain's name, before it creates anything; if it fails midway it destroys
 what it built.  Stream domains (Xen PV) and images another toolstack wrote
-(``xl save``) go through the same flows; what differs is in
-``savefile_stream``.
+(``xl save``) go through the same flows.  What each kind writes between
+CONFIG and COMMIT, and how it puts its domain back when a save fails, is its
+transfer's (``Transfer.save``, ``transfer_save``), as ``Transfer.receive``
+reads it back; foreign images are ``savefile_stream``'s.
 """
 
 from __future__ import annotations
@@ -31,33 +33,28 @@ from relocd.config.domain import config_from_sxp, config_to_sxp
 from relocd.drivers.base import INCOMING_SUFFIX, Domain, DomainConfig, DomainState, Driver
 from relocd.engine.hooks import DomainHooks
 from relocd.engine.journal import Journal
-from relocd.engine.pages import bitmap_to_pfns, memory_digest
 from relocd.engine.policy import PrecopyPolicy
 from relocd.engine.reservation import ReservationRequest, check_reservation
 from relocd.engine.result import Progress, no_progress
 from relocd.engine.savefile_format import ChunkedDigest, FileHeader, Trailer
-from relocd.engine.savefile_io import FileWriter, OpenSavefile, WriteMode, image_digest, io_error
+from relocd.engine.savefile_io import FileWriter, OpenSavefile, io_error
 from relocd.engine.savefile_stream import (
     OpenForeign,
-    StreamSave,
     checkpoint_refusal,
     no_driver_for,
     open_foreign,
 )
 from relocd.engine.source import SendOptions, SourceMigration
 from relocd.engine.stream import PeerGone, RecordChannel
-from relocd.engine.transfer import Landing, transfer_for
 from relocd.engine.target import TargetContext
+from relocd.engine.transfer import Landing, transfer_for
+from relocd.engine.transfer_save import FileSave, Saving
 from relocd.errors import ConfigError, ProtocolError, RelocdError, SaveFileError
 from relocd.protocol.codec import DEFAULT_MAX_LENGTH, HEADER_SIZE, PAGES_FIXED_SIZE
 from relocd.protocol.records import (
-    Commit,
     Config,
-    Digest,
-    DigestAlgo,
     PagesHeader,
     Role,
-    Stop,
     StreamChunk,
     VcpuState,
 )
@@ -131,7 +128,8 @@ class _FileSender:
     """The send loop of a live migration (rounds, policy, progress), with a file for a target.
 
     Notes where each page's latest copy lands in the file, which is what a
-    checkpoint's image digest is computed from.
+    checkpoint's image digest is computed from.  ``PagedSave`` drives it
+    (``transfer_save.PageSender``); its counts are the save's result.
     """
 
     def __init__(self, domain: Domain, channel: RecordChannel, writer: FileWriter, policy: PrecopyPolicy,
@@ -204,9 +202,7 @@ async def save_domain(
     channel = RecordChannel(writer, Conversation(Role.SOURCE, savefile=True), max_frame=DEFAULT_MAX_LENGTH)
     sender = _FileSender(domain, channel, writer, policy, journal, progress, batch_pages)
     was_running = domain.state == DomainState.RUNNING
-    paused = False
-    logging = False
-    streamed: StreamSave | None = None
+    save: FileSave | None = None
     try:
         cfg = await domain.read_config()
         header = FileHeader(
@@ -215,61 +211,13 @@ async def save_domain(
         )  # fmt: skip
         await writer.write([header.pack()])
         await channel.send(Config(config_to_sxp(cfg)))
-        if not transfer.verifies_memory:
-            # The driver's stream, non-live: it suspends the domain itself and
-            # carries the state and its own checks (no DIGEST).
-            paused_at = time.monotonic()
-            streamed = StreamSave(domain, channel, hooks)
-            await streamed.run(policy, progress)
-            result.iterations = 1
-        elif checkpoint and was_running:
-            writer.mode = WriteMode.COPY
-            logging = True  # precopy() starts the log; we stop it
-            dirty = await sender.precopy()
-            await progress(phase="stop-and-copy")
-            paused_at = time.monotonic()
-            await domain.pause()
-            paused = True
-            final_dirty = await domain.dirty_log_fetch()
-            pfns = np.union1d(dirty, bitmap_to_pfns(final_dirty, domain.npages)).astype(np.uint64)
-            round_no = sender.result.iterations + 1
-            writer.mode = WriteMode.DEFER  # copy while paused, write once running again
-            await channel.send(Stop(round_no))
-            await sender.send_pfns(round_no, pfns)
-            blob = await domain.save_state()
-            await domain.resume()
-            paused = False
-            result.pause_ms = round((time.monotonic() - paused_at) * 1000, 3)
-            await domain.dirty_log_stop()
-            logging = False
-            writer.mode = WriteMode.DIRECT
-            await writer.flush()
-            result.iterations = round_no
-            await channel.send(VcpuState(cfg.driver, blob))
-            await progress(phase="digest")
-            value = await asyncio.to_thread(image_digest, fd, sender.locations)
-        else:
-            # Stop-and-copy only: the domain stays paused, memory is stable,
-            # so pages go from guest memory to the file without a copy and
-            # the memory digest is computed alongside.
-            paused_at = time.monotonic()
-            if was_running:
-                await domain.pause()
-                paused = True
-                await hooks.paused(domain)
-            mem_digest = asyncio.ensure_future(asyncio.to_thread(memory_digest, domain.memory(), DigestAlgo.BLAKE3))
-            try:
-                await progress(phase="stop-and-copy")
-                await channel.send(Stop(1))
-                await sender.send_pfns(1, np.arange(domain.npages, dtype=np.uint64))
-                blob = await domain.save_state()
-                await channel.send(VcpuState(cfg.driver, blob))
-            finally:
-                value = await mem_digest
-            result.iterations = 1
-        if transfer.verifies_memory:
-            await channel.send(Digest(DigestAlgo.BLAKE3, value))
-        await channel.send(Commit())
+        saving = Saving(
+            domain=domain, config=cfg, channel=channel, writer=writer, policy=policy, progress=progress,
+            hooks=hooks, checkpoint=checkpoint, was_running=was_running, sender=sender,
+        )  # fmt: skip
+        save = transfer.save(saving)
+        saved = await save.run()
+        result.iterations, result.pause_ms = saved.iterations, saved.pause_ms
         await progress(phase="sync")
         file_digest = await asyncio.to_thread(digest.finish)
         trailer = Trailer(stream_end=writer.offset, digest=file_digest)
@@ -285,20 +233,13 @@ async def save_domain(
         if fd >= 0:
             os.close(fd)
         tmp.unlink(missing_ok=True)
-        if streamed is not None:
-            try:
-                await streamed.undo()
-            except RelocdError as undo_exc:
-                log.error("save failed and the domain could not be resumed", domain=domain.name,
-                          error=undo_exc.message)  # fmt: skip
-        await _put_back(domain, paused=paused and was_running, logging=logging)
-        if paused and was_running and not checkpoint:
-            await hooks.resumed_here(domain)
+        if save is not None:
+            await save.undo()
         if isinstance(exc, OSError):
             raise io_error(str(final), "save to", exc) from None
         raise
     result.bytes_written = writer.offset
-    result.stream_bytes = streamed.stream_bytes if streamed is not None else 0
+    result.stream_bytes = saved.stream_bytes
     result.pages = sender.result.pages_sent
     result.zero_pages = sender.result.zero_pages
 
@@ -314,23 +255,12 @@ async def save_domain(
     # Committed: a cancel must not leave the domain and its savefile both live.
     await asyncio.shield(asyncio.ensure_future(conclude()))
     if not checkpoint:
-        result.pause_ms = round((time.monotonic() - paused_at) * 1000, 3)
+        result.pause_ms = round((time.monotonic() - saved.paused_at) * 1000, 3)
     result.status = "completed"
     result.total_ms = round((time.monotonic() - t0) * 1000, 3)
     log.info("domain saved", domain=domain.name, file=str(final), checkpoint=checkpoint,
              bytes=result.bytes_written, pause_ms=result.pause_ms)  # fmt: skip
     return result
-
-
-async def _put_back(domain: Domain, *, paused: bool, logging: bool) -> None:
-    """A save failed: the domain goes on as if it had never been asked."""
-    if logging:
-        try:
-            await domain.dirty_log_stop()
-        except RelocdError:
-            pass
-    if paused:
-        await domain.resume()
 
 
 # -- restore ---------------------------------------------------------------------

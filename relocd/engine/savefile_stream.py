@@ -9,8 +9,10 @@ where a page domain's carries pages, non-live as ``xm save``::
 
 The file header and the trailer digest are the same as for pages; there is
 no DIGEST record (the driver's stream carries its own checks, the trailer
-guards every byte).  Restoring feeds the STREAM chunks to the driver's
-``receive_stream`` through ``StreamTransfer.receive``, as a migration target does.
+guards every byte).  Saving writes these records through
+``StreamTransfer.save`` (``transfer_save.StreamSave``); restoring feeds the
+STREAM chunks to the driver's ``receive_stream`` through
+``StreamTransfer.receive``, as a migration target does.
 
 A foreign image (``ForeignImage``: a driver package recognised the file, e.g.
 an ``xl save`` image) is restored the same way: its driver's stream is a byte
@@ -29,18 +31,9 @@ from typing import Any
 
 from relocd.drivers import read_foreign_image
 from relocd.drivers.base import Domain, ForeignImage
-from relocd.engine.hooks import DomainHooks
-from relocd.engine.policy import PrecopyPolicy
-from relocd.engine.result import Progress
 from relocd.engine.savefile_format import MAGIC
 from relocd.engine.savefile_io import OpenFile, io_error, open_checked
-from relocd.engine.stream import RecordChannel
 from relocd.errors import DriverError, SaveFileError
-from relocd.protocol.records import (
-    Stop,
-    StreamChunk,
-    VcpuState,
-)
 
 #: bytes per chunk read from a foreign image
 FOREIGN_CHUNK = 1 << 20
@@ -51,58 +44,6 @@ def checkpoint_refusal(domain: Domain) -> SaveFileError:
         f"cannot checkpoint {domain.name}: save --checkpoint is not supported for {domain.config.driver} domains"
         " (their memory leaves only through the hypervisor's own save, which stops them); save without it"
     )
-
-
-class StreamSave:
-    """The records of a stream domain's save after CONFIG: STOP(1), the driver's stream, VCPU_STATE.
-
-    ``undo`` after a failure brings the domain back the driver's way (its
-    ``cancel_send``, as a migration's rollback does): a suspended stream
-    domain is not resumed by ``resume()``.
-    """
-
-    def __init__(self, domain: Domain, channel: RecordChannel, hooks: DomainHooks) -> None:
-        self.domain = domain
-        self.channel = channel
-        self.hooks = hooks
-        self.stream_bytes = 0
-        #: send_stream was entered: the driver may have suspended the domain
-        self.started = False
-        self._sink_error: Exception | None = None
-
-    async def run(self, policy: PrecopyPolicy, progress: Progress) -> None:
-        dom: Any = self.domain
-
-        async def sink(chunk: bytes) -> None:
-            try:
-                await self.channel.send(StreamChunk(chunk))
-            except Exception as exc:
-                self._sink_error = exc  # the cause; the driver reports only that its receiver failed
-                raise
-            self.stream_bytes += len(chunk)
-
-        async def on_round(decision: Any) -> None:
-            pass  # non-live: no precopy rounds to report
-
-        await progress(phase="stop-and-copy")
-        await self.channel.send(Stop(1))
-        self.started = True
-        try:
-            await dom.send_stream(False, policy, sink, on_round)
-        except Exception:
-            if self._sink_error is not None:
-                raise self._sink_error from None
-            raise
-        await self.hooks.paused(self.domain)
-        await self.channel.send(VcpuState(self.domain.config.driver, b""))
-
-    async def undo(self) -> None:
-        """The save failed: the domain runs again, as if never asked."""
-        if not self.started:
-            return
-        await self.domain.undo_send()  # idempotent, as for a migration's rollback
-        self.started = False
-        await self.hooks.resumed_here(self.domain)
 
 
 # -- foreign images (xl save) ----------------------------------------------------

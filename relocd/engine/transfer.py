@@ -3,7 +3,8 @@
 The driver seam declares the kind (``Domain.transfer``, ``Driver.transfer``:
 PAGES or STREAM); ``transfer_for`` maps it to the one object that moves the
 records between CONFIG and COMMIT, for a migration and for a savefile alike
-(a file is just another channel).  What differs between the kinds is said
+(a file is just another channel; what a save writes there, each kind's
+``save``, is in ``transfer_save``).  What differs between the kinds is said
 here once, as attributes and methods of these objects, so the code around
 them (source, target, savefile, recovery) never asks which kind it has:
 
@@ -35,6 +36,7 @@ from relocd.engine.pages import memory_digest
 from relocd.engine.reservation import ReservationTable
 from relocd.engine.result import Progress, RoundReport, no_progress
 from relocd.engine.stream import RecordChannel
+from relocd.engine.transfer_save import FileSave, PagedSave, Saving, StreamSave
 from relocd.errors import DriverError, ProtocolError
 from relocd.protocol.records import (
     Commit,
@@ -126,6 +128,10 @@ class Transfer:
         """From after CONFIG to COMMIT, into ``at``; the domain comes back paused."""
         raise NotImplementedError
 
+    def save(self, saving: Saving) -> FileSave:
+        """A save's records from after CONFIG to COMMIT: ``run()`` them, ``undo()`` on failure."""
+        raise NotImplementedError
+
     @staticmethod
     async def _round_ended(at: Landing, round_no: int, dirty: int) -> None:
         if at.faults is not None and round_no <= 2:
@@ -150,6 +156,9 @@ class PagedTransfer(Transfer):
             mig.journal.set_phase(mig.mid, Phase.STREAMING)
             await mig.precopy()
         await mig.stop_and_copy()
+
+    def save(self, saving: Saving) -> FileSave:
+        return PagedSave(saving)
 
     async def receive(self, channel: RecordChannel, at: Landing) -> Received:
         domain = at.domain
@@ -254,6 +263,9 @@ class StreamTransfer(Transfer):
         mig.committed = True
         await mig.send(Commit())
         result.mark("committed")
+
+    def save(self, saving: Saving) -> FileSave:
+        return StreamSave(saving)
 
     async def receive(self, channel: RecordChannel, at: Landing) -> Received:
         config = at.config

@@ -18,8 +18,10 @@ from relocd.engine.pages import pfns_to_bitmap
 from relocd.engine.policy import XendPolicy
 from relocd.engine.reservation import ReservationTable
 from relocd.engine.savefile import inspect_savefile, restore_savefile, save_domain
+from relocd.engine.savefile_io import OpenSavefile
 from relocd.engine.target import TargetContext
 from relocd.errors import RelocdError, SaveFileError
+from relocd.protocol.records import Commit, EndRound, PagesHeader, Stop
 from relocd.units import PAGE_SIZE
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "savefile.md"
@@ -380,6 +382,69 @@ async def test_save_into_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(SaveFileError, match="no directory"):
         await save_domain(dom, tmp_path / "nope" / "x.save", checkpoint=False, policy=XendPolicy())
     assert dom.state == DomainState.RUNNING
+
+
+async def record_kinds(path: Path) -> list[str]:
+    """The records of a savefile from CONFIG to COMMIT, by type (with their round), repeats folded."""
+    out: list[str] = []
+    with OpenSavefile.open(str(path)) as opened:
+        channel = opened.channel()
+        while not out or out[-1] != "Commit":
+            record = await channel.recv()
+            if isinstance(record, PagesHeader):
+                await channel.skip_pages(record)
+            name = type(record).__name__
+            if isinstance(record, PagesHeader | EndRound | Stop):
+                name += f"({record.round})"
+            if not out or out[-1] != name:
+                out.append(name)
+            if isinstance(record, Commit):
+                break
+    return out
+
+
+async def test_each_kind_of_page_save_writes_its_records_in_order(tmp_path: Path) -> None:
+    """The page transfer's save (transfer_save.PagedSave): live checkpoint, or stop-and-copy."""
+    dom = make_domain(8, writes_per_fetch=40)
+    result = await save_domain(dom, tmp_path / "cp.save", checkpoint=True, policy=XendPolicy(max_iterations=4))
+    last = result.iterations
+    assert last >= 2
+    rounds = [f"{kind}({n})" for n in range(1, last) for kind in ("PagesHeader", "EndRound")]
+    assert await record_kinds(tmp_path / "cp.save") == [
+        "Config", *rounds, f"Stop({last})", f"PagesHeader({last})", "VcpuState", "Digest", "Commit",
+    ]  # fmt: skip
+    stop_and_copy = ["Config", "Stop(1)", "PagesHeader(1)", "VcpuState", "Digest", "Commit"]
+    paused = make_domain(4)
+    paused._state = DomainState.PAUSED
+    result = await save_domain(paused, tmp_path / "paused-cp.save", checkpoint=True, policy=XendPolicy())
+    assert result.iterations == 1 and result.pause_ms == 0.0 and paused.pauses == 0 and not paused.destroyed
+    assert await record_kinds(tmp_path / "paused-cp.save") == stop_and_copy
+    result = await save_domain(make_domain(4), tmp_path / "plain.save", checkpoint=False, policy=XendPolicy())
+    assert result.iterations == 1
+    assert await record_kinds(tmp_path / "plain.save") == stop_and_copy
+
+
+@pytest.mark.parametrize("writes", [4, 7], ids=["during-precopy", "while-paused"])
+async def test_failed_checkpoint_puts_the_domain_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writes: int
+) -> None:
+    """A checkpoint's undo: no file, the dirty log off, the domain running (paused at most once)."""
+    dom = make_domain(8, writes_per_fetch=40)
+    real = os.writev
+    calls = {"n": 0}
+
+    def failing(fd: int, bufs: Any) -> int:
+        calls["n"] += 1
+        if calls["n"] > writes:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, bufs)
+
+    monkeypatch.setattr(os, "writev", failing)
+    with pytest.raises(SaveFileError, match="No space left on device"):
+        await save_domain(dom, tmp_path / "cp.save", checkpoint=True, policy=XendPolicy(max_iterations=4))
+    assert listing(tmp_path) == []
+    assert dom.state == DomainState.RUNNING and not dom.logging and not dom.destroyed
+    assert dom.pauses == (0 if writes == 4 else 1)
 
 
 def test_sha256_files_are_still_read(tmp_path: Path) -> None:
