@@ -204,9 +204,13 @@ def cmd_abort(ns: argparse.Namespace) -> int:
     aborted = [str(n) for n in field(result, "aborted", [])]
     refused = field(result, "refused", {})
     refused = refused if isinstance(refused, dict) else {}
+    results = field(result, "results", {})
+    results = results if isinstance(results, dict) else {}
     if not ns.json:
         for name in aborted:
-            print(f"Aborting the migration of {name}: it stays on this host")
+            done = results.get(name)
+            kind = "save" if isinstance(done, dict) and "file" in done else "migration"
+            print(f"Aborted the {kind} of {name}: it stays on this host")
         if not aborted and not refused:
             print("Nothing to abort")
     if refused:

@@ -88,6 +88,9 @@ class FakeOps:
             self.abort_requested.set()
             if args.get("all"):
                 return {"aborted": ["web1"], "refused": {"db": "past GO: the target runs it"}}
+            if args["name"] == "saving":
+                return {"aborted": ["saving"], "refused": {},
+                        "results": {"saving": {"domain": "saving", "file": "/x.sav"}}}
             return {"aborted": [args["name"]], "refused": {}}
 
         async def job(args: dict[str, Any], sink: ProgressSink) -> Any:
@@ -149,8 +152,10 @@ async def relocd(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, s
 async def test_abort_one(ops: FakeOps, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = await relocd(capsys, "abort", "web1")
     assert (code, err) == (0, "")
-    assert out == "Aborting the migration of web1: it stays on this host\n"
+    assert out == "Aborted the migration of web1: it stays on this host\n"
     assert ops.args_of("abort") == [{"name": "web1"}]
+    code, out, _ = await relocd(capsys, "abort", "saving")
+    assert (code, out) == (0, "Aborted the save of saving: it stays on this host\n")
 
 
 async def test_abort_all_with_a_refusal_exits_1(ops: FakeOps, capsys: pytest.CaptureFixture[str]) -> None:
