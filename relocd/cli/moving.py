@@ -263,7 +263,7 @@ def cmd_history(ns: argparse.Namespace) -> int:
 
 def cmd_evacuate(ns: argparse.Namespace) -> int:
     args: dict[str, Any] = {"hosts": list(ns.hosts), "parallel": ns.parallel,
-                            "live": bool(ns.live), "ssl": bool(ns.ssl)}
+                            "live": bool(ns.live), "ssl": ns.ssl}
     if ns.port is not None:
         args["port"] = ns.port
     try:

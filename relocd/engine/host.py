@@ -114,8 +114,9 @@ class Host:
         target's copy is ``NAME--incoming`` until GO and ``NAME`` once it
         resumes (RESUMING on); a source's is ``NAME`` until it renames it
         ``NAME--migratedaway`` just before GO_SENT.  A renamed copy at
-        PREPARED (a journal from before RESUMING existed) counts only where
-        the hypervisor is not shared, where nothing else can carry the uuid.
+        PREPARED (a journal from before RESUMING existed) or at ABORTED (a
+        resume that failed, its copy not yet destroyed) counts only where the
+        hypervisor is not shared, where nothing else can carry the uuid.
         """
         name = entry.domain
         if entry.role == SOURCE:
@@ -130,7 +131,7 @@ class Host:
         for dom in sorted(found, key=lambda d: not d.name.endswith(INCOMING_SUFFIX)):
             if dom.name in allowed:
                 return dom
-            if entry.role != SOURCE and entry.phase == Phase.PREPARED and dom.name == name:
+            if entry.role != SOURCE and entry.phase in (Phase.PREPARED, Phase.ABORTED) and dom.name == name:
                 driver = self.drivers.get(dom.config.driver)
                 if driver is not None and not driver.shared_hypervisor:
                     return dom

@@ -13,6 +13,7 @@ import contextlib
 import time
 import uuid as uuidlib
 from collections.abc import Callable
+from typing import TypeVar
 
 import structlog
 
@@ -39,6 +40,7 @@ from relocd.errors import (
     ReservationRefused,
 )
 from relocd.protocol.records import (
+    Record,
     Abort,
     Config,
     DigestAlgo,
@@ -116,6 +118,8 @@ class TargetSession:
             self.channel.read_timeout = self.idle_timeout
             self.mid = str(uuidlib.UUID(bytes=hello.migration_id))
             self.log = self.log.bind(migration_id=self.mid)
+            # every line this session causes (drivers, hooks) carries the id too
+            structlog.contextvars.bind_contextvars(migration_id=self.mid)
             if hello.role == Role.QUERY:
                 await self._answer_query()
             else:
@@ -133,6 +137,9 @@ class TargetSession:
             raise
         except (RelocdError, OSError) as exc:
             await self._fail(exc)
+        except Exception as exc:  # a bug: still clean up what this session built
+            self.log.exception("incoming session failed on a bug")
+            await self._fail(RelocdError(f"internal error: {type(exc).__name__}: {exc}", reason=Reason.INTERNAL))
         finally:
             if self.ctx.sessions.get(self.mid) is self:
                 del self.ctx.sessions[self.mid]
@@ -157,12 +164,10 @@ class TargetSession:
             raise MigrationAborted(
                 f"migration id {self.mid} is already known here", reason=Reason.PROTOCOL
             )
-        record = await ch.recv()
-        assert isinstance(record, Reserve)
+        record = expect(await ch.recv(), Reserve)
         await self._reserve(record)
         await fault_point("target", "reserve")
-        config_rec = await ch.recv()
-        assert isinstance(config_rec, Config)
+        config_rec = expect(await ch.recv(), Config)
         assert self.request is not None
         driver = self.ctx.drivers[self.request.driver]
         transfer = transfer_for(driver)
@@ -384,8 +389,7 @@ class TargetSession:
 
     async def _answer_query(self) -> None:
         ch = self.channel
-        query = await ch.recv()
-        assert isinstance(query, Query)
+        query = expect(await ch.recv(), Query)
         mid = str(uuidlib.UUID(bytes=query.migration_id))
         self.mid = mid
         self.log = self.log.bind(migration_id=mid)
@@ -501,6 +505,23 @@ def expire_reservations(ctx: TargetContext) -> int:
     return len(gone)
 
 
+_R = TypeVar("_R", bound=Record)
+
+
+def expect(record: object, kind: type[_R]) -> _R:
+    """The record the conversation is at, or why not: an ABORT from the source ends it as such.
+
+    The state machine lets only ``kind`` or ABORT through here, so anything
+    else is a bug in the table, said as a protocol error (never an assert,
+    which ``python -O`` drops).
+    """
+    if isinstance(record, kind):
+        return record
+    if isinstance(record, Abort):
+        raise MigrationAborted(f"source aborted: {record.message}", reason=record.reason)
+    raise ProtocolError(f"{type(record).__name__} where {kind.__name__} was due")
+
+
 def release_incoming(ctx: TargetContext, mid: str) -> None:
     """The migration has settled here: forget its copy and free its room."""
     ctx.in_doubt.pop(mid, None)
@@ -517,6 +538,10 @@ async def finish_resume(
     release: Callable[[str], None],
 ) -> Resumed:
     """RESUMING is on disk: make ``domain`` the running copy, then journal RESUMED.
+
+    If the resume fails, ABORTED is journaled *before* the copy is destroyed,
+    so a crash in between leaves an ABORTED entry whose copy recovery
+    destroys, not a STARTING one without a copy (which needs an operator).
 
     Also what a restarted target does with a migration it finds at RESUMING
     (the rename and the resume may or may not have happened): each step is
@@ -537,10 +562,10 @@ async def finish_resume(
     except RelocdError as exc:
         # Could not resume: destroy ours so the source may resume its own.
         lg.error("resume failed after GO", error=exc.message)
+        ctx.journal.set_phase(mid, Phase.ABORTED)  # it never ran: the source's copy is the one
         await domain.destroy()
         await ctx.hooks.destroyed(domain)
         release(mid)
-        ctx.journal.set_phase(mid, Phase.ABORTED)
         ctx.journal.finish(mid, "failed", exc.message)
         return Resumed(False, {"error": exc.message})
     ctx.journal.set_phase(mid, Phase.RESUMED)

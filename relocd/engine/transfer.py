@@ -37,8 +37,9 @@ from relocd.engine.reservation import ReservationTable
 from relocd.engine.result import Progress, RoundReport, no_progress
 from relocd.engine.stream import RecordChannel
 from relocd.engine.transfer_save import FileSave, PagedSave, Saving, StreamSave
-from relocd.errors import DriverError, ProtocolError
+from relocd.errors import DriverError, MigrationAborted, ProtocolError
 from relocd.protocol.records import (
+    Abort,
     Commit,
     Digest,
     DigestAlgo,
@@ -197,6 +198,8 @@ class PagedTransfer(Transfer):
             elif isinstance(record, Commit):
                 at.reservations.pin(at.reservation_id)
                 break
+            elif isinstance(record, Abort):
+                raise MigrationAborted(f"source aborted: {record.message}", reason=record.reason)
             else:  # the state machine lets nothing else through
                 raise ProtocolError(f"unexpected record {type(record).__name__}")
         if state is None:
@@ -293,6 +296,8 @@ class StreamTransfer(Transfer):
                     # The sender waits on us from here: the build is no quiet source.
                     at.reservations.pin(at.reservation_id)
                     break
+                elif isinstance(record, Abort):
+                    raise MigrationAborted(f"source aborted: {record.message}", reason=record.reason)
                 else:
                     what = "PAGES" if isinstance(record, PagesHeader) else type(record).__name__
                     raise ProtocolError(f"{what} where a {config.driver} domain's stream was due")

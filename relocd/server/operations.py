@@ -210,7 +210,8 @@ class Operations:
             await dom.destroy()
             raise
         log.info("domain created", domain=name, memory_mib=config.memory_mib, driver=driver_name)
-        return {"name": dom.name, "uuid": dom.config.uuid, "state": dom.state.value}
+        return {"name": dom.name, "uuid": dom.config.uuid, "state": dom.state.value, "driver": driver_name,
+                "memory_mib": config.memory_mib, "vcpus": config.vcpus}  # fmt: skip
 
     def claim_domain(self, name: str, op: str, *, moving: bool = False) -> tuple[Domain, Claim]:
         return self.host.claim(name, op, moving=moving)
@@ -260,7 +261,9 @@ class Operations:
         s = self.settings
         name = arg(args, "name", str)
         host = arg(args, "host", str)
-        use_tls = bool(arg(args, "ssl", bool, False)) or s.relocation_ssl
+        # ssl: true (--ssl), false (--no-ssl) or absent (the config's xend-relocation-ssl)
+        ssl_arg = arg(args, "ssl", bool, None)
+        use_tls = s.relocation_ssl if ssl_arg is None else bool(ssl_arg)
         port = arg(args, "port", int, s.relocation_ssl_port if use_tls else s.relocation_port)
         live = bool(arg(args, "live", bool, False))
         verify = bool(arg(args, "verify", bool, False))
@@ -368,7 +371,7 @@ class Operations:
             raise
         finally:
             structlog.contextvars.unbind_contextvars("migration_id")
-        log.info("migration finished", domain=name, status=result.status, error=result.error)
+        log.info("migration finished", domain=name, status=result.status, error=result.error, migration_id=mid)
         job.finish(result.to_json())
         return result.to_json()
 

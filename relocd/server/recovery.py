@@ -219,7 +219,7 @@ async def _recover_target(ctx: Host, entry: JournalEntry, dom: Domain | None, lg
         ctx.in_doubt[mid] = dom
         lg.warning("prepared incoming domain kept paused until its source decides")
         return
-    if dom is not None and dom.name.endswith(INCOMING_SUFFIX):
+    if dom is not None:  # ours (migration_copy never returns the source's): it never ran
         await dom.destroy()
         lg.info("half-received domain destroyed after restart")
     why = "prepared copy gone at restart" if entry.phase == Phase.PREPARED else "daemon restarted while receiving"

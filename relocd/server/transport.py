@@ -211,8 +211,10 @@ async def connect(host: str, port: int, timeout: float) -> SocketTransport:
     try:
         async with asyncio.timeout(timeout):
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, TimeoutError) as exc:
-        raise PeerGone(f"cannot resolve {host}: {exc}") from None
+    except TimeoutError:
+        raise PeerGone(f"cannot resolve {host}: timed out after {timeout:g} s") from None
+    except OSError as exc:  # socket.gaierror: its strerror is the system's own words
+        raise PeerGone(f"cannot resolve {host}: {_system_words(exc)}") from None
     last: Exception | None = None
     for family, type_, proto, _, addr in infos:
         sock = socket.socket(family, type_, proto)
@@ -224,5 +226,15 @@ async def connect(host: str, port: int, timeout: float) -> SocketTransport:
         except (OSError, TimeoutError) as exc:
             sock.close()
             last = exc
-    reason = "timed out" if isinstance(last, TimeoutError) else (getattr(last, "strerror", None) or str(last))
+    reason = "timed out" if isinstance(last, TimeoutError) else _system_words(last)
     raise PeerGone(f"cannot connect to {host} port {port}: {reason}")
+
+
+def _system_words(exc: BaseException | None) -> str:
+    """'connection refused', 'name or service not known': the system's text, never a Python tuple."""
+    if isinstance(exc, OSError):
+        if exc.strerror:
+            return exc.strerror.lower() if exc.strerror[:1].isupper() else exc.strerror
+        if exc.errno:
+            return os.strerror(exc.errno).lower()
+    return str(exc) if exc is not None else "no address to try"

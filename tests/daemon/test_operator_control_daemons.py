@@ -193,3 +193,56 @@ async def test_settle_of_a_finished_migration_is_refused(pair: tuple[DaemonProc,
     assert result["status"] == "completed"
     with pytest.raises(RelocdError, match="not in doubt"):
         await a.call("settle", migration_id=result["migration_id"], action="drop-here")
+
+
+@pytest.mark.parametrize("phase", ["hello", "reserve", "config", "precopy-1", "stop-and-copy", "prepared"])
+async def test_abort_at_every_phase_before_go_leaves_nothing(tmp_path: Any, daemons: list[DaemonProc], phase: str) -> None:
+    """The source held at each phase before GO (RELOCD_FAULT stall): abort, and neither host keeps anything."""
+    a = DaemonProc(tmp_path, "hostA", "127.0.0.1", env={"RELOCD_FAULT": f"source:{phase}:stall"})
+    b = DaemonProc(tmp_path, "hostB", "127.0.0.2")
+    daemons.extend([a, b])
+    a.start()
+    b.start()
+    await a.call("create", name="web", memory=32, workload="hotset:size=4MiB,rate=10MB/s")
+    events: list[dict[str, Any]] = []
+    migrating = asyncio.ensure_future(
+        call(a.control, "migrate", {"name": "web", "host": b.address, "port": b.port, "live": True}, events.append)
+    )
+
+    async def there() -> bool:
+        """Has the source reached the phase it stalls at (so the abort lands there, not earlier)?"""
+        status = await b.call("status")
+        if phase == "hello":
+            return True
+        if phase in ("reserve", "config"):
+            return bool(status["reservations"] == 1)
+        if phase == "precopy-1":
+            return any(e.get("round") == 1 and e.get("percent") == 100.0 for e in events)
+        if phase == "stop-and-copy":
+            return any(e.get("phase") == "stop-and-copy" for e in events)
+        return bool(status["in_doubt_incoming"] == 1)  # prepared
+
+    for _ in range(600):
+        if await there():
+            break
+        await asyncio.sleep(0.05)
+    assert await there(), f"the source never reached {phase}: {events[-3:]}"
+    answer = await a.call("abort", name="web")
+    assert answer["aborted"] == ["web"], answer
+    result = await asyncio.wait_for(migrating, 30)
+    assert result["status"] == "cancelled", result
+    assert await names(a) == [("web", "running")]
+    assert (await a.call("check", name="web"))["ok"]
+    for _ in range(200):
+        status = await b.call("status")
+        if await names(b) == [] and status["reservations"] == 0 and status["in_doubt"] == 0 and status["incoming"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert await names(b) == [], await names(b)
+    status = await b.call("status")
+    assert status["reservations"] == 0 and status["in_doubt"] == 0 and status["incoming"] == 0, status
+    for _ in range(200):  # a prepared copy's follow-up (ABORT on a new connection) has confirmed
+        if (await a.call("status"))["in_doubt"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert (await a.call("status"))["in_doubt"] == 0

@@ -377,12 +377,6 @@ def lines_of_migration(lines: list[dict[str, Any]], opened: Callable[[dict[str, 
     return lines[start + 1 :]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the source's last line ('migration finished', relocd/server/operations.py) is logged after "
-    "unbind_contextvars; the target's driver lines ('created sim domain ...--incoming') lack it because "
-    "TargetSession binds migration_id in self.log only, not in contextvars (relocd/engine/target.py)",
-)
 async def test_every_line_of_a_migration_carries_its_id(pair: tuple[DaemonProc, DaemonProc]) -> None:
     a, b = pair
     await a.call("create", name="web1", memory=64, workload="hotset:size=16MiB,rate=20MB/s")
