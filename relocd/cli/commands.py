@@ -37,6 +37,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
          else Path(env_control) if env_control else None),
         ("state_dir", Path(ns.state_dir) if ns.state_dir else None),
         ("log_format", ns.log_format),
+        ("log_level", ns.log_level),
     ):
         if value is not None:
             overrides[key] = value

@@ -219,6 +219,18 @@ def cmd_abort(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_settle(ns: argparse.Namespace) -> int:
+    args: dict[str, Any] = {"migration_id": ns.migration_id, "action": ns.action, "force": bool(ns.force)}
+    result = common.ask(ns, "settle", args)
+    if ns.json:
+        print_json(result)
+    else:
+        kept = "runs here" if ns.action == "keep-here" else "was dropped here"
+        print(f"Settled migration {field(result, 'migration_id', ns.migration_id)}: "
+              f"{field(result, 'domain', '?')} {kept}")
+    return EXIT_OK
+
+
 def cmd_migrate_set(ns: argparse.Namespace) -> int:
     if ns.downtime_ms is None and ns.max_bandwidth is None:
         raise UsageError("migrate-set: give --downtime-ms and/or --max-bandwidth")

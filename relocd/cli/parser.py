@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="domain records and journal (default: the config's relocd-state-dir)")
     p.add_argument("--log-format", choices=("auto", "json", "console"),
                    help="log lines as JSON or for a console (default: the config's, auto)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   help="least important lines logged (default: the config's relocd-log-level, info)")
 
     p = command("check-config", checkconfig.cmd_check_config,
                 "check a config file as serve would, reporting every error and warning",
@@ -201,6 +203,22 @@ def build_parser() -> argparse.ArgumentParser:
                             "refused.")
     _domain(p, nargs="?", help="domain whose migration to cancel")
     p.add_argument("--all", action="store_true", help="every outgoing migration and save")
+
+    p = command("settle", moving.cmd_settle, "end an in-doubt migration by hand when its peer cannot",
+                "relocd settle 5d1e0f6e-9c1a-4c57-9a53-3c2c7d4d8b10 --keep-here", control, as_json,
+                description="For a migration left in doubt because its peer is gone for good, or "
+                            "because the target lost a copy that may have run (docs/faults.md): keep "
+                            "this host's copy (it runs here) or drop it. Refused while the peer "
+                            "answers and can settle it itself.")
+    p.add_argument("migration_id", metavar="MIGRATION_ID",
+                   help="the migration's id (relocd status' logs and every progress event show it)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--keep-here", dest="action", action="store_const", const="keep-here",
+                     help="this host's copy becomes the domain")
+    how.add_argument("--drop-here", dest="action", action="store_const", const="drop-here",
+                     help="this host's copy is destroyed; the peer's is the domain")
+    p.add_argument("--force", action="store_true",
+                   help="also when the target answers RECEIVING (it lost a copy that may have run)")
 
     p = command("migrate-set", moving.cmd_migrate_set,
                 "change a running migration's downtime target or bandwidth cap",

@@ -8,6 +8,8 @@ before it acts, so nothing depends on a sleep being long enough.
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 from typing import Any
 
 import pytest
@@ -173,7 +175,13 @@ async def test_settle_by_hand_when_the_target_is_gone_for_good(tmp_path: Any, da
     mid = next(e["migration_id"] for e in events if e.get("migration_id"))
     status = await a.call("status")
     assert status["in_doubt_outgoing"] == 1
-    answer = await a.call("settle", migration_id=mid, action="keep-here")
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relocd", "settle", mid, "--keep-here", "--control", str(a.control), "--json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await cli.communicate()
+    assert cli.returncode == 0, err.decode()
+    answer = json.loads(out)
     assert answer["action"] == "keep-here" and answer["role"] == "source"
     result = await asyncio.wait_for(migrating, 10)
     assert result["status"] == "failed" and "settled by the operator" in result["error"]
