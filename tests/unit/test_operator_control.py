@@ -216,52 +216,29 @@ async def test_progress_inside_a_round(hosts: tuple[Host, Host]) -> None:
 def test_meter_never_runs_backwards() -> None:
     now = [0.0]
     meter = RoundMeter(1, 100, 0, clock=lambda: now[0])
+    meter.add(10, 10 * PAGE_SIZE)  # the first batch leaves at once (a burst): no rate from it
+    assert meter.event()["eta_s"] is None
     now[0] = 1.0
-    meter.add(50, 50 * PAGE_SIZE)
+    meter.add(40, 40 * PAGE_SIZE)  # 40 pages/s since the first batch
     first = meter.event()
-    assert first["percent"] == 50.0 and first["eta_s"] == 1.0
+    assert first["percent"] == 50.0 and first["eta_s"] == 1.25 and first["bandwidth"] == 40 * PAGE_SIZE
     now[0] = 10.0  # a slow stretch: the rate estimate drops, the ETA must not grow
     meter.add(10, 10 * PAGE_SIZE)
     second = meter.event()
-    assert second["percent"] == 60.0 and second["eta_s"] == 1.0
+    assert second["percent"] == 60.0 and second["eta_s"] == 1.25
     assert second["bytes_remaining"] == 40 * PAGE_SIZE and second["bytes_total"] == 100 * PAGE_SIZE
     assert not meter.due()
     now[0] = 10.3
     assert meter.due()
 
 
-async def test_a_rename_that_fails_before_go_rolls_back(hosts: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The handoff's first step (rename to --migratedaway) fails: GO never goes out, so the
-    domain runs on here and the target drops its prepared copy (it stayed paused before)."""
-    a, b = hosts
-    dom = await a.driver.create(DomainConfig(name="vm", memory_mib=8))
-    real_rename = dom.rename
-
-    async def failing_rename(new_name: str) -> None:
-        if new_name.endswith("--migratedaway"):
-            raise DriverError("rename refused (test)")
-        await real_rename(new_name)
-
-    monkeypatch.setattr(dom, "rename", failing_rename)
-    mig, src, task, session = start(a, b, "vm", SendOptions(live=False, verify=False, policy=XendPolicy()), hold=Go)
-    result = await asyncio.wait_for(task, 20)
-    await asyncio.wait_for(session, 10)
-    assert result.status == "rolled-back" and "rename refused" in (result.error or "")
-    assert [(d.name, d.state) for d in a.driver.domains()] == [("vm", DomainState.RUNNING)]
-    assert b.driver.domains() == [] and b.ctx.reservations.all() == []
-
-
-async def test_the_downtime_is_broken_down(hosts: tuple[Host, Host]) -> None:
-    """downtime_breakdown_ms names where the pause went, and its parts add up to the downtime."""
-    a, b = hosts
-    await a.driver.create(DomainConfig(name="vm", memory_mib=16, workload="hotset:size=1MiB,rate=10MB/s"))
-    mig, src, task, session = start(a, b, "vm", SendOptions(live=True, verify=False, policy=DowntimePolicy(50)),
-                                    hold=Go)  # fmt: skip
-    await asyncio.wait_for(src.reached.wait(), 20)
-    src.release.set()
-    result = await asyncio.wait_for(task, 20)
-    await asyncio.wait_for(session, 10)
-    parts = result.downtime_breakdown_ms
-    assert list(parts) == ["pause", "last_pages", "vcpu_state", "commit", "prepare", "go", "go_round_trip", "resume", "announce"]
-    assert all(v >= 0 for v in parts.values())
-    assert sum(parts.values()) == pytest.approx(result.downtime_ms, abs=2.0)
+def test_meter_is_not_fooled_by_a_first_burst() -> None:
+    """Under a bandwidth cap the first batch goes at once, then 1 batch a second: the ETA says so."""
+    now = [0.0]
+    meter = RoundMeter(1, 1000, 0, clock=lambda: now[0])
+    meter.add(100, 100 * PAGE_SIZE)  # burst
+    for _ in range(4):
+        now[0] += 1.0
+        meter.add(100, 100 * PAGE_SIZE)
+    event = meter.event()
+    assert event["eta_s"] == 5.0  # 500 pages left at 100 pages/s (not ~0, as the burst would say)
