@@ -233,8 +233,11 @@ async def connect(host: str, port: int, timeout: float) -> SocketTransport:
 def _system_words(exc: BaseException | None) -> str:
     """'connection refused', 'name or service not known': the system's text, never a Python tuple."""
     if isinstance(exc, OSError):
-        if exc.strerror:
-            return exc.strerror.lower() if exc.strerror[:1].isupper() else exc.strerror
-        if exc.errno:
+        # asyncio's sock_connect sets strerror to "Connect call failed (ADDR)":
+        # the errno's own text is what the system says.  A gaierror's errno is
+        # an EAI_* code, and its strerror is the resolver's own words.
+        if exc.errno and exc.errno > 0 and not isinstance(exc, socket.gaierror):
             return os.strerror(exc.errno).lower()
+        if exc.strerror:
+            return exc.strerror[:1].lower() + exc.strerror[1:]
     return str(exc) if exc is not None else "no address to try"
