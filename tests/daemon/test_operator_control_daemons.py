@@ -254,3 +254,28 @@ async def test_abort_at_every_phase_before_go_leaves_nothing(tmp_path: Any, daem
             break
         await asyncio.sleep(0.05)
     assert (await a.call("status"))["in_doubt"] == 0
+
+
+async def test_relocd_suspend_migrate_mode_moves_first_and_saves_the_rest(
+    tmp_path: Any, pair: tuple[DaemonProc, DaemonProc]
+) -> None:
+    """systemd/relocd-suspend save with RELOCD_MIGRATE_TO: what can move moves, the rest is saved."""
+    import os
+    from pathlib import Path
+
+    a, b = pair
+    await a.call("create", name="web", memory=32)
+    await a.call("create", name="db", memory=32)
+    await b.call("create", name="db", memory=32)  # B refuses this one: a name clash
+    script = Path(__file__).resolve().parents[2] / "systemd" / "relocd-suspend"
+    suspend_dir = tmp_path / "suspend"
+    env = dict(os.environ, RELOCD=str(Path(sys.executable).with_name("relocd")), RELOCD_CONTROL=str(a.control),
+               RELOCD_MIGRATE_TO=f"{b.address}:{b.port}")  # fmt: skip
+    proc = await asyncio.create_subprocess_exec("sh", str(script), "save", str(suspend_dir), env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, (out.decode(), err.decode())
+    assert "not every domain could move" in err.decode()
+    assert sorted(p.name for p in suspend_dir.glob("*.save")) == ["db.save"]
+    assert await names(a) == []
+    assert dict(await names(b)) == {"db": "running", "web": "running"}
