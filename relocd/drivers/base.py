@@ -239,7 +239,12 @@ class Domain(abc.ABC):
 
     @abc.abstractmethod
     async def load_state(self, blob: bytes) -> None:
-        """Load state saved by ``save_state`` (same driver) into a paused, not yet started domain."""
+        """Load state saved by ``save_state`` (same driver) into a paused, not yet started domain.
+
+        Process-based drivers first wait for guest memory populated in the
+        background (``create(start=False)``) and raise DriverError if some of
+        it could not be had: before the target says PREPARED.
+        """
 
     async def configure(self, config: DomainConfig) -> None:
         """Adopt the full config of a domain built with ``start=False`` before it runs.
@@ -318,6 +323,10 @@ class Driver(abc.ABC):
         ``start=True`` boots it (the guest initialises its memory and runs its
         workload).  ``start=False`` builds it paused with empty (zero) memory,
         waiting for pages and ``load_state`` (incoming migration, restore).
+        It returns without populating that memory (a target's reservation must
+        not grow with the guest's size): a driver may populate it in the
+        background while pages stream in, and ``load_state`` fails
+        (DriverError) if the memory turns out not to be there.
         """
 
     @abc.abstractmethod

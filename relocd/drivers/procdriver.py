@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
@@ -36,6 +37,7 @@ from pydantic import ValidationError
 import relocd
 from relocd.drivers import domproc
 from relocd.drivers.base import DirtyBitmap, Domain, DomainConfig, DomainState, Driver
+from relocd.drivers.populate import Populator
 from relocd.drivers.workload import parse_workload
 from relocd.errors import ConfigError, DomainExists, DriverError
 
@@ -69,6 +71,8 @@ class ProcessDomain(Domain):
         self._popen = popen
         self._run_lock = asyncio.Lock()
         self.destroyed = False
+        #: populates an incoming domain's memory in the background (see populate.py); None once settled
+        self._populator: Populator | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} {self.config.uuid} pid={self.pid}>"
@@ -80,6 +84,36 @@ class ProcessDomain(Domain):
 
     def memory(self) -> memoryview:
         return memoryview(self._attached(self._memory))
+
+    def _settle_memory(self) -> None:
+        """Every page of guest memory exists now, or DriverError (in a worker thread)."""
+        populator = self._populator
+        if populator is None:
+            return
+        populator.finish(f"memory of domain {self.name}")
+        self._populator = None
+        spent = (populator.done_at or time.monotonic()) - populator.started_at
+        self._driver._log.debug(
+            "domain %s: memory populated in the background (%d chunks, %d reached by the stream first, %.3f s)",
+            self.name, populator.populated, populator.skipped, spent,
+        )  # fmt: skip
+
+    async def memory_set_aside(self) -> None:
+        """Wait until guest memory is really there (an incoming domain's is populated in the background).
+
+        Called before the vCPU state loads, so a target that cannot have the
+        memory it reserved fails before it says PREPARED.
+        """
+        if self._populator is not None:
+            await asyncio.to_thread(self._settle_memory)
+
+    async def load_state(self, blob: bytes) -> None:
+        await self.memory_set_aside()
+        await self._load_state(blob)
+
+    @abc.abstractmethod
+    async def _load_state(self, blob: bytes) -> None:
+        """Hand the vCPU state to the domain process (guest memory is all there by now)."""
 
     # ---------------------------------------------------------------- control
 
@@ -157,6 +191,9 @@ class ProcessDomain(Domain):
 
     def detach(self) -> None:
         """Drop the connection and mappings; the domain process keeps running."""
+        if self._populator is not None:
+            self._populator.stop()  # it holds guest memory mapped
+            self._populator = None
         self._client.close()
         for area in (self._memory, self._shared):
             if area is not None and not area.closed:
@@ -326,11 +363,7 @@ class ProcessDriver(Driver, Generic[D]):
             shared_size = self._shared_bytes(config.npages)
             if os.fstat(memory_fd).st_size != config.memory_bytes or os.fstat(shared_fd).st_size != shared_size:
                 raise DriverError(f"{noun} for {config.uuid} shared memory of the wrong size")
-            # An incoming domain's memory is about to be written end to end:
-            # map every page now (the reservation) rather than fault them in
-            # one by one inside the receive path.
-            flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
-            memory = mmap.mmap(memory_fd, config.memory_bytes, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+            memory = mmap.mmap(memory_fd, config.memory_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             shared = mmap.mmap(shared_fd, shared_size, mmap.MAP_SHARED, mmap.PROT_READ)
         except BaseException:
             client.close()
@@ -338,7 +371,22 @@ class ProcessDriver(Driver, Generic[D]):
         finally:
             for fd in fds:
                 os.close(fd)
-        return self._domain(config, ProcessLink(client, reply, memory, shared), popen)
+        populator = None
+        if populate:
+            # An incoming domain's memory is about to be written end to end:
+            # populate it in the background, ahead of the receive, instead of
+            # here (serially, inside the reservation: seconds per GiB on some
+            # hosts).  load_state waits for it (populate.py).
+            populator = Populator(memory, name=f"populate-{config.uuid[:8]}").start()
+        try:
+            domain = self._domain(config, ProcessLink(client, reply, memory, shared), popen)
+        except BaseException:
+            if populator is not None:
+                populator.stop()
+            client.close()
+            raise
+        domain._populator = populator
+        return domain
 
     def _discover(self) -> None:
         """Reattach to every domain process still running; clean up after the dead ones."""

@@ -61,9 +61,12 @@ class DomainArgs:
 def memfd(name: str, size: int, *, allocate: bool) -> tuple[int, mmap.mmap]:
     """A memfd of ``size`` bytes and a shared read-write mapping of it.
 
-    ``allocate`` sets every page aside now: a shortage fails here, cleanly,
-    instead of as SIGBUS on a later write, and the receive path of a migration
-    no longer pays a page allocation per page.
+    ``allocate`` sets every page aside now (``fallocate``: allocated, not yet
+    zeroed or mapped), so a shortage fails here rather than on a later write.
+    A booted guest asks for it; a domain built paused for an incoming
+    migration or a restore does not: the daemon populates that memory in the
+    background while pages arrive (populate.py), which keeps the reservation
+    short whatever the guest's size.
     """
     fd = os.memfd_create(name, os.MFD_CLOEXEC)
     try:

@@ -69,7 +69,7 @@ class KvmDomain(ProcessDomain):
         reply = await self._call("save_state")
         return base64.b64decode(str(reply["blob"]))  # state.py's binary format, magic first
 
-    async def load_state(self, blob: bytes) -> None:
+    async def _load_state(self, blob: bytes) -> None:
         await self._call("load_state", blob=base64.b64encode(blob).decode("ascii"))
 
     async def stats(self) -> dict[str, Any]:

@@ -55,12 +55,14 @@ class Vmm:
     """One VM and the answers to the daemon's requests about it."""
 
     def __init__(self, uuid: str, memory_bytes: int, nvcpus: int, spec: WorkloadSpec,
-                 dirty_mode: str, stop: threading.Event) -> None:
+                 dirty_mode: str, stop: threading.Event, *, allocate: bool = True) -> None:
         self.uuid = uuid
         self.spec = spec
         self.stop = stop
         self.npages = memory_bytes // PAGE_SIZE
-        self.memory_fd, self._memory = procmain.memfd(f"relocd-kvm-{uuid}", memory_bytes, allocate=True)
+        # allocate=False for a VM built paused for an incoming migration or a
+        # restore: the daemon populates its memory in the background (populate.py)
+        self.memory_fd, self._memory = procmain.memfd(f"relocd-kvm-{uuid}", memory_bytes, allocate=allocate)
         self.bitmap_fd, self._bitmap = procmain.memfd(
             f"relocd-kvm-dirty-{uuid}", bitmap_bytes(self.npages), allocate=False
         )
@@ -166,7 +168,7 @@ class Vmm:
 def _setup(args: argparse.Namespace, stop: threading.Event) -> procmain.SetUp:
     dom = procmain.DomainArgs.check(args)
     layout.GuestLayout.for_pages(dom.npages)
-    vmm = Vmm(dom.uuid, args.memory_bytes, args.vcpus, dom.spec, args.dirty_mode, stop)
+    vmm = Vmm(dom.uuid, args.memory_bytes, args.vcpus, dom.spec, args.dirty_mode, stop, allocate=not args.paused)
     if not args.paused:
         vmm.boot()
     vmm.runner.start_threads()

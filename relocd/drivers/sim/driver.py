@@ -89,7 +89,7 @@ class SimDomain(ProcessDomain):
         reply = await self._call("save_state")
         return str(reply["blob"]).encode()
 
-    async def load_state(self, blob: bytes) -> None:
+    async def _load_state(self, blob: bytes) -> None:
         try:
             text = blob.decode()
         except UnicodeDecodeError:
