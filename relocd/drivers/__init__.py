@@ -3,14 +3,31 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from relocd.drivers.base import Domain, DomainConfig, DomainState, Driver, ForeignImage, HostCaps, Vif
 from relocd.errors import DriverError
+
+if TYPE_CHECKING:
+    from relocd.drivers.base import Domain, DomainConfig, DomainState, Driver, ForeignImage, HostCaps, Vif
 
 __all__ = [
     "Domain", "DomainConfig", "DomainState", "Driver", "ForeignImage", "HostCaps", "Vif",
     "load_driver", "read_foreign_image",
 ]  # fmt: skip
+
+_FROM_BASE = frozenset({"Domain", "DomainConfig", "DomainState", "Driver", "ForeignImage", "HostCaps", "Vif"})
+
+
+def __getattr__(name: str) -> Any:
+    # base.py is imported on first use, not with the package: a domain
+    # process (``python -m relocd.drivers.sim.process``) imports this package
+    # too, and base's pydantic models are most of what it would spend
+    # starting up, inside a target's reservation (docs/memory.md).
+    if name in _FROM_BASE:
+        from relocd.drivers import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: the drivers a daemon tries at startup, in this order
 DRIVER_NAMES = ("sim", "kvm", "xen")

@@ -18,7 +18,6 @@ A request is ``{"op": NAME, ...}``; a reply is ``{"ok": true, ...}`` or
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import json
@@ -272,6 +271,8 @@ class DomainProcessClient:
 
     async def acall(self, op: str, *, timeout: float | None = None, **args: Any) -> Reply:
         """``call`` in a worker thread, so the event loop never blocks on a domain process."""
+        import asyncio  # here: domain processes import this module and never need asyncio
+
         return await asyncio.to_thread(self.call, op, timeout=timeout, **args)
 
 
