@@ -26,6 +26,8 @@ from relocd.cli.tables import format_history_table
 from relocd.cli.watch import Watch, abort_handler, interactive, leave, InterruptHandler
 from relocd.errors import RelocdError
 from relocd.progress import MigrationProgress, describe_failure, summarize_migration
+from relocd.server.access import is_ip
+from relocd.server.listener import normalise_ip
 from relocd.server.control import DaemonError, call, exit_status_for, one_line
 
 #: How long `migrate` waits for HOST to resolve before leaving the own-host check to the daemon.
@@ -75,7 +77,7 @@ def _show_result(ns: argparse.Namespace, result: Any, where: str) -> int:
 def _addresses(host: str) -> set[str]:
     """HOST's addresses (an IP stays itself); empty when it does not resolve in time."""
     try:
-        return {_normal(host)} if _is_ip(host) else asyncio.run(_resolve(host))
+        return {normalise_ip(host)} if is_ip(host) else asyncio.run(_resolve(host))
     except (OSError, asyncio.TimeoutError, UnicodeError):
         return set()
 
@@ -84,25 +86,7 @@ async def _resolve(host: str) -> set[str]:
     loop = asyncio.get_running_loop()
     infos = await asyncio.wait_for(loop.getaddrinfo(host, None, type=socket.SOCK_STREAM),
                                    RESOLVE_TIMEOUT_S)
-    return {_normal(str(info[4][0])) for info in infos}
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return False
-    return True
-
-
-def _normal(ip: str) -> str:
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(addr)
+    return {normalise_ip(str(info[4][0])) for info in infos}
 
 
 def _listen_entries(listen: Iterable[Any]) -> list[tuple[str, int]]:
@@ -112,7 +96,7 @@ def _listen_entries(listen: Iterable[Any]) -> list[tuple[str, int]]:
             continue
         addr, _, port = entry.rpartition(":")
         if port.isdigit():
-            out.append((_normal(addr.strip("[]")), int(port)))
+            out.append((normalise_ip(addr.strip("[]")), int(port)))
     return out
 
 

@@ -69,7 +69,8 @@ def normalize_ip(ip: str) -> str:
     return str(addr)
 
 
-def _is_ip(text: str) -> bool:
+def is_ip(text: str) -> bool:
+    """Is this an IP address (a scope suffix allowed), rather than a name?"""
     try:
         ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
@@ -94,7 +95,7 @@ async def forward_lookup(name: str) -> list[str]:
 async def _confirmed_name(ip: str, allow: HostsAllow) -> str | None:
     """The peer's reverse name if a pattern matches it and it resolves back to ``ip``."""
     name = (await reverse_lookup(ip)).rstrip(".")
-    if not name or _is_ip(name) or not allow.matches(name):
+    if not name or is_ip(name) or not allow.matches(name):
         return None
     for addr in await forward_lookup(name):
         try:

@@ -11,28 +11,19 @@ never holds up other connections.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
 
 import structlog
 
 from relocd.errors import ConfigError
-from relocd.server.access import HostsAllow, peer_allowed
+from relocd.server.access import HostsAllow, is_ip, normalize_ip, peer_allowed
 
 log = structlog.get_logger("relocd.listener")
 
 Handler = Callable[[socket.socket, str], Awaitable[None]]
 #: told why a peer was turned away: "hosts_allow", "too_many_connections" (metrics)
 RefusalCallback = Callable[[str], None]
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def bind_socket(address: str, port: int) -> socket.socket:
@@ -42,7 +33,7 @@ def bind_socket(address: str, port: int) -> socket.socket:
         host, family = "::", socket.AF_INET6
         if not socket.has_ipv6:
             host, family = "0.0.0.0", socket.AF_INET
-    elif _is_ip(address):
+    elif is_ip(address):
         host = address
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
     else:
@@ -72,15 +63,11 @@ def bind_socket(address: str, port: int) -> socket.socket:
 
 
 def normalise_ip(ip: str) -> str:
-    """'::ffff:1.2.3.4' -> '1.2.3.4'; scope ids dropped."""
-    ip = ip.split("%", 1)[0]
+    """'::ffff:1.2.3.4' -> '1.2.3.4'; scope ids dropped; text that is no address as it is."""
     try:
-        addr = ipaddress.ip_address(ip)
+        return normalize_ip(ip)
     except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(addr)
+        return ip.split("%", 1)[0]
 
 
 class RelocationListener:

@@ -237,7 +237,7 @@ async def test_evacuate(ops: FakeOps, capsys: pytest.CaptureFixture[str]) -> Non
     code, out, err = await relocd(capsys, "evacuate", "hostb", "hostc", "--parallel", "2", "-l")
     assert code == 1  # mail did not move
     assert ops.args_of("evacuate") == [{"hosts": ["hostb", "hostc"], "parallel": 2, "live": True,
-                                        "ssl": False}]
+                                        "ssl": None}]  # neither --ssl nor --no-ssl: the config decides
     lines = out.splitlines()
     assert [line.split(":")[0] for line in lines[:3]] == ["web1", "db", "mail"]  # one per domain
     assert lines[3].startswith("Migrated web1 to hostb:8002") and lines[4].startswith("Migrated db")
