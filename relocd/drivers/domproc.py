@@ -4,7 +4,9 @@ Drivers that run each domain in its own OS process (``sim``, ``kvm``'s
 micro-VMM) share this plumbing, which knows nothing about hypervisors:
 
 * ``spawn`` starts the process in its own session (killing or restarting the
-  daemon never kills a domain) and waits until its control socket is ready;
+  daemon never kills a domain) and waits until its control socket is ready
+  (``start`` and ``wait_serving`` are its halves, for a caller that lets the
+  process come up in the background);
 * the control socket speaks JSON lines, one request and one reply at a time,
   and a reply may carry file descriptors (``SCM_RIGHTS``), which is how guest
   memory (a memfd) reaches the daemon without a copy;
@@ -286,28 +288,33 @@ def log_tail(path: Path, lines: int = 3) -> str:
     return " | ".join(tail)[-400:]
 
 
-def spawn(
+def start(
     argv: Sequence[str],
     *,
     socket_path: Path,
     log_path: Path,
-    timeout: float,
     env: Mapping[str, str] | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.Popen[bytes]:
-    """Start a domain process in its own session and wait until its control socket exists."""
+    """Start a domain process in its own session (``pass_fds`` stay open in it); does not wait."""
     with contextlib.suppress(FileNotFoundError):
         socket_path.unlink()
     with open(log_path, "ab") as log_file:
-        popen = subprocess.Popen(
+        return subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=log_file,
             start_new_session=True,
             close_fds=True,
+            pass_fds=tuple(pass_fds),
             cwd="/",
             env=None if env is None else dict(env),
         )
+
+
+def wait_serving(popen: subprocess.Popen[bytes], *, socket_path: Path, log_path: Path, timeout: float) -> None:
+    """Wait until a started domain process's control socket exists; DriverError (and kill) if it never does."""
     deadline = time.monotonic() + timeout
     while not socket_path.exists():
         status = popen.poll()
@@ -319,6 +326,19 @@ def spawn(
             popen.wait()
             raise DriverError(f"domain process did not come up within {timeout:.0f}s")
         time.sleep(0.01)
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    socket_path: Path,
+    log_path: Path,
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a domain process in its own session and wait until its control socket exists."""
+    popen = start(argv, socket_path=socket_path, log_path=log_path, env=env)
+    wait_serving(popen, socket_path=socket_path, log_path=log_path, timeout=timeout)
     return popen
 
 

@@ -13,12 +13,20 @@ Every domain process answers ``hello`` with its pid, uuid, page count and
 driver name, and two memfds: guest memory, and a second shared area whose
 dirty bitmap starts at ``ProcessDomain.bitmap_offset``.  Both are mapped here,
 so ``memory()`` and dirty-log fetches never copy guest memory.
+
+A domain built paused (``create(start=False)``: an incoming migration, a
+restore) is the other way round, so that a target's reservation takes
+milliseconds whatever the guest's size: the daemon makes both memfds,
+populates guest memory in worker threads (populate.py) and starts the
+process with the memfds inherited, without waiting for it; requests wait
+until it answers ``hello`` (``_build_paused``).
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -73,6 +81,11 @@ class ProcessDomain(Domain):
         self.destroyed = False
         #: populates an incoming domain's memory in the background (see populate.py); None once settled
         self._populator: Populator | None = None
+        #: a domain built paused: its process is still coming up (resolved by a thread); None once it answered
+        self._starting: concurrent.futures.Future[None] | None = None
+        #: a workload adopted (configure) before the process could be told
+        self._pending_workload: str | None = None
+        self._starting_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} {self.config.uuid} pid={self.pid}>"
@@ -120,10 +133,33 @@ class ProcessDomain(Domain):
     async def _call(self, op: str, **args: Any) -> dict[str, Any]:
         if self.destroyed:
             raise DriverError(f"domain {self.name} has been destroyed")
+        if self._starting is not None:
+            await self._until_started()
+        return await self._request(op, **args)
+
+    async def _request(self, op: str, **args: Any) -> dict[str, Any]:
         reply, fds = await self._client.acall(op, **args)
         for fd in fds:
             os.close(fd)
         return reply
+
+    @property
+    def started(self) -> bool:
+        """Has the domain process answered (a domain built paused comes up in the background)?"""
+        return self._starting is None or (self._starting.done() and self._starting.exception() is None)
+
+    async def _until_started(self) -> None:
+        """Wait for a domain built paused to answer, then tell it what it missed; DriverError if it never did."""
+        async with self._starting_lock:
+            starting = self._starting
+            if starting is None:
+                return
+            await asyncio.wrap_future(starting)  # the process's own failure, as DriverError
+            while (workload := self._pending_workload) is not None:
+                await self._request("configure", workload=workload)
+                if self._pending_workload == workload:
+                    self._pending_workload = None
+            self._starting = None
 
     def _ran(self, running: bool) -> None:
         """Called after a pause or resume the process acknowledged (for drivers that track it here)."""
@@ -148,11 +184,17 @@ class ProcessDomain(Domain):
         previous = self.config
         await super().configure(config)
         if self.config.workload != previous.workload:
-            try:
-                await self._call("configure", workload=self.config.workload)
-            except BaseException:
-                self.config = previous
-                raise
+            if self._starting is not None:
+                # Still coming up (an incoming domain, right after RESERVE):
+                # it learns the workload when it first answers, so the
+                # stream need not wait for it.
+                self._pending_workload = self.config.workload
+            else:
+                try:
+                    await self._call("configure", workload=self.config.workload)
+                except BaseException:
+                    self.config = previous
+                    raise
         await asyncio.to_thread(self._driver._write_record, self.config, self.pid)
 
     async def dirty_log_start(self) -> None:
@@ -248,7 +290,10 @@ class ProcessDriver(Driver, Generic[D]):
 
     @abc.abstractmethod
     def _domain(self, config: DomainConfig, link: ProcessLink, popen: subprocess.Popen[bytes] | None) -> D:
-        """The handle on a domain process that answered ``hello``."""
+        """The handle on a domain process that answered ``hello`` (or, built paused, will: see ``_build_paused``)."""
+
+    def _init_shared(self, area: mmap.mmap, config: DomainConfig) -> None:
+        """Fill a fresh second memfd (read-write here) the way the domain process will, before it starts."""
 
     # ---------------------------------------------------------------- records
 
@@ -319,6 +364,8 @@ class ProcessDriver(Driver, Generic[D]):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
         self._write_record(config, 0)
+        if not start:
+            return self._build_paused(config, argv, env)
         popen = None
         try:
             popen = domproc.spawn(
@@ -329,7 +376,7 @@ class ProcessDriver(Driver, Generic[D]):
                 env=env,
             )
             self._write_record(config, popen.pid)
-            domain = self._attach(config, popen, populate=not start)
+            domain = self._attach(config, popen)
         except BaseException:
             if popen is not None:
                 domproc.stop_process(popen.pid, marker=config.uuid, popen=popen, grace=0.0)
@@ -340,9 +387,109 @@ class ProcessDriver(Driver, Generic[D]):
         self._log.info("created %s domain %s (%s), pid %d", self.name, config.name, config.uuid, domain.pid)
         return domain
 
-    def _attach(
-        self, config: DomainConfig, popen: subprocess.Popen[bytes] | None = None, *, populate: bool = False
-    ) -> D:
+    def _build_paused(self, config: DomainConfig, argv: list[str], env: dict[str, str]) -> D:
+        """A paused, empty domain for an incoming migration or a restore, ready in milliseconds.
+
+        The daemon makes both memfds itself, maps them and starts populating
+        guest memory (populate.py), then starts the domain process with the
+        memfds inherited and returns without waiting for it: a Python process
+        takes a few hundred ms to come up, and the reservation should not.
+        Pages land in memory meanwhile (the daemon's own mapping); the first
+        request to the process (``load_state`` at the latest, before the
+        target says PREPARED) waits for it to answer ``hello``, and fails with
+        its own error if it never does.
+        """
+        _, sock_path, log_path = self._paths(config.uuid)
+        shared_size = self._shared_bytes(config.npages)
+        fds: list[int] = []
+        areas: list[mmap.mmap] = []
+        populator: Populator | None = None
+        popen: subprocess.Popen[bytes] | None = None
+        try:
+            for name, size in ((f"relocd-{self.name}-{config.uuid}", config.memory_bytes),
+                               (f"relocd-{self.name}-shared-{config.uuid}", shared_size)):  # fmt: skip
+                fds.append(os.memfd_create(name, os.MFD_CLOEXEC))
+                os.ftruncate(fds[-1], size)
+            memory_fd, shared_fd = fds
+            with mmap.mmap(shared_fd, shared_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as init:
+                self._init_shared(init, config)
+            areas.append(mmap.mmap(memory_fd, config.memory_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
+            areas.append(mmap.mmap(shared_fd, shared_size, mmap.MAP_SHARED, mmap.PROT_READ))
+            memory, shared = areas
+            populator = Populator(memory, name=f"populate-{config.uuid[:8]}").start()
+            identity = [(st.st_dev, st.st_ino) for st in map(os.fstat, fds)]
+            popen = domproc.start(
+                [*argv, "--memory-fd", str(memory_fd), "--shared-fd", str(shared_fd)],
+                socket_path=sock_path, log_path=log_path, env=env, pass_fds=fds,
+            )  # fmt: skip
+            self._write_record(config, popen.pid)
+            starting: concurrent.futures.Future[None] = concurrent.futures.Future()
+            starting.set_running_or_notify_cancel()  # resolved by the thread below, never cancelled
+            hello = {"pid": popen.pid, "running": False}
+            domain = self._domain(config, ProcessLink(domproc.DomainProcessClient(sock_path), hello, memory, shared), popen)
+        except BaseException:
+            if populator is not None:
+                populator.stop()
+            for area in areas:
+                area.close()
+            if popen is not None:
+                domproc.stop_process(popen.pid, marker=config.uuid, popen=popen, grace=0.0)
+            self._remove_files(config.uuid)
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        domain._populator = populator
+        domain._starting = starting
+        threading.Thread(
+            target=self._await_process, args=(config, popen, identity, starting), name=f"start-{config.uuid[:8]}",
+            daemon=True,
+        ).start()  # fmt: skip
+        with self._lock:
+            self._domains[config.uuid] = domain
+        self._log.info(
+            "created %s domain %s (%s) paused, pid %d (coming up)", self.name, config.name, config.uuid, popen.pid
+        )
+        return domain
+
+    def _await_process(
+        self,
+        config: DomainConfig,
+        popen: subprocess.Popen[bytes],
+        identity: list[tuple[int, int]],
+        starting: concurrent.futures.Future[None],
+    ) -> None:
+        """Wait for a domain process built paused to serve, and check it is the one we made (a thread)."""
+        _, sock_path, log_path = self._paths(config.uuid)
+        noun = self.process_noun
+        try:
+            domproc.wait_serving(popen, socket_path=sock_path, log_path=log_path, timeout=30.0)
+            client = domproc.DomainProcessClient(sock_path)
+            try:
+                reply, fds = client.call("hello")
+            finally:
+                client.close()
+            try:
+                if (
+                    reply.get("driver") != self.name
+                    or reply.get("uuid") != config.uuid
+                    or reply.get("npages") != config.npages
+                    or [(st.st_dev, st.st_ino) for st in map(os.fstat, fds)] != identity
+                ):
+                    raise DriverError(f"{noun} for {config.uuid} answered for someone else: {reply}")
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        except DriverError as exc:
+            self._log.warning("%s domain %s did not come up: %s", self.name, config.name, exc.message)
+            starting.set_exception(DriverError(f"domain {config.name}: {exc.message}"))
+        except BaseException as exc:  # a bug: whoever waits must still hear of it
+            self._log.exception("%s domain %s: waiting for its %s failed", self.name, config.name, noun)
+            starting.set_exception(DriverError(f"domain {config.name}: {noun} start failed: {exc}"))
+        else:
+            starting.set_result(None)
+
+    def _attach(self, config: DomainConfig, popen: subprocess.Popen[bytes] | None = None) -> D:
         """Connect to a domain process, map guest memory and the second area it shares."""
         client = domproc.DomainProcessClient(self._paths(config.uuid)[1])
         try:
@@ -371,22 +518,11 @@ class ProcessDriver(Driver, Generic[D]):
         finally:
             for fd in fds:
                 os.close(fd)
-        populator = None
-        if populate:
-            # An incoming domain's memory is about to be written end to end:
-            # populate it in the background, ahead of the receive, instead of
-            # here (serially, inside the reservation: seconds per GiB on some
-            # hosts).  load_state waits for it (populate.py).
-            populator = Populator(memory, name=f"populate-{config.uuid[:8]}").start()
         try:
-            domain = self._domain(config, ProcessLink(client, reply, memory, shared), popen)
+            return self._domain(config, ProcessLink(client, reply, memory, shared), popen)
         except BaseException:
-            if populator is not None:
-                populator.stop()
             client.close()
             raise
-        domain._populator = populator
-        return domain
 
     def _discover(self) -> None:
         """Reattach to every domain process still running; clean up after the dead ones."""
@@ -442,12 +578,16 @@ class ProcessDriver(Driver, Generic[D]):
         await asyncio.to_thread(self._destroy_sync, domain)
 
     def _destroy_sync(self, domain: D) -> None:
-        with contextlib.suppress(DriverError):
-            _, fds = domain._client.call("shutdown", timeout=5.0)
-            for fd in fds:
-                os.close(fd)
+        grace = 5.0
+        if domain.started:
+            with contextlib.suppress(DriverError):
+                _, fds = domain._client.call("shutdown", timeout=5.0)
+                for fd in fds:
+                    os.close(fd)
+        else:
+            grace = 0.0  # built paused and not up yet (or never): nothing in it to shut down
         domain.detach()
-        domproc.stop_process(domain.pid, marker=domain.config.uuid, popen=domain._popen, grace=5.0)
+        domproc.stop_process(domain.pid, marker=domain.config.uuid, popen=domain._popen, grace=grace)
         self._remove_files(domain.config.uuid)
         with self._lock:
             if self._domains.get(domain.config.uuid) is domain:

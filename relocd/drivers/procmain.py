@@ -37,6 +37,10 @@ def argument_parser(prog: str, *, paused_help: str) -> argparse.ArgumentParser:
     parser.add_argument("--memory-bytes", required=True, type=int)
     parser.add_argument("--workload", default="idle")
     parser.add_argument("--paused", action="store_true", help=paused_help)
+    # A domain built paused gets its two memfds from the daemon, which made
+    # them and already populates guest memory while this process starts.
+    parser.add_argument("--memory-fd", type=int, default=None, help="guest memory memfd, inherited")
+    parser.add_argument("--shared-fd", type=int, default=None, help="the second shared memfd, inherited")
     return parser
 
 
@@ -58,8 +62,11 @@ class DomainArgs:
         return cls(uuid, spec, args.memory_bytes // PAGE_SIZE)
 
 
-def memfd(name: str, size: int, *, allocate: bool) -> tuple[int, mmap.mmap]:
+def memfd(name: str, size: int, *, allocate: bool, fd: int | None = None) -> tuple[int, mmap.mmap]:
     """A memfd of ``size`` bytes and a shared read-write mapping of it.
+
+    ``fd``: the daemon's memfd, inherited (``--memory-fd``, ``--shared-fd``),
+    instead of a new one; ValueError (a setup failure) if it is not that size.
 
     ``allocate`` sets every page aside now (``fallocate``: allocated, not yet
     zeroed or mapped), so a shortage fails here rather than on a later write.
@@ -68,6 +75,12 @@ def memfd(name: str, size: int, *, allocate: bool) -> tuple[int, mmap.mmap]:
     background while pages arrive (populate.py), which keeps the reservation
     short whatever the guest's size.
     """
+    if fd is not None:
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            raise ValueError(f"inherited memfd {fd} has {actual} bytes, not {size}")
+        os.set_inheritable(fd, False)
+        return fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     fd = os.memfd_create(name, os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, size)

@@ -15,14 +15,16 @@ import json
 import mmap
 import os
 import signal
+import subprocess
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from relocd.drivers import populate
+from relocd.drivers import domproc, populate
 from relocd.drivers.base import DomainConfig, DomainState
 from relocd.drivers.domproc import process_alive
 from relocd.drivers.sim import SimDriver
@@ -137,8 +139,13 @@ def kill_leftovers(state_dir: Path) -> None:
 
 
 @pytest.fixture
-async def driver(tmp_path: Path) -> AsyncIterator[SimDriver]:
-    drv = SimDriver(tmp_path)
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+@pytest.fixture
+async def driver(state_dir: Path) -> AsyncIterator[SimDriver]:
+    drv = SimDriver(state_dir)
     await drv.start()
     try:
         yield drv
@@ -146,7 +153,7 @@ async def driver(tmp_path: Path) -> AsyncIterator[SimDriver]:
         for domain in drv.domains():
             with contextlib.suppress(Exception):
                 await domain.destroy()
-        kill_leftovers(tmp_path)
+        kill_leftovers(state_dir)
 
 
 @pytest.fixture
@@ -205,6 +212,77 @@ async def test_load_state_fails_when_the_memory_cannot_be_had(
         await incoming.load_state(blob)
     assert incoming.state == DomainState.PAUSED
     await incoming.destroy()
+
+
+# --------------------------------------------------------------------- the domain process comes up meanwhile
+
+
+@pytest.fixture
+def held_start(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """A paused build's wait for its domain process to serve waits for this event too."""
+    gate = threading.Event()
+    real = domproc.wait_serving
+
+    def held(popen: subprocess.Popen[bytes], **kwargs: Any) -> None:
+        if threading.current_thread().name.startswith("start-"):  # not a booted domain's spawn
+            gate.wait(30)
+        real(popen, **kwargs)
+
+    monkeypatch.setattr(domproc, "wait_serving", held)
+    try:
+        yield gate
+    finally:
+        gate.set()
+
+
+async def test_a_paused_build_returns_before_its_process_answers(
+    driver: SimDriver, held_start: threading.Event
+) -> None:
+    source = await driver.create(DomainConfig(name="src", memory_mib=16))
+    await source.pause()
+    blob = await source.save_state()
+    incoming = await driver.create(DomainConfig(name="dst", memory_mib=16), start=False)
+    assert not incoming.started and incoming.state == DomainState.PAUSED
+    incoming.memory()[1 << 20 : (1 << 20) + 5] = b"early"  # pages land before the process is up
+    busy = DomainConfig(name="dst", uuid=incoming.config.uuid, memory_mib=16, workload="uniform:rate=20MB/s")
+    await incoming.configure(busy)  # does not wait for the process either
+    assert incoming.config.workload == busy.workload
+    held_start.set()
+    await incoming.load_state(blob)
+    assert incoming.started
+    assert bytes(incoming.memory()[1 << 20 : (1 << 20) + 5]) == b"early"  # the process kept what had landed
+    await incoming.resume()
+    for _ in range(200):
+        if (await incoming.stats())["pages_written"] > 0:
+            break
+        await asyncio.sleep(0.02)
+    assert (await incoming.stats())["pages_written"] > 0  # it learned the workload when it answered
+    await incoming.pause()
+
+
+async def test_a_paused_build_whose_process_never_serves_fails_at_its_first_request(
+    driver: SimDriver, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(SimDriver, "_process_options", lambda self, config: ["--no-such-option"])
+    incoming = await driver.create(DomainConfig(name="dst", memory_mib=16), start=False)
+    with pytest.raises(DriverError, match="domain dst: domain process exited with status 2"):
+        await incoming.load_state(b"{}")
+    with pytest.raises(DriverError, match="exited with status 2"):
+        await incoming.pause()  # every later request says so too
+    await incoming.destroy()
+    assert list((state_dir / "sim").glob(f"{incoming.config.uuid}.*")) == []
+
+
+async def test_destroying_a_paused_build_before_its_process_answers(
+    driver: SimDriver, state_dir: Path, held_start: threading.Event
+) -> None:
+    incoming = await driver.create(DomainConfig(name="dst", memory_mib=16), start=False)
+    pid = incoming.pid
+    assert not incoming.started
+    await incoming.destroy()
+    assert not process_alive(pid, incoming.config.uuid)
+    assert list((state_dir / "sim").glob(f"{incoming.config.uuid}.*")) == []
+    assert driver.lookup("dst") is None
 
 
 # --------------------------------------------------------------------- a migration

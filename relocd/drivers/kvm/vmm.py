@@ -55,16 +55,20 @@ class Vmm:
     """One VM and the answers to the daemon's requests about it."""
 
     def __init__(self, uuid: str, memory_bytes: int, nvcpus: int, spec: WorkloadSpec,
-                 dirty_mode: str, stop: threading.Event, *, allocate: bool = True) -> None:
+                 dirty_mode: str, stop: threading.Event, *, allocate: bool = True,
+                 memory_fd: int | None = None, bitmap_fd: int | None = None) -> None:
         self.uuid = uuid
         self.spec = spec
         self.stop = stop
         self.npages = memory_bytes // PAGE_SIZE
         # allocate=False for a VM built paused for an incoming migration or a
         # restore: the daemon populates its memory in the background (populate.py)
-        self.memory_fd, self._memory = procmain.memfd(f"relocd-kvm-{uuid}", memory_bytes, allocate=allocate)
+        # (memory_fd, bitmap_fd: the daemon's, inherited, for a VM built paused)
+        self.memory_fd, self._memory = procmain.memfd(
+            f"relocd-kvm-{uuid}", memory_bytes, allocate=allocate, fd=memory_fd
+        )
         self.bitmap_fd, self._bitmap = procmain.memfd(
-            f"relocd-kvm-dirty-{uuid}", bitmap_bytes(self.npages), allocate=False
+            f"relocd-kvm-dirty-{uuid}", bitmap_bytes(self.npages), allocate=False, fd=bitmap_fd
         )
         self._bitmap_anchor = ctypes.c_char.from_buffer(self._bitmap)
         self.bitmap_addr = ctypes.addressof(self._bitmap_anchor)
@@ -168,7 +172,8 @@ class Vmm:
 def _setup(args: argparse.Namespace, stop: threading.Event) -> procmain.SetUp:
     dom = procmain.DomainArgs.check(args)
     layout.GuestLayout.for_pages(dom.npages)
-    vmm = Vmm(dom.uuid, args.memory_bytes, args.vcpus, dom.spec, args.dirty_mode, stop, allocate=not args.paused)
+    vmm = Vmm(dom.uuid, args.memory_bytes, args.vcpus, dom.spec, args.dirty_mode, stop, allocate=not args.paused,
+              memory_fd=args.memory_fd, bitmap_fd=args.shared_fd)
     if not args.paused:
         vmm.boot()
     vmm.runner.start_threads()

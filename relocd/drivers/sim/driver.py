@@ -119,6 +119,12 @@ class SimDriver(ProcessDriver[SimDomain]):
     def _shared_bytes(self, npages: int) -> int:
         return status_area.area_size(npages)
 
+    def _init_shared(self, area: mmap.mmap, config: DomainConfig) -> None:
+        # what the guest publishes when it starts paused: state reads it meanwhile
+        status_area.StatusHeader(
+            ticks=0, pages_written=0, running=False, logging=False, sweep_pos=0, npages=config.npages
+        ).write(area)
+
     def _domain(self, config: DomainConfig, link: ProcessLink, popen: subprocess.Popen[bytes] | None) -> SimDomain:
         pid = int(link.hello["pid"])
         return SimDomain(self, config, link.client, pid, link.memory, link.shared, popen)

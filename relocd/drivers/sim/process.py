@@ -99,9 +99,13 @@ def _setup(args: argparse.Namespace, stop: threading.Event) -> procmain.SetUp:
     dom = procmain.DomainArgs.check(args)
     # A paused domain waits for an incoming migration or a restore: the
     # daemon populates its memory in the background (drivers/populate.py).
-    memory_fd, memory = procmain.memfd(f"relocd-sim-{dom.uuid}", args.memory_bytes, allocate=not args.paused)
+    memory_fd, memory = procmain.memfd(
+        f"relocd-sim-{dom.uuid}", args.memory_bytes, allocate=not args.paused, fd=args.memory_fd
+    )
     status_size = status_area.area_size(dom.npages)
-    status_fd, status = procmain.memfd(f"relocd-sim-status-{dom.uuid}", status_size, allocate=True)
+    status_fd, status = procmain.memfd(
+        f"relocd-sim-status-{dom.uuid}", status_size, allocate=True, fd=args.shared_fd
+    )
     guest = Guest(memory, status, dom.npages, dom.spec, seed=uuidlib.UUID(dom.uuid).int)
     if not args.paused:
         guest.boot()
