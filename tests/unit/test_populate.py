@@ -83,6 +83,17 @@ def test_chunks_the_stream_reached_first_are_skipped() -> None:
         assert populate.resident(area).all()
 
 
+def test_finish_fills_a_skipped_chunk_the_stream_only_ended() -> None:
+    """Skipping looks at a chunk's last page only: finish checks the rest of such a chunk."""
+    with memfd_area(4 * CHUNK) as area:
+        area[3 * CHUNK - PAGE : 3 * CHUNK - PAGE + 1] = b"x"  # only chunk 2's last page is there
+        pop = populate.Populator(area, threads=1, chunk_bytes=CHUNK).start()
+        assert pop.wait(30)
+        assert pop.skipped == 1 and not populate.resident(area).all()
+        pop.finish()
+        assert populate.resident(area).all()
+
+
 def test_finish_fills_what_a_stopped_populator_left() -> None:
     with memfd_area(8 * CHUNK) as area:
         pop = populate.Populator(area, threads=1, chunk_bytes=CHUNK)
