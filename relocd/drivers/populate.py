@@ -56,6 +56,10 @@ CHUNK_BYTES = 4 << 20
 #: workers for an incoming domain: 2 measured best on this project's 2-core machines
 #: (docs/memory.md); up to 4 where there are more cores (not measured)
 WRITE_THREADS = min(4, max(2, os.cpu_count() or 2))
+#: their niceness: they take the CPU the receive and the event loop leave (the
+#: receive populates what it reaches first anyway); at 0 they slowed RESERVED
+#: down on 2 busy cores (docs/memory.md)
+WRITE_NICE = 5
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]

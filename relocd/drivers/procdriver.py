@@ -43,7 +43,7 @@ import numpy as np
 from pydantic import ValidationError
 
 import relocd
-from relocd.drivers import domproc
+from relocd.drivers import domproc, populate
 from relocd.drivers.base import DirtyBitmap, Domain, DomainConfig, DomainState, Driver
 from relocd.drivers.populate import Populator
 from relocd.drivers.workload import parse_workload
@@ -416,7 +416,7 @@ class ProcessDriver(Driver, Generic[D]):
             areas.append(mmap.mmap(memory_fd, config.memory_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
             areas.append(mmap.mmap(shared_fd, shared_size, mmap.MAP_SHARED, mmap.PROT_READ))
             memory, shared = areas
-            populator = Populator(memory, name=f"populate-{config.uuid[:8]}").start()
+            populator = Populator(memory, name=f"populate-{config.uuid[:8]}", nice=populate.WRITE_NICE).start()
             identity = [(st.st_dev, st.st_ino) for st in map(os.fstat, fds)]
             popen = domproc.start(
                 [*argv, "--memory-fd", str(memory_fd), "--shared-fd", str(shared_fd)],
