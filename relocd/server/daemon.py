@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ssl
 
@@ -42,7 +43,6 @@ from relocd.server.control import ControlServer
 from relocd.net import AnnounceConfig
 from relocd.server.network import NetworkHooks, netns_prefix_for
 from relocd.server.listener import RelocationListener, bind_socket
-from relocd.server.metrics import Metrics, MetricsEndpoint
 from relocd.server.jobs import MIGRATE
 from relocd.server.operations import Operations, format_host_port
 from relocd.server import saveops
@@ -58,6 +58,9 @@ from relocd.server.sdnotify import (
 )
 from relocd.server.tls import accept_tls, server_context
 from relocd.server.transport import SocketTransport
+
+if TYPE_CHECKING:  # prometheus-client is imported only when the endpoint is on
+    from relocd.server.metrics import Metrics, MetricsEndpoint
 
 log = structlog.get_logger("relocd.daemon")
 
@@ -124,6 +127,8 @@ class Daemon:
             hooks=NetworkHooks(netns_prefix_for(self.state_dir), AnnounceConfig.from_settings(s)),
         )
         if s.metrics_address is not None:
+            from relocd.server.metrics import Metrics, MetricsEndpoint
+
             # Before recovery and the listeners, so their work is counted; a
             # port it cannot bind keeps the daemon down (ConfigError, one line).
             self.metrics = Metrics(host)

@@ -45,11 +45,11 @@ debootstrap --variant=minbase --include="$(IFS=,; echo "${packages[*]}")" \
     || { tail -30 "$work/debootstrap.log" >&2; exit 1; }
 
 # relocd's dependencies that Debian ships too old or not at all (pydantic 2,
-# structlog, blake3),
+# structlog, blake3, prometheus-client >= 0.20),
 # as wheels for bookworm's Python 3.11 (PyPI, through pip).
 python3 -m pip install --quiet --no-compile --target "$root/opt/relocd-deps" \
     --python-version 3.11 --only-binary=:all: --platform manylinux2014_x86_64 \
-    "pydantic>=2.6" "structlog>=24.1" "uvloop>=0.19" "blake3>=0.4"
+    "pydantic>=2.6" "structlog>=24.1" "uvloop>=0.19" "blake3>=0.4" "prometheus-client>=0.20"
 
 install -m 0755 "$here/dom0-boot.sh" "$root/sbin/xenlab-boot"
 echo xenlab >"$root/etc/hostname"
