@@ -83,8 +83,9 @@ class ProcessDomain(Domain):
         self._populator: Populator | None = None
         #: a domain built paused: its process is still coming up (resolved by a thread); None once it answered
         self._starting: concurrent.futures.Future[None] | None = None
-        #: a workload adopted (configure) before the process could be told
+        #: a workload adopted (configure) before the process could be told, and the task that tells it
         self._pending_workload: str | None = None
+        self._settling: asyncio.Future[None] | None = None
         self._starting_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
@@ -186,9 +187,12 @@ class ProcessDomain(Domain):
         if self.config.workload != previous.workload:
             if self._starting is not None:
                 # Still coming up (an incoming domain, right after RESERVE):
-                # it learns the workload when it first answers, so the
-                # stream need not wait for it.
+                # it learns the workload as soon as it answers, so the stream
+                # need not wait for it (nor, live, the downtime's load_state).
                 self._pending_workload = self.config.workload
+                if self._settling is None:
+                    self._settling = asyncio.ensure_future(self._until_started())
+                    self._settling.add_done_callback(_quietly)
             else:
                 try:
                     await self._call("configure", workload=self.config.workload)
@@ -242,6 +246,12 @@ class ProcessDomain(Domain):
                 with contextlib.suppress(BufferError):  # views still out there: the GC unmaps it later
                     area.close()
         self._memory = self._shared = None
+
+
+def _quietly(task: asyncio.Future[None]) -> None:
+    """A background ``_until_started`` failed: the next request raises the same error, nothing to log twice."""
+    if not task.cancelled():
+        task.exception()
 
 
 D = TypeVar("D", bound=ProcessDomain)
@@ -325,6 +335,8 @@ class ProcessDriver(Driver, Generic[D]):
         with self._lock:
             domains, self._domains = list(self._domains.values()), {}
         for domain in domains:
+            if domain._settling is not None:
+                domain._settling.cancel()
             domain.detach()
 
     async def create(self, config: DomainConfig, *, start: bool = True) -> D:
@@ -575,6 +587,8 @@ class ProcessDriver(Driver, Generic[D]):
         if domain.destroyed:
             return
         domain.destroyed = True
+        if domain._settling is not None:
+            domain._settling.cancel()
         await asyncio.to_thread(self._destroy_sync, domain)
 
     def _destroy_sync(self, domain: D) -> None:
