@@ -2,8 +2,9 @@
 
 No timed assertions: what is checked is the mechanism -- right after
 ``create(start=False)`` guest memory is not resident (nobody populated it
-synchronously) while worker threads are at it, and ``load_state`` (before the
-target says PREPARED) finds every page there or fails.
+synchronously) while worker threads are at it, the domain process need not
+have answered yet, and ``load_state`` (before the target says PREPARED)
+finds every page there and the process up, or fails.
 """
 
 from __future__ import annotations
