@@ -10,7 +10,7 @@ import enum
 from typing import Final
 
 PROTOCOL_MAJOR: Final = 1
-PROTOCOL_MINOR: Final = 0
+PROTOCOL_MINOR: Final = 1
 
 
 class RecordType(enum.IntEnum):
@@ -21,6 +21,8 @@ class RecordType(enum.IntEnum):
     RESERVED = 0x03
     REFUSE = 0x04
     CONFIG = 0x05
+    JOIN = 0x06
+    JOINED = 0x07
     PAGES = 0x10
     END_ROUND = 0x11
     STOP = 0x12
@@ -28,6 +30,7 @@ class RecordType(enum.IntEnum):
     DIGEST = 0x14
     COMMIT = 0x15
     STREAM = 0x16
+    CHANNEL_END = 0x17
     PREPARED = 0x20
     GO = 0x21
     RESUMED = 0x22
@@ -43,6 +46,7 @@ class Role(enum.IntEnum):
     SOURCE = 1  # wants to send a domain
     TARGET = 2  # the accepting side
     QUERY = 3  # asks about a migration's outcome (recovery after GO)
+    CHANNEL = 4  # an extra page channel of a migration in flight (JOIN)
 
 
 class Feature(enum.IntFlag):
@@ -52,9 +56,12 @@ class Feature(enum.IntFlag):
     DIGEST_SHA256 = 1 << 1
     QUERY = 1 << 2
     DIGEST_BLAKE3 = 1 << 3
+    CHANNELS = 1 << 4
 
 
-KNOWN_FEATURES: Final = Feature.ZERO_PAGES | Feature.DIGEST_SHA256 | Feature.QUERY | Feature.DIGEST_BLAKE3
+KNOWN_FEATURES: Final = (
+    Feature.ZERO_PAGES | Feature.DIGEST_SHA256 | Feature.QUERY | Feature.DIGEST_BLAKE3 | Feature.CHANNELS
+)
 
 
 class OutcomeState(enum.IntEnum):

@@ -569,4 +569,10 @@ class Outcome(Record):
             raise remote_error("OUTCOME", f"unknown state {state}") from None
 
 
+# The extra channels' records live in their own module; importing them here
+# registers them, so every reader of records knows every type.
+from relocd.protocol.channel_records import ChannelEnd as ChannelEnd  # noqa: E402
+from relocd.protocol.channel_records import Join as Join  # noqa: E402
+from relocd.protocol.channel_records import Joined as Joined  # noqa: E402
+
 assert set(RECORD_CLASSES) == set(RecordType), "every record type has one class"

@@ -5,7 +5,7 @@ through it.  A (state, sender, step) triple missing from ``TRANSITIONS`` is a
 protocol error: ``remote=False`` when we were about to send it (our bug),
 ``remote=True`` when the peer sent it.
 
-The sender is a ``Side``: the INITIATOR (role SOURCE or QUERY, the side that
+The sender is a ``Side``: the INITIATOR (role SOURCE, QUERY or CHANNEL, the side that
 connects or writes the savefile) or the RESPONDER (role TARGET).  The table
 keys on a ``Step``, which is the record type, refined where a record's content
 picks the path: HELLO by the sender's role, RESUMED by its ok flag.
@@ -37,7 +37,7 @@ from relocd.protocol.records import (
 
 
 class Side(enum.Enum):
-    INITIATOR = "initiator"  # role SOURCE or QUERY
+    INITIATOR = "initiator"  # role SOURCE, QUERY or CHANNEL
     RESPONDER = "responder"  # role TARGET
 
 
@@ -47,10 +47,14 @@ class Step(enum.Enum):
     HELLO_SOURCE = "HELLO(role=SOURCE)"
     HELLO_QUERY = "HELLO(role=QUERY)"
     HELLO_TARGET = "HELLO(role=TARGET)"
+    HELLO_CHANNEL = "HELLO(role=CHANNEL)"
     RESERVE = "RESERVE"
     RESERVED = "RESERVED"
     REFUSE = "REFUSE"
     CONFIG = "CONFIG"
+    JOIN = "JOIN"
+    JOINED = "JOINED"
+    CHANNEL_END = "CHANNEL_END"
     PAGES = "PAGES"
     STREAM = "STREAM"
     END_ROUND = "END_ROUND"
@@ -91,6 +95,11 @@ class ConversationState(enum.Enum):
     QUERYING = "QUERYING"  # both HELLOs: QUERY next
     QUERY_SENT = "QUERY_SENT"
     ANSWERED = "ANSWERED"  # GO, DONE, ABORT, or close
+    # an extra page channel of a migration (feature CHANNELS)
+    CHANNEL_HELLO = "CHANNEL_HELLO"  # the initiator's HELLO(CHANNEL) only
+    JOINING = "JOINING"  # both HELLOs: JOIN next
+    JOIN_SENT = "JOIN_SENT"
+    CHANNEL_OPEN = "CHANNEL_OPEN"  # joined: PAGES*, then CHANNEL_END
     # savefile stream
     SAVE_CONFIG = "SAVE_CONFIG"
     SAVE_PRECOPY = "SAVE_PRECOPY"
@@ -103,6 +112,7 @@ class ConversationState(enum.Enum):
     # terminal
     DONE = "DONE"  # the domain moved; the source copy is gone
     SAVED = "SAVED"  # a complete savefile stream
+    CHANNEL_DONE = "CHANNEL_DONE"  # an extra channel carried all its pages
     REFUSED = "REFUSED"
     ABORTED = "ABORTED"
     RESUME_FAILED = "RESUME_FAILED"  # the source keeps (and resumes) its copy
@@ -118,10 +128,11 @@ ABORTABLE: Final = frozenset(
         S.RESERVING, S.RESERVE_SENT, S.RESERVED, S.PRECOPY, S.ROUND, S.STOPPED,
         S.VCPU_SENT, S.DIGEST_SENT, S.COMMITTED, S.PREPARED,
         S.QUERYING, S.QUERY_SENT, S.ANSWERED,
+        S.CHANNEL_HELLO, S.JOINING, S.JOIN_SENT, S.CHANNEL_OPEN,
     }
 )  # fmt: skip
 
-TERMINAL: Final = frozenset({S.DONE, S.SAVED, S.REFUSED, S.ABORTED, S.RESUME_FAILED})
+TERMINAL: Final = frozenset({S.DONE, S.SAVED, S.CHANNEL_DONE, S.REFUSED, S.ABORTED, S.RESUME_FAILED})
 FAILED: Final = frozenset({S.REFUSED, S.ABORTED, S.RESUME_FAILED})
 
 #: (state, sender, step) -> next state.  Anything else is a protocol error.
@@ -134,6 +145,9 @@ TRANSITIONS: Final[dict[tuple[ConversationState, Side, Step], ConversationState]
     (S.QUERY_HELLO, R, Step.HELLO_TARGET): S.QUERYING,
     (S.TARGET_HELLO, I, Step.HELLO_SOURCE): S.RESERVING,
     (S.TARGET_HELLO, I, Step.HELLO_QUERY): S.QUERYING,
+    (S.START, I, Step.HELLO_CHANNEL): S.CHANNEL_HELLO,
+    (S.CHANNEL_HELLO, R, Step.HELLO_TARGET): S.JOINING,
+    (S.TARGET_HELLO, I, Step.HELLO_CHANNEL): S.JOINING,
     # reservation
     (S.RESERVING, I, Step.RESERVE): S.RESERVE_SENT,
     (S.RESERVE_SENT, R, Step.RESERVED): S.RESERVED,
@@ -164,6 +178,13 @@ TRANSITIONS: Final[dict[tuple[ConversationState, Side, Step], ConversationState]
     (S.QUERY_SENT, R, Step.OUTCOME): S.ANSWERED,
     (S.ANSWERED, I, Step.GO): S.GO_SENT,
     (S.ANSWERED, I, Step.DONE): S.DONE,  # after OUTCOME(RESUMED): source copy gone
+    # an extra page channel: JOIN, then its share of the pages (any round,
+    # never going back), then CHANNEL_END; control records stay on channel 0
+    (S.JOINING, I, Step.JOIN): S.JOIN_SENT,
+    (S.JOIN_SENT, R, Step.JOINED): S.CHANNEL_OPEN,
+    (S.JOIN_SENT, R, Step.REFUSE): S.REFUSED,
+    (S.CHANNEL_OPEN, I, Step.PAGES): S.CHANNEL_OPEN,
+    (S.CHANNEL_OPEN, I, Step.CHANNEL_END): S.CHANNEL_DONE,
     # savefile stream: no handshake, no handoff, DIGEST required (page form)
     (S.SAVE_CONFIG, I, Step.CONFIG): S.SAVE_PRECOPY,
     (S.SAVE_PRECOPY, I, Step.PAGES): S.SAVE_ROUND,
@@ -192,6 +213,7 @@ _HELLO_STEPS: Final = {
     Role.SOURCE: Step.HELLO_SOURCE,
     Role.QUERY: Step.HELLO_QUERY,
     Role.TARGET: Step.HELLO_TARGET,
+    Role.CHANNEL: Step.HELLO_CHANNEL,
 }
 
 
@@ -205,7 +227,7 @@ class Conversation:
 
     def __init__(self, our_role: Role, *, savefile: bool = False) -> None:
         self.our_role = Role(our_role)
-        if savefile and self.our_role is Role.QUERY:
+        if savefile and self.our_role in (Role.QUERY, Role.CHANNEL):
             raise ValueError("a savefile is written by a SOURCE and read by a TARGET")
         self.our_side = Side.RESPONDER if self.our_role is Role.TARGET else Side.INITIATOR
         self.peer_side = Side.INITIATOR if self.our_side is Side.RESPONDER else Side.RESPONDER
@@ -228,8 +250,8 @@ class Conversation:
 
     @property
     def completed(self) -> bool:
-        """Ended with the domain moved (DONE) or a whole savefile (SAVED)."""
-        return self.state in (S.DONE, S.SAVED)
+        """Ended with the domain moved (DONE), a whole savefile (SAVED) or a channel's pages all sent."""
+        return self.state in (S.DONE, S.SAVED, S.CHANNEL_DONE)
 
     def send(self, item: Record | RecordType | type[Record]) -> ConversationState:
         """Record that we send ``item``; ProtocolError(remote=False) if we may not."""
@@ -313,6 +335,11 @@ class Conversation:
                 raise fail("the responder's migration id must be all zero")
             if remote:
                 self.peer_hello = record
+        elif isinstance(record, PagesHeader) and self.state is S.CHANNEL_OPEN:
+            # An extra channel carries no END_ROUND: its rounds only go forward.
+            if record.round < self.round:
+                raise fail(f"round {record.round} after round {self.round}")
+            self.round = record.round
         elif isinstance(record, PagesHeader | EndRound | Stop):
             if record.round != self.round:
                 raise fail(f"round {record.round}, expected {self.round}")

@@ -33,6 +33,7 @@ from relocd.protocol.records import (
     PAGE_SIZE,
     RECORD_CLASSES,
     Abort,
+    ChannelEnd,
     Commit,
     Config,
     Digest,
@@ -42,6 +43,8 @@ from relocd.protocol.records import (
     Feature,
     Go,
     Hello,
+    Join,
+    Joined,
     Outcome,
     OutcomeState,
     PagesHeader,
@@ -76,6 +79,10 @@ GOLDEN: list[tuple[Record, str]] = [
      "03 00 0000 0000001e edbd1ba1  " + b'{"id":"r1","expires_ms":30000}'.hex()),
     (Refuse(Reason.NO_MEMORY, "no"), "04 00 0000 00000004 adeba3db  0005 6e6f"),
     (Config("(domain)"), "05 00 0000 00000008 9d0095b1  28646f6d61696e29"),
+    (Join(bytes(range(16)), 1, 4),
+     "06 00 0000 00000014 5fc10a22  000102030405060708090a0b0c0d0e0f 0001 0004"),
+    (Joined(), "07 00 0000 00000000 6fe7d670"),
+    (ChannelEnd(262144), "17 00 0000 00000008 4bb4877a  0000000000040000"),
     (EndRound(3, 256, 12),
      "11 00 0000 00000018 1cff2fc1  00000003 00000000 0000000000000100 000000000000000c"),
     (Stop(4), "12 00 0000 00000004 691bd7d5  00000004"),
@@ -216,7 +223,7 @@ def test_per_type_body_bounds_checked_on_the_header() -> None:
     assert err.reason is Reason.LIMIT
 
 
-@pytest.mark.parametrize("rtype", [0x00, 0x06, 0x0F, 0x24, 0x33, 0x7F, 0xFF])
+@pytest.mark.parametrize("rtype", [0x00, 0x08, 0x0F, 0x18, 0x24, 0x33, 0x7F, 0xFF])
 def test_unknown_types_are_refused(rtype: int) -> None:
     assert "unknown record type" in fails(frame(rtype, b"")).message
 
@@ -279,7 +286,10 @@ def test_byte_at_a_time() -> None:
         (RecordType.DIGEST, b"\x03" + bytes(32), "algorithm"),
         (RecordType.OUTCOME, bytes(16) + b"\x07", "state"),
         (RecordType.END_ROUND, b"\x00\x00\x00\x01\x00\x00\x00\x01" + bytes(16), "reserved"),
-        (RecordType.HELLO, bytes.fromhex("0001 0000 0000000000000000 04 000000") + bytes(17), "role"),
+        (RecordType.HELLO, bytes.fromhex("0001 0000 0000000000000000 05 000000") + bytes(17), "role"),
+        (RecordType.JOIN, bytes(16) + b"\x00\x00\x00\x02", "channel 0 of 2"),
+        (RecordType.JOIN, bytes(16) + b"\x00\x02\x00\x02", "channel 2 of 2"),
+        (RecordType.JOIN, bytes(16) + b"\x00\x01\x00\x11", "count <= 16"),
         (RecordType.HELLO, bytes.fromhex("0001 0000 0000000000000000 01 000100") + bytes(17), "reserved"),
         (RecordType.HELLO, bytes.fromhex("0001 0000 0000000000000000 01 000000") + bytes(16) + b"\x05ab", "past the end"),
         (RecordType.HELLO, bytes.fromhex("0001 0000 0000000000000000 01 000000") + bytes(16) + b"\x01\n", "control"),

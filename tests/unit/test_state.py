@@ -21,6 +21,7 @@ from relocd.protocol.records import (
     NO_MIGRATION_ID,
     PAGE_SIZE,
     Abort,
+    ChannelEnd,
     Commit,
     Config,
     Digest,
@@ -29,6 +30,8 @@ from relocd.protocol.records import (
     EndRound,
     Go,
     Hello,
+    Join,
+    Joined,
     Outcome,
     OutcomeState,
     PagesHeader,
@@ -387,6 +390,10 @@ def sample(step: Step, conv: Conversation) -> Record:
         Step.HELLO_SOURCE: Hello.current(Role.SOURCE, MID, "s"),
         Step.HELLO_QUERY: Hello.current(Role.QUERY, MID, "q"),
         Step.HELLO_TARGET: Hello.current(Role.TARGET, NO_MIGRATION_ID, "t"),
+        Step.HELLO_CHANNEL: Hello.current(Role.CHANNEL, MID, "c"),
+        Step.JOIN: Join(bytes(16), 1, 2),
+        Step.JOINED: Joined(),
+        Step.CHANNEL_END: ChannelEnd(0),
         Step.RESERVE: Reserve({"name": "vm1"}),
         Step.RESERVED: Reserved({"id": "r"}),
         Step.REFUSE: Refuse(Reason.BUSY, "busy"),
@@ -430,7 +437,8 @@ SAVEFILE_PATHS = shortest_paths(S.SAVE_CONFIG)
 
 def drive(path: Path, *, savefile: bool) -> dict[Side, Conversation]:
     """An initiator and a responder conversation, both walked down ``path``."""
-    role = Role.QUERY if any(step is Step.HELLO_QUERY for _, step in path) else Role.SOURCE
+    steps = {step for _, step in path}
+    role = Role.QUERY if Step.HELLO_QUERY in steps else Role.CHANNEL if Step.HELLO_CHANNEL in steps else Role.SOURCE
     convs = {
         Side.INITIATOR: Conversation(role, savefile=savefile),
         Side.RESPONDER: Conversation(Role.TARGET, savefile=savefile),
