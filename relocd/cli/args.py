@@ -23,6 +23,12 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def channels(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 16:
+        raise argparse.ArgumentTypeError(f"not a channel count from 1 to 16: {text!r}")
+    return int(text)
+
+
 def seconds(text: str) -> float:
     t = text.strip().removesuffix("s")
     try:

@@ -147,6 +147,8 @@ def cmd_migrate(ns: argparse.Namespace) -> int:
         args["timeout"] = ns.timeout
     if ns.timeout_action is not None:
         args["timeout_action"] = ns.timeout_action
+    if ns.channels is not None:
+        args["channels"] = ns.channels
     where = host if port is None else f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     sent = False
     try:

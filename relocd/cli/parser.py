@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-action", choices=("abort", "stop"),
                    help="at --timeout: abort (the domain runs on here) or stop and copy "
                         "(default: the daemon's, abort)")
+    p.add_argument("--channels", metavar="N", type=types.channels,
+                   help="connections to stripe the pages over, 1 to 16 "
+                        "(default: the config's relocd-migration-channels, 2)")
 
     p = command("job", moving.cmd_job, "watch a migration in flight, started by anyone",
                 "relocd job web1", control, as_json, aliases=("watch",),

@@ -263,6 +263,8 @@ _TABLE = [
            "downtime target of the downtime policy"),
     Option("relocd-max-bandwidth", "max_bandwidth", _optional(_rate),
            "bandwidth cap for outgoing migrations (e.g. 1GB/s)"),
+    Option("relocd-migration-channels", "migration_channels", _int_range(1, 16),
+           "connections the pages of an outgoing migration are striped over"),
     Option("relocd-handshake-timeout", "handshake_timeout", _seconds(0.001, 86400),
            "seconds a peer has to complete the hello"),
     Option("relocd-idle-timeout", "idle_timeout", _seconds(0.001, 86400),

@@ -56,6 +56,8 @@ class Settings(BaseModel):
     precopy_policy: Literal["downtime", "xend"] = "downtime"
     downtime_ms: int = Field(default=300, ge=1)
     max_bandwidth: int | None = Field(default=None, gt=0)
+    #: page channels of an outgoing migration (2 measured best on 2 cores: docs/memory.md)
+    migration_channels: int = Field(default=2, ge=1, le=16)
     handshake_timeout: float = Field(default=10.0, gt=0)
     idle_timeout: float = Field(default=60.0, gt=0)
     max_frame: int = Field(default=16 << 20, ge=64 << 10, le=1 << 30)

@@ -20,7 +20,7 @@ from relocd.protocol.records import (
     Role,
 )
 
-FEATURES = Feature.ZERO_PAGES | Feature.DIGEST_SHA256 | Feature.QUERY | Feature.DIGEST_BLAKE3
+FEATURES = Feature.ZERO_PAGES | Feature.DIGEST_SHA256 | Feature.QUERY | Feature.DIGEST_BLAKE3 | Feature.CHANNELS
 
 
 def digest_algo_for(peer_features: int) -> DigestAlgo:

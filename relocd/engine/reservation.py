@@ -62,6 +62,8 @@ class ReservationRequest(BaseModel):
     #: the source machine's boot id (same value: the two daemons share a hypervisor)
     host_id: StrictStr | None = Field(default=None, max_length=64)
     source_port: StrictInt | None = Field(default=None, ge=1, le=65535)
+    #: page channels the source would like, the main connection included (protocol 1.1)
+    channels: StrictInt = Field(default=1, ge=1, le=16)
 
     @field_validator("uuid")
     @classmethod

@@ -50,6 +50,8 @@ class MigrationResult:
     downtime_breakdown_ms: dict[str, float] = dataclasses.field(default_factory=dict)
     #: the target's free memory as it reported it at reservation (evacuate spreads by it)
     target_free_bytes: int | None = None
+    #: page channels used, the main connection included (docs/protocol.md, "Parallel channels")
+    channels: int = 1
     target: str | None = None
     rounds: list[RoundReport] = dataclasses.field(default_factory=list)
     target_details: dict[str, Any] = dataclasses.field(default_factory=dict)

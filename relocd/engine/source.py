@@ -22,6 +22,7 @@ import structlog
 
 from relocd.config.domain import config_to_sxp
 from relocd.drivers.base import MIGRATED_AWAY_SUFFIX, Domain
+from relocd.engine.channels import SendChannels, run_together
 from relocd.engine.faults import fault_point
 from relocd.engine.handshake import digest_algo_for, hello, host_id
 from relocd.engine.hooks import DomainHooks
@@ -56,6 +57,7 @@ from relocd.protocol.records import (
     DigestAlgo,
     Done,
     EndRound,
+    Feature,
     Go,
     OutcomeState,
     Prepared,
@@ -93,6 +95,8 @@ class SendOptions:
     timeout_s: float | None = None
     #: ... by TIMEOUT_ABORT (rolled back, the domain runs on here) or TIMEOUT_STOP (stop-and-copy now)
     timeout_action: str = "abort"
+    #: page channels to ask for, the main connection included (engine/channels.py)
+    channels: int = 1
 
 
 TIMEOUT_ABORT = "abort"
@@ -132,8 +136,14 @@ class SourceMigration:
         progress: Progress = no_progress,
         hooks: DomainHooks | None = None,
         on_batch: Callable[[Pfns, Pfns], None] | None = None,
+        dial_channel: Reconnect | None = None,
     ) -> None:
         self.domain = domain
+        #: connects one more page channel (None: the main connection only)
+        self.dial_channel = dial_channel
+        #: the page channels: the main connection, then the extras the target granted
+        self.lanes = SendChannels(channel)
+        self._peer_features = 0
         #: told (data pfns, zero pfns) just before each PAGES record goes out
         self.on_batch = on_batch
         self.hooks = hooks or DomainHooks()
@@ -241,9 +251,12 @@ class SourceMigration:
         try:
             peer_hello = await hello(self.channel, Role.SOURCE, self.mid)
             self._digest_algo = digest_algo_for(peer_hello.features)
+            self._peer_features = peer_hello.features
             await fault_point("source", "hello")
-            await self._reserve()
+            granted = await self._reserve()
             await fault_point("source", "reserve")
+            if granted is not None:
+                await self.lanes.open(self.dial_channel, self.mid, *granted)  # type: ignore[arg-type]
             self.journal.begin(
                 self.mid, "source", self.name, self.domain.config.uuid, self.target, self.opts.live,
                 transport=self.opts.transport, server_name=self.opts.server_name,
@@ -271,17 +284,20 @@ class SourceMigration:
                 return self.result.finish("cancelled", why)
             await self._abort_before_go(MigrationAborted("cancelled", reason=Reason.CANCELLED), journaled)
             raise
+        finally:
+            # Every extra channel has ended by PREPARED (or the migration failed).
+            await self.lanes.close()
         return await self._handoff()
 
     # -- sending ---------------------------------------------------------------
 
-    async def _unless_stuck(self, sending: Awaitable[_T]) -> _T:
+    async def _unless_stuck(self, sending: Awaitable[_T], channel: RecordChannel | None = None) -> _T:
         """A send that makes no progress for the idle timeout means the peer is gone.
 
         Without this a peer (or a network) that stops reading leaves us blocked
         on a full socket buffer forever, the domain paused if it happens after STOP.
         """
-        timeout = getattr(self.channel, "read_timeout", None)
+        timeout = getattr(channel or self.channel, "read_timeout", None)
         if timeout is None:
             return await sending
         try:
@@ -295,7 +311,19 @@ class SourceMigration:
 
     # -- phases --------------------------------------------------------------
 
-    async def _reserve(self) -> None:
+    def _channels_wanted(self) -> int:
+        """Page channels to ask for: only where both ends speak them and pages are ours to stripe."""
+        if (
+            self.opts.channels > 1
+            and self.dial_channel is not None
+            and self._peer_features & Feature.CHANNELS
+            and transfer_for(self.domain).stripes
+        ):
+            return self.opts.channels
+        return 1
+
+    async def _reserve(self) -> tuple[bytes, int] | None:
+        """RESERVE; returns (token, count) when the target granted extra page channels."""
         cfg = self.domain.config
         request = {
             "name": cfg.name,
@@ -310,6 +338,9 @@ class SourceMigration:
             "host_id": host_id(),
             "source_port": self.opts.source_port,
         }
+        wanted = self._channels_wanted()
+        if wanted > 1:
+            request["channels"] = wanted
         await self.progress(phase="reserve")
         await self.send(Reserve(request))
         answer = await self.channel.recv()
@@ -321,6 +352,17 @@ class SourceMigration:
         free = answer.info.get("free_bytes")  # optional: older targets do not say
         if isinstance(free, int) and not isinstance(free, bool):
             self.result.target_free_bytes = free
+        count, token = answer.info.get("channels", 1), answer.info.get("channel_token")
+        if wanted == 1 or count == 1:
+            return None
+        if not (isinstance(count, int) and 2 <= count <= wanted and isinstance(token, str)):
+            raise ProtocolError(f"target granted {count!r} channels ({wanted} asked)")
+        try:
+            raw = bytes.fromhex(token)
+        except ValueError:
+            raise ProtocolError("target's channel token is not hex") from None
+        self.result.channels = count
+        return raw, count
 
     async def precopy(self) -> Pfns:
         """Run the precopy rounds (the policy decides when to stop); returns the pages still dirty.
@@ -336,30 +378,40 @@ class SourceMigration:
         return await self._send_pfns(round_no, pfns)
 
     async def _send_pfns(self, round_no: int, pfns: np.ndarray) -> tuple[int, int]:
-        """Send pages (zero pages as pfns only); returns (pages, bytes).
+        """Send pages (zero pages as pfns only), each channel its share at once; returns (pages, bytes).
 
         Progress goes out every 250 ms inside the round (engine/meter.py).
         """
         memory = self.domain.memory()
-        pages = 0
-        nbytes = 0
         meter = RoundMeter(round_no, len(pfns), self.result.bytes_sent)
-        for batch in iter_batches(pfns, self.opts.batch_pages):
-            data, zero = split_zero_pages(memory, batch)
-            if self.on_batch is not None:
-                self.on_batch(data, zero)
-            n = await self._unless_stuck(self.channel.send_pages(round_no, data, zero, memory))
-            pages += len(batch)
-            nbytes += n
-            self.result.zero_pages += len(zero)
-            meter.add(len(batch), n)
-            if meter.due():
-                await self.progress(**meter.event())
-            if self.paused_at is None and self.opts.timeout_action == TIMEOUT_ABORT:
-                self._check_timeout()  # an abort does not wait for the round's end
-            delay = self.limiter.delay_for(n)
-            if delay > 0:
-                await asyncio.sleep(delay)
+        lanes = self.lanes
+
+        async def send_share(index: int, share: Pfns) -> tuple[int, int]:
+            channel = lanes.channels[index]
+            pages = nbytes = 0
+            for batch in iter_batches(share, self.opts.batch_pages):
+                data, zero = split_zero_pages(memory, batch)
+                if self.on_batch is not None:
+                    self.on_batch(data, zero)
+                n = await self._unless_stuck(channel.send_pages(round_no, data, zero, memory), channel)
+                pages += len(batch)
+                nbytes += n
+                lanes.pages[index] += len(batch)
+                self.result.zero_pages += len(zero)
+                meter.add(len(batch), n)
+                if meter.due():
+                    await self.progress(**meter.event())
+                if self.paused_at is None and self.opts.timeout_action == TIMEOUT_ABORT:
+                    self._check_timeout()  # an abort does not wait for the round's end
+                delay = self.limiter.delay_for(n)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            return pages, nbytes
+
+        shares = [(i, share) for i, share in enumerate(lanes.split(pfns)) if len(share)]
+        sent = await run_together([send_share(i, share) for i, share in shares])
+        pages = sum(p for p, _ in sent)
+        nbytes = sum(n for _, n in sent)
         if pages:
             await self.progress(**meter.event())  # the round's end: 100%, whatever the interval
         self.result.pages_sent += pages
@@ -452,6 +504,7 @@ class SourceMigration:
         self.journal.set_phase(self.mid, Phase.STOPPED)
         await self.send(Stop(round_no))
         await self._send_pfns(round_no, pfns)
+        await self.lanes.end()
         self.result.mark("last-pages")
         await fault_point("source", "stop-and-copy")
         self.result.iterations = round_no

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid as uuidlib
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import structlog
 
 from relocd.config.domain import config_from_sxp
 from relocd.drivers.base import INCOMING_SUFFIX, Domain, DomainConfig, DomainState, Driver
+from relocd.engine.channels import ReceiveChannels, serve_join
 from relocd.engine.faults import fault_point
 from relocd.engine.host import Host
 from relocd.engine.journal import Phase
@@ -39,12 +41,14 @@ from relocd.errors import (
     RelocdError,
     ReservationRefused,
 )
+from relocd.protocol.channel_records import MAX_CHANNELS
 from relocd.protocol.records import (
     Record,
     Abort,
     Config,
     DigestAlgo,
     Done,
+    Feature,
     Go,
     Outcome,
     OutcomeState,
@@ -97,6 +101,9 @@ class TargetSession:
         self._journaled = False
         self._hello_sent = False
         self.digest_algo = DigestAlgo.SHA256
+        self._peer_features = 0
+        #: the extra page channels granted at RESERVE (None: the main connection only)
+        self.channels: ReceiveChannels | None = None
         self._task: asyncio.Task[object] | None = None
         self._expired = False
 
@@ -112,6 +119,7 @@ class TargetSession:
             hello = await answer_hello(self.channel)
             self._hello_sent = True
             self.digest_algo = digest_algo_for(hello.features)
+            self._peer_features = hello.features
             await fault_point("target", "hello")
             # Authenticated and speaking our protocol: lift the pre-auth limits.
             self.channel.max_frame = self.max_frame
@@ -122,6 +130,8 @@ class TargetSession:
             structlog.contextvars.bind_contextvars(migration_id=self.mid)
             if hello.role == Role.QUERY:
                 await self._answer_query()
+            elif hello.role == Role.CHANNEL:
+                await serve_join(self.channel, self._grant_for, peer=self.peer, peer_identity=self.peer_identity)
             else:
                 await self._receive()
         except asyncio.CancelledError:
@@ -141,6 +151,8 @@ class TargetSession:
             self.log.exception("incoming session failed on a bug")
             await self._fail(RelocdError(f"internal error: {type(exc).__name__}: {exc}", reason=Reason.INTERNAL))
         finally:
+            if self.channels is not None:
+                self.channels.release()  # their connections may close now
             if self.ctx.sessions.get(self.mid) is self:
                 del self.ctx.sessions[self.mid]
             await self.channel.close()
@@ -188,6 +200,7 @@ class TargetSession:
                 progress=self.progress,
                 faults="target",
                 hash_algo=self.digest_algo if self.request.verify else None,
+                channels=self.channels,
             ),
         )
         if await received.memory_matches() is False:
@@ -216,6 +229,21 @@ class TargetSession:
         await fault_point("target", "go")
         self.domain = None  # from GO on, _go owns the copy's fate
         await self._go(self.mid, ch)
+
+    def _grant_for(self, migration_id: str) -> ReceiveChannels | None:
+        """The channels an incoming migration was granted, for a JOIN naming it."""
+        session = self.ctx.sessions.get(migration_id)
+        return session.channels if isinstance(session, TargetSession) else None
+
+    def _grant_channels(self, req: ReservationRequest, driver: Driver) -> dict[str, object]:
+        """RESERVED's channel grant: how many, and the token each JOIN must show."""
+        if req.channels < 2 or not self._peer_features & Feature.CHANNELS or not transfer_for(driver).stripes:
+            return {}
+        grant = ReceiveChannels(
+            min(req.channels, MAX_CHANNELS), os.urandom(16), peer=self.peer, peer_identity=self.peer_identity
+        )
+        self.channels = grant
+        return {"channels": grant.count, "channel_token": grant.token.hex()}
 
     def _register(self, domain: Domain) -> None:
         """The incoming domain exists now: ours to destroy on failure, and listed."""
@@ -279,6 +307,7 @@ class TargetSession:
                 "expires_ms": int(ctx.reservations.timeout_s * 1000),
                 # what is left after this one: evacuate spreads domains by it
                 "free_bytes": max(0, caps.free_memory_bytes - ctx.reservations.reserved_bytes),
+                **self._grant_channels(req, driver),
             })  # fmt: skip
         )
         # The reservation expires when the source goes quiet this long: every

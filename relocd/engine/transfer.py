@@ -27,9 +27,10 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from relocd.drivers.base import PAGES, STREAM, Domain, DomainConfig, Driver, RoundDecision
+from relocd.engine.channels import ReceiveChannels, run_together
 from relocd.engine.faults import fault_point
 from relocd.engine.journal import Phase
 from relocd.engine.pages import memory_digest
@@ -81,6 +82,8 @@ class Landing:
     faults: str | None = None
     #: PAGES: hash our memory as soon as the state arrives (the sender asked to verify)
     hash_algo: DigestAlgo | None = None
+    #: PAGES: the extra page channels granted at RESERVE (engine/channels.py)
+    channels: ReceiveChannels | None = None
 
 
 @dataclasses.dataclass
@@ -120,6 +123,8 @@ class Transfer:
     verifies_memory: ClassVar[bool]
     #: a live save (save --checkpoint) can leave the domain running
     checkpoints: ClassVar[bool]
+    #: the records may be striped over extra page channels (engine/channels.py)
+    stripes: ClassVar[bool]
 
     async def send(self, mig: SourceMigration) -> None:
         """Source of a migration: from after CONFIG to COMMIT."""
@@ -151,6 +156,7 @@ class PagedTransfer(Transfer):
     builds_at_reserve = True
     verifies_memory = True
     checkpoints = True
+    stripes = True
 
     async def send(self, mig: SourceMigration) -> None:
         if mig.opts.live:
@@ -166,6 +172,28 @@ class PagedTransfer(Transfer):
         if domain is None:
             domain = await at.driver.create(at.config.model_copy(update={"name": at.name}), start=False)
             at.register(domain)
+        extra = at.channels
+        if extra is None:
+            return await self._receive(channel, at, domain, None)
+        # Extra channels: each takes its share into memory while channel 0 is
+        # read here; the first to fail ends them all.
+        arrived: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        async def extras() -> None:
+            arrived.set_result(await extra.receive(domain.memory(), lambda: at.reservations.touch(at.reservation_id)))
+
+        quiet = channel.read_timeout
+        channel.read_timeout = None  # the reservation watches all the channels' silence together
+        try:
+            results = await run_together([self._receive(channel, at, domain, arrived), extras()])
+        finally:
+            channel.read_timeout = quiet
+        return cast(Received, results[0])
+
+    async def _receive(
+        self, channel: RecordChannel, at: Landing, domain: Domain, arrived: asyncio.Future[int] | None
+    ) -> Received:
+        """Channel 0 from after CONFIG to COMMIT; ``arrived``: the extra channels' pages, once all ended."""
         memory = domain.memory()
         state: bytes | None = None
         digest: Digest | None = None
@@ -187,6 +215,8 @@ class PagedTransfer(Transfer):
                         f"vCPU state for driver {record.driver!r}, domain uses {domain.config.driver!r}"
                     )
                 state = record.blob
+                if arrived is not None:
+                    pages += await arrived  # every channel's last page is in
                 if at.hash_algo is not None:
                     # Every page is here now: hash ours while the sender hashes
                     # its own, instead of after its DIGEST (halves --verify's cost).
@@ -212,6 +242,7 @@ class StreamTransfer(Transfer):
     builds_at_reserve = False
     verifies_memory = False
     checkpoints = False
+    stripes = False  # one hypervisor stream, in order
 
     async def send(self, mig: SourceMigration) -> None:
         dom = mig.domain

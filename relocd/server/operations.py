@@ -297,6 +297,7 @@ class Operations:
             server_name=host if tls_ctx is not None else None,
             timeout_s=_timeout(args),
             timeout_action=_timeout_action(args),
+            channels=_channels(args, s.migration_channels),
         )
         job = self.jobs.start(jobs.MIGRATE, dom.name)
 
@@ -329,6 +330,7 @@ class Operations:
                 migration_id=mid,
                 target=target,
                 reconnect=lambda: open_channel(Role.QUERY),
+                dial_channel=lambda: open_channel(Role.CHANNEL),
                 progress=job.progress(progress_to(sink)),
                 hooks=self.hooks,
             )
@@ -383,6 +385,13 @@ def _timeout(args: dict[str, Any]) -> float | None:
     if isinstance(raw, bool) or not isinstance(raw, (int, float)) or raw < 0:
         raise ConfigError("--timeout: seconds, zero or more")
     return float(raw)
+
+
+def _channels(args: dict[str, Any], default: int) -> int:
+    count = args.get("channels", default)
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 16:
+        raise ConfigError("--channels: a whole number from 1 to 16")
+    return count
 
 
 def _timeout_action(args: dict[str, Any]) -> str:

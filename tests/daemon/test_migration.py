@@ -40,8 +40,9 @@ async def test_non_live_migration_moves_every_page(pair: tuple[DaemonProc, Daemo
     a, b = pair
     await a.call("create", name="db1", memory=256, workload=HOTSET)
     await asyncio.sleep(0.3)
-    result = await a.call("migrate", name="db1", host=b.address, port=b.port, live=False, verify=True)
+    result = await a.call("migrate", name="db1", host=b.address, port=b.port, live=False, verify=True, channels=3)
     assert result["status"] == "completed", result
+    assert result["channels"] == 3
     assert result["live"] is False
     assert result["iterations"] == 1
     assert result["verified"] is True
@@ -49,8 +50,9 @@ async def test_non_live_migration_moves_every_page(pair: tuple[DaemonProc, Daemo
     check = await b.call("check", name="db1")
     assert check["ok"], check["problem"]
     # and back again
-    result = await b.call("migrate", name="db1", host=a.address, port=a.port, live=True)
+    result = await b.call("migrate", name="db1", host=a.address, port=a.port, live=True, channels=1)
     assert result["status"] == "completed", result
+    assert result["channels"] == 1
     assert await names(a) == [("db1", "running")]
     assert await names(b) == []
     assert (await a.call("check", name="db1"))["ok"]
