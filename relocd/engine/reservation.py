@@ -62,6 +62,8 @@ class ReservationRequest(BaseModel):
     #: the source machine's boot id (same value: the two daemons share a hypervisor)
     host_id: StrictStr | None = Field(default=None, max_length=64)
     source_port: StrictInt | None = Field(default=None, ge=1, le=65535)
+    #: the source arbitrates the handoff by a cluster store (docs/cluster.md): so must the target
+    cluster_store: StrictBool = False
 
     @field_validator("uuid")
     @classmethod

@@ -133,7 +133,7 @@ async def _resolve_in_doubt(host: Host, reconnect: Reconnect, entry: JournalEntr
     migration = SourceMigration.in_doubt(
         dom,
         entry.domain,
-        SendOptions(live=entry.live, verify=False, policy=XendPolicy(), recovery_s=0.0),
+        SendOptions(live=entry.live, verify=False, policy=XendPolicy(), recovery_s=0.0, cluster=host.cluster),
         journal=host.journal,
         migration_id=entry.migration_id,
         target=entry.peer,
