@@ -28,6 +28,9 @@ log = structlog.get_logger("relocd.etcd")
 
 #: the most an answer may hold (a listing of every domain and host fits easily)
 MAX_RESPONSE = 16 << 20
+#: a call whose every endpoint failed is tried again for this many timeouts (an election)
+RETRY_TIMEOUTS = 3
+RETRY_PAUSE_S = 0.2
 
 
 def parse_store_url(url: str) -> tuple[bool, list[tuple[str, int]]]:
@@ -88,20 +91,28 @@ class EtcdStore(Store):
 
     async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST one gateway call, trying each endpoint in turn; StoreUnavailable if none answers."""
-        errors = []
+        errors: dict[str, str] = {}
         n = len(self.endpoints)
-        for i in range(n):
-            index = (self._first + i) % n
-            host, port = self.endpoints[index]
-            try:
-                async with asyncio.timeout(self.timeout_s):
-                    answer = await self._post(host, port, path, body)
-            except (OSError, TimeoutError, ValueError, ssl.SSLError) as exc:
-                errors.append(f"{host}:{port}: {str(exc) or type(exc).__name__}")
-                continue
-            self._first = index
-            return answer
-        raise StoreUnavailable(f"cluster store unreachable ({self.url}): {'; '.join(errors)}")
+        # An election after a member dies takes a second or two: a whole
+        # pass of failures is tried again for RETRY_TIMEOUTS timeouts.
+        give_up = asyncio.get_running_loop().time() + self.timeout_s * RETRY_TIMEOUTS
+        while True:
+            for i in range(n):
+                index = (self._first + i) % n
+                host, port = self.endpoints[index]
+                try:
+                    async with asyncio.timeout(self.timeout_s):
+                        answer = await self._post(host, port, path, body)
+                except (OSError, TimeoutError, ValueError, ssl.SSLError) as exc:
+                    errors[f"{host}:{port}"] = str(exc) or type(exc).__name__
+                    continue
+                self._first = index
+                return answer
+            if asyncio.get_running_loop().time() >= give_up:
+                break
+            await asyncio.sleep(RETRY_PAUSE_S)
+        why = "; ".join(f"{k}: {v}" for k, v in errors.items())
+        raise StoreUnavailable(f"cluster store unreachable ({self.url}): {why}")
 
     async def _post(self, host: str, port: int, path: str, body: dict[str, Any]) -> dict[str, Any]:
         payload = json.dumps(body).encode()
