@@ -125,9 +125,10 @@ async def target_claim(
 ) -> Resumed | None:
     """GO taken, RESUMING journaled: claim before the resume.  None: ours, go on; else the answer."""
     own = host.cluster
-    entry = host.journal.get(mid)
-    if own is None or entry is None or entry.phase == Phase.STARTING:
-        return None  # no store, or the claim was done before STARTING was journaled
+    if own is None:
+        return None
+    # Also at STARTING (a restart finishing the resume): the claim is
+    # idempotent, and a give-back whose copy was not destroyed yet shows here.
     backoff = Backoff()
     while True:
         try:
