@@ -144,6 +144,24 @@ def _rate(text: str, base_dir: Path) -> int:
     return value
 
 
+def _store_url(text: str, base_dir: Path) -> str:
+    """``etcd://h1:2379,h2:2379`` (``etcds://`` for TLS): checked now, dialled at startup."""
+    from relocd.cluster.etcd import parse_store_url
+    from relocd.errors import ConfigError
+
+    try:
+        parse_store_url(text)
+    except ConfigError as exc:
+        raise ValueError(exc.message) from None
+    return text
+
+
+def _cluster_name(text: str, base_dir: Path) -> str:
+    if not _HOST_OR_IFACE.match(text):
+        raise ValueError(f"{text!r} is not a host name")
+    return text
+
+
 def _path(text: str, base_dir: Path) -> Path:
     if not text.strip():
         raise ValueError("empty path")
@@ -295,6 +313,18 @@ _TABLE = [
            "driver of domains created without --driver"),
     Option("relocd-metrics-address", "metrics_address", _optional(parse_host_port),
            "HOST:PORT of the Prometheus endpoint (unset = off)"),
+    Option("relocd-cluster-store", "cluster_store", _optional(_store_url),
+           "etcd://HOST:PORT,... arbitrates handoffs and lists the fleet (unset = journal only)"),
+    Option("relocd-cluster-name", "cluster_name", _optional(_cluster_name),
+           "this host's name in the cluster store (unset = the host name)"),
+    Option("relocd-cluster-ca-file", "cluster_ca_file", _optional(_path),
+           "CA certificates of etcd's client port (TLS to etcd)"),
+    Option("relocd-cluster-cert-file", "cluster_cert_file", _optional(_path),
+           "client certificate shown to etcd"),
+    Option("relocd-cluster-key-file", "cluster_key_file", _optional(_path),
+           "private key of the etcd client certificate"),
+    Option("relocd-cluster-timeout", "cluster_timeout", _seconds(0.05, 600),
+           "seconds an etcd member has to answer before the next is tried"),
 ]  # fmt: skip
 
 #: keyword -> option

@@ -75,6 +75,14 @@ class Settings(BaseModel):
     default_driver: str = "sim"
     #: relocd-metrics-address: (host, port) of the Prometheus endpoint; None = off
     metrics_address: tuple[str, int] | None = None
+    #: relocd-cluster-store: etcd endpoints (docs/cluster.md); None = journal only
+    cluster_store: str | None = None
+    #: relocd-cluster-name: this host in the store; None = socket.gethostname()
+    cluster_name: str | None = None
+    cluster_ca_file: Path | None = None
+    cluster_cert_file: Path | None = None
+    cluster_key_file: Path | None = None
+    cluster_timeout: float = Field(default=2.0, gt=0)
     #: The file these settings came from (None: defaults only).
     config_file: Path | None = None
 

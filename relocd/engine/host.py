@@ -17,6 +17,7 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
+from relocd.cluster.ownership import Ownership
 from relocd.drivers.base import INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX, Domain, Driver
 from relocd.engine.claims import Claim, ClaimTable
 from relocd.engine.hooks import DomainHooks
@@ -62,6 +63,8 @@ class Host:
     background: set[asyncio.Task[Any]] = dataclasses.field(default_factory=set)
     #: told of what happened here (metrics, STATUS=): ``observer(event, fields)``
     observers: list[Callable[[str, dict[str, Any]], None]] = dataclasses.field(default_factory=list)
+    #: relocd-cluster-store: ownership records that arbitrate handoffs (None: journal only)
+    cluster: Ownership | None = None
 
     def notify(self, event: str, **fields: Any) -> None:
         """Tell the observers; one that raises is logged, never the caller's problem.

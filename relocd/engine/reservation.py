@@ -64,6 +64,8 @@ class ReservationRequest(BaseModel):
     source_port: StrictInt | None = Field(default=None, ge=1, le=65535)
     #: page channels the source would like, the main connection included (protocol 1.1)
     channels: StrictInt = Field(default=1, ge=1, le=16)
+    #: the source arbitrates the handoff by a cluster store (docs/cluster.md): so must the target
+    cluster_store: StrictBool = False
 
     @field_validator("uuid")
     @classmethod

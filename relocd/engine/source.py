@@ -14,12 +14,13 @@ import dataclasses
 import time
 import uuid as uuidlib
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 import structlog
 
+from relocd.cluster.handoff import settle_by_store, source_offer, source_reserve, source_reserved
 from relocd.config.domain import config_to_sxp
 from relocd.drivers.base import MIGRATED_AWAY_SUFFIX, Domain
 from relocd.engine.channels import SendChannels, run_together
@@ -72,6 +73,9 @@ from relocd.protocol.records import (
 )
 from relocd.units import PAGE_SIZE
 
+if TYPE_CHECKING:
+    from relocd.cluster.ownership import Ownership
+
 log = structlog.get_logger("relocd.source")
 
 Pfns = npt.NDArray[np.uint64]
@@ -97,6 +101,8 @@ class SendOptions:
     timeout_action: str = "abort"
     #: page channels to ask for, the main connection included (engine/channels.py)
     channels: int = 1
+    #: the cluster store's ownership records arbitrate the handoff (None: journal only)
+    cluster: Ownership | None = None
 
 
 TIMEOUT_ABORT = "abort"
@@ -342,6 +348,7 @@ class SourceMigration:
         if wanted > 1:
             request["channels"] = wanted
         await self.progress(phase="reserve")
+        await source_reserve(self, request)
         await self.send(Reserve(request))
         answer = await self.channel.recv()
         if isinstance(answer, Refuse):
@@ -349,6 +356,7 @@ class SourceMigration:
         if isinstance(answer, Abort):  # e.g. our RESERVE arrived corrupted
             raise MigrationAborted(f"target aborted: {answer.message}", reason=answer.reason)
         assert isinstance(answer, Reserved)
+        source_reserved(self, answer.info)
         free = answer.info.get("free_bytes")  # optional: older targets do not say
         if isinstance(free, int) and not isinstance(free, bool):
             self.result.target_free_bytes = free
@@ -536,6 +544,7 @@ class SourceMigration:
         # ours first so the two are never confused, then make GO durable.
         self.past_go = True  # before the first await: no abort from here
         try:
+            await source_offer(self)
             await self.copy.rename_away()
             self.journal.set_phase(self.mid, Phase.GO_SENT)
             self.result.mark("go")
@@ -590,6 +599,8 @@ class SourceMigration:
         """
         if self.channel is not None:
             await self.channel.close()
+        if self.opts.cluster is not None:
+            return await settle_by_store(self)  # the record, not the peer, decides (docs/cluster.md)
         told_at = time.monotonic() + self.opts.recovery_s
         backoff = Backoff()
         last_error = "no answer"

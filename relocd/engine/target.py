@@ -18,6 +18,7 @@ from typing import TypeVar
 
 import structlog
 
+from relocd.cluster import handoff as cluster
 from relocd.config.domain import config_from_sxp
 from relocd.drivers.base import INCOMING_SUFFIX, Domain, DomainConfig, DomainState, Driver
 from relocd.engine.channels import ReceiveChannels, serve_join
@@ -257,6 +258,7 @@ class TargetSession:
         try:
             if driver is None:
                 raise ReservationRefused(f"driver {req.driver!r} is not available on this host", reason=Reason.DRIVER)
+            cluster.target_reserve_check(ctx, req)
             caps = await driver.capabilities()
             # From here to reservations.add there is no await: concurrent
             # RESERVEs see each other's reservations, never the same free room.
@@ -308,6 +310,7 @@ class TargetSession:
                 # what is left after this one: evacuate spreads domains by it
                 "free_bytes": max(0, caps.free_memory_bytes - ctx.reservations.reserved_bytes),
                 **self._grant_channels(req, driver),
+                **cluster.reserved_info(ctx),
             })  # fmt: skip
         )
         # The reservation expires when the source goes quiet this long: every
@@ -576,6 +579,9 @@ async def finish_resume(
     (the rename and the resume may or may not have happened): each step is
     skipped when the hypervisor shows it done.
     """
+    lost = await cluster.target_claim(ctx, mid, domain, lg, release)  # with a store: its word first
+    if lost is not None:
+        return lost
     final_name = domain.name.removesuffix(INCOMING_SUFFIX)
     t0 = time.monotonic()
     try:
@@ -591,6 +597,8 @@ async def finish_resume(
     except RelocdError as exc:
         # Could not resume: destroy ours so the source may resume its own.
         lg.error("resume failed after GO", error=exc.message)
+        if not await cluster.target_give_back(ctx, mid, domain, lg):
+            return await cluster.resume_kept(ctx, mid, domain, lg, release)
         ctx.journal.set_phase(mid, Phase.ABORTED)  # it never ran: the source's copy is the one
         await domain.destroy()
         await ctx.hooks.destroyed(domain)

@@ -33,7 +33,9 @@ from relocd.drivers.base import Domain, Driver
 from relocd.engine.journal import Journal
 from relocd.engine.reservation import ReservationTable
 from relocd.engine.host import Host
-from relocd.engine.target import TargetSession, expire_reservations
+from relocd.cluster.handoff import sweep_fenced
+from relocd.cluster.registry import cluster_ownership, keep_registered
+from relocd.engine.target import TargetSession, expire_reservations, release_incoming
 from relocd.engine.stream import ByteTransport, PeerGone, RecordChannel
 from relocd.errors import ConfigError, DriverError, RelocdError
 from relocd.protocol.records import Role
@@ -125,6 +127,7 @@ class Daemon:
             journal=self.journal,
             max_memory=s.max_memory,
             hooks=NetworkHooks(netns_prefix_for(self.state_dir), AnnounceConfig.from_settings(s)),
+            cluster=cluster_ownership(s),
         )
         if s.metrics_address is not None:
             from relocd.server.metrics import Metrics, MetricsEndpoint
@@ -138,6 +141,8 @@ class Daemon:
             log.info("metrics endpoint listening", address=format_host_port(*self.metrics_endpoint.address))
         self.ops = Operations(host, s, lambda: [format_host_port(*lst.address) for lst in self.listeners])
         host.spawn(self._expire_reservations(host))
+        if host.cluster is not None:  # the fleet's view (relocd cluster hosts); never gates a handoff
+            host.spawn(keep_registered(host, s, lambda: [format_host_port(*lst.address) for lst in self.listeners]))
         await recover_unfinished(host, s)
         await saveops.recover_interrupted(host, s)
         if s.relocation_server:
@@ -223,6 +228,7 @@ class Daemon:
         while True:
             await asyncio.sleep(period)
             expire_reservations(host)
+            await sweep_fenced(host, lambda mid: release_incoming(host, mid))
 
     def all_domains(self) -> list[Domain]:
         return [d for drv in self.drivers.values() for d in drv.domains()]

@@ -23,6 +23,7 @@ from relocd.drivers.base import (
     DomainConfig,
     DomainState,
 )
+from relocd.cluster.registry import register_domain
 from relocd.config.settings import Settings
 from relocd.engine.claims import Claim, ClaimTable
 from relocd.engine.hooks import DomainHooks
@@ -195,12 +196,16 @@ class Operations:
                 driver=driver_name,
                 workload=arg(args, "workload", str, "idle"),
                 vifs=vifs,
+                **({"uuid": arg(args, "uuid", str)} if args.get("uuid") else {}),
             )
         except ValueError as exc:
             raise ConfigError(f"bad domain: {str(exc).splitlines()[0]}") from None
         for d in self.host.all_domains():
             if d.name in (name, name + INCOMING_SUFFIX, name + MIGRATED_AWAY_SUFFIX):
                 raise DomainExists(f"a domain named {name!r} already exists")
+        if self.host.find_uuid(config.uuid) is not None:
+            raise DomainExists(f"a domain with uuid {config.uuid} already exists")
+        await register_domain(self.host, config.uuid, name)  # with a cluster store: ours, or refused
         caps = await driver.capabilities()
         config = config.model_copy(update={"cpu_features": tuple(sorted(caps.cpu_features))})
         dom = await driver.create(config)
@@ -298,6 +303,7 @@ class Operations:
             timeout_s=_timeout(args),
             timeout_action=_timeout_action(args),
             channels=_channels(args, s.migration_channels),
+            cluster=self.host.cluster,
         )
         job = self.jobs.start(jobs.MIGRATE, dom.name)
 

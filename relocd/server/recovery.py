@@ -133,7 +133,7 @@ async def _resolve_in_doubt(host: Host, reconnect: Reconnect, entry: JournalEntr
     migration = SourceMigration.in_doubt(
         dom,
         entry.domain,
-        SendOptions(live=entry.live, verify=False, policy=XendPolicy(), recovery_s=0.0),
+        SendOptions(live=entry.live, verify=False, policy=XendPolicy(), recovery_s=0.0, cluster=host.cluster),
         journal=host.journal,
         migration_id=entry.migration_id,
         target=entry.peer,
@@ -161,6 +161,8 @@ async def _resolve_without_copy(host: Host, reconnect: Reconnect, entry: Journal
                     journal.finish(mid, "completed", "local copy gone at restart; the target runs it")
                     return
                 if state == OutcomeState.PREPARED:
+                    if host.cluster is not None:  # the target claims only what is offered to it
+                        await host.cluster.offer(entry.uuid, entry.domain, mid)
                     await channel.send(Go())  # its copy is the only one left: run it
                     answer = await channel.recv()
                     if isinstance(answer, Resumed) and answer.ok:
@@ -189,6 +191,12 @@ async def _recover_target(ctx: Host, entry: JournalEntry, dom: Domain | None, lg
     if entry.phase == Phase.RESUMED:
         journal.finish(mid, "completed")
         return
+    if entry.phase == Phase.STARTING and dom is None and ctx.cluster is not None:
+        # With a store the claim came before STARTING: the domain was ours and went with this host.
+        lg.error("the incoming copy is gone after its claim: the domain was lost with this host")
+        journal.set_phase(mid, Phase.ABORTED)
+        journal.finish(mid, "failed", "domain lost: incoming copy gone after its claim in the cluster store")
+        return
     if entry.phase == Phase.STARTING and dom is None:
         # The copy may have run here before it was lost (the host lost power):
         # the source's paused copy is older than what ran.  Neither side may
@@ -207,6 +215,8 @@ async def _recover_target(ctx: Host, entry: JournalEntry, dom: Domain | None, lg
         # RESUMING existed.  Finish the resume: the source waits for RESUMED.
         if dom is None:
             lg.error("GO was received but the incoming copy is gone (host lost it); answering ABORTED")
+            if ctx.cluster is not None:  # it never ran (RESUMING): the source's copy is the domain again
+                await ctx.cluster.give_back(entry.uuid, mid)
             journal.set_phase(mid, Phase.ABORTED)
             journal.finish(mid, "failed", "incoming copy gone at restart after GO")
             return

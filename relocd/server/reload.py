@@ -36,6 +36,7 @@ RELOADABLE = frozenset(
         "precopy_policy",
         "downtime_ms",
         "max_bandwidth",
+        "migration_channels",
         "relocation_ssl",
         # the TLS listener's context is rebuilt from them (a renewed
         # certificate at the same path is picked up too); outgoing TLS reads
@@ -64,6 +65,13 @@ RESTART_ONLY = frozenset(
         "control_socket",
         "state_dir",
         "metrics_address",
+        # the cluster store's client and this host's registration are made at startup
+        "cluster_store",
+        "cluster_name",
+        "cluster_ca_file",
+        "cluster_cert_file",
+        "cluster_key_file",
+        "cluster_timeout",
     }
 )
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from relocd.cluster.registry import register_domain
 from relocd.drivers.base import INCOMING_SUFFIX, DomainState
 from relocd.config.settings import Settings
 from relocd.engine.host import Host
@@ -132,6 +133,7 @@ async def restore(host: Host, settings: Settings, args: dict[str, Any], sink: An
     # Read the header first so the marker names the domain; restore_savefile
     # checks everything again (trailer, digest) before it creates anything.
     name, uuid = _peek(file)
+    await register_domain(host, uuid, name)  # with a cluster store: ours, or refused
     observed = _observed(host, "restore_finished", domain=name, file=str(Path(file).absolute()))
     with _Marker(settings, "restore", {"name": name, "uuid": uuid, "file": file}), observed:
         result = await host.run_to_end(

@@ -66,6 +66,11 @@ DOWN = "down"  # the mode of a crashed daemon
 # Messages in flight are strings "NAME>s" (to the source) or "NAME>t" (to the target).
 OUTCOMES = ("PREPARED", "RECEIVING", "RESUMED", "ABORTED", "UNKNOWN")
 
+# The ownership record's states (docs/cluster.md): owned by the source; offered
+# to this migration; taken by the target; taken and released by the source;
+# the source's again with this migration fenced (a fence, or a give-back).
+REC_SRC, REC_OFFERED, REC_TAKEN, REC_RELEASED, REC_FENCED = "owned(S)", "offered(S,M)", "taken(T,M)", "released(T,M)", "fenced(S,M)"
+
 
 class Host(NamedTuple):
     """One side: its daemon (journal + memory) and its copy of the domain."""
@@ -104,12 +109,19 @@ class State(NamedTuple):
     #: copy may have run, nobody can tell, and the migration may be left in
     #: doubt for the operator (left_for_operator); the only such allowance
     in_doubt: bool = False
+    #: the cluster store's ownership record (Protocol.store; "" without a store):
+    #: REC_SRC, REC_OFFERED, REC_TAKEN, REC_RELEASED, REC_FENCED (docs/cluster.md).
+    #: It survives every crash and power loss.
+    rec: str = ""
+    #: store operations that failed: unreachable (not applied) or slow (applied, answer lost)
+    store_faults: int = 0
 
     def show(self) -> str:
         net = " ".join(sorted(self.net)) or "-"
         ran = "".join(f" [{who} ran]" for who, r in (("source", self.src_ran), ("target", self.tgt_ran)) if r)
         flags = (" [domain lost]" if self.lost else "") + (" [in doubt: copy lost at STARTING]" if self.in_doubt else "")
-        return f"S {self.src.show()} | T {self.tgt.show()} | net {net}{ran}{flags}"
+        store = f" | store {self.rec}" if self.rec else ""
+        return f"S {self.src.show()} | T {self.tgt.show()} | net {net}{store}{ran}{flags}"
 
 
 INITIAL = State(
@@ -185,6 +197,18 @@ class Protocol:
     #: and answers, two steps a crash may come between (target.py's
     #: finish_resume at 7f4e5cd); the intended model takes the two as one
     destroy_before_aborted: bool = False
+    #: the cluster store arbitrates (issue 15, docs/cluster.md): the source
+    #: offers before GO, the target claims before the resume, a source that
+    #: lost its link after GO settles by the record (fence or release)
+    store: bool = False
+    #: (n) with a store: the source resumes its copy after GO when the record
+    #: is still offered, without fencing it first
+    store_resume_unfenced: bool = False
+    #: (o) with a store: the target resumes on GO without claiming
+    store_no_claim: bool = False
+    #: (p) with a store: a target whose resume failed gives the domain back
+    #: even after the source released it
+    store_giveback_released: bool = False
 
 
 VARIANTS: dict[str, Protocol] = {
@@ -202,6 +226,10 @@ VARIANTS: dict[str, Protocol] = {
     "k": Protocol(handoff_failure_stalls=True),
     "l": Protocol(resuming_gone_in_doubt=True),
     "m": Protocol(destroy_before_aborted=True),
+    "store": Protocol(store=True),
+    "n": Protocol(store=True, store_resume_unfenced=True),
+    "o": Protocol(store=True, store_no_claim=True),
+    "p": Protocol(store=True, store_giveback_released=True),
 }
 
 
@@ -217,6 +245,8 @@ class Bounds:
     #: a crash may also be a host power loss that destroys that host's copy (at most one)
     power_loss: bool = False
     max_depth: int = 40  # steps from the initial state; the bounds above are exhausted by step 32
+    #: with a store: its operations that fail, unreachable (nothing applied) or slow (applied, the answer lost)
+    max_store_faults: int = 1
 
 
 # -- helpers ----------------------------------------------------------------------
@@ -284,6 +314,49 @@ def _rollback_step(s: State, p: Protocol) -> Step:
     return "source: rolled back, send QUERY (until the target holds no copy)", s2._replace(net=_send(s2, "QUERY>t"))
 
 
+def _source_settles(s: State, p: Protocol) -> Iterator[Step]:
+    """The link dropped after GO: the record decides (ownership.decide_settle), one swap."""
+    src = s.src
+    if s.rec == REC_OFFERED:
+        if p.store_resume_unfenced:
+            yield _start_rollback(s, "close", "store: still offered, resume without a fence [variant n]")
+        else:
+            yield _start_rollback(s._replace(rec=REC_FENCED), "close", "store: offered: fence it")
+    elif s.rec == REC_FENCED:
+        yield _start_rollback(s, "close", "store: fenced for this migration")
+    elif s.rec in (REC_TAKEN, REC_RELEASED):
+        yield "source: store: taken by the target: release, destroy own copy", s._replace(
+            src=src._replace(dom=ABSENT, name=NORMAL, mode="finishing"), rec=REC_RELEASED)
+
+
+def _store_slow(s: State, b: Bounds) -> Iterator[Step]:
+    """Store faults.  Slow: a write applied whose answer is lost, so the writer
+    asks again later.  Unreachable: nothing applied; at the offer that fails
+    the migration before GO, elsewhere the writer just asks again (the same
+    state: not a step of its own).
+    """
+    if not s.rec or s.store_faults >= b.max_store_faults:
+        return
+    src, t = s.src, s.tgt
+    if src.up and src.mode == "prepared":
+        # the offer: unreachable (not applied) or slow (applied): either way no GO, roll back
+        yield "FAULT: store unreachable at the offer: roll back (drop)", s._replace(
+            src=src._replace(mode="rollback:drop"), store_faults=s.store_faults + 1)
+        yield "FAULT: store slow at the offer (applied, answer lost): roll back (drop)", s._replace(
+            src=src._replace(mode="rollback:drop"), rec=REC_OFFERED, store_faults=s.store_faults + 1)
+    if src.up and src.mode == "settling":
+        after = {REC_OFFERED: REC_FENCED, REC_TAKEN: REC_RELEASED}
+        if s.rec in after:
+            yield "FAULT: store slow at the source's swap (applied, answer lost)", s._replace(
+                rec=after[s.rec], store_faults=s.store_faults + 1)
+    if t.up and t.mode.endswith(":claim") and s.rec == REC_OFFERED:
+        yield "FAULT: store slow at the claim (applied, answer lost)", s._replace(
+            rec=REC_TAKEN, store_faults=s.store_faults + 1)
+    if t.up and t.mode.endswith(":giveback") and s.rec == REC_TAKEN:
+        yield "FAULT: store slow at the give-back (applied, answer lost)", s._replace(
+            rec=REC_FENCED, store_faults=s.store_faults + 1)
+
+
 def _close_lost(s: State, why: str) -> Step:
     """No copy here and none (that may run) there: the domain went with a host; close the entry."""
     return f"source: {why}, own copy gone: domain lost, close the entry", s._replace(
@@ -302,7 +375,10 @@ def _source_steps(s: State, p: Protocol) -> Iterator[Step]:
     elif m == "stopping":
         s2 = s._replace(src=src._replace(dom=PAUSED, mode="wait_prepared"))
         yield "source: pause own copy, send last pages..COMMIT", s2._replace(net=_send(s2, "COMMIT>t"))
-    elif m == "prepared":
+    elif m == "prepared" and p.store:
+        yield "source: offer the domain to this migration in the store", s._replace(
+            src=src._replace(mode="offered"), rec=REC_OFFERED)
+    elif m in ("prepared", "offered"):
         yield "source: rename own copy --migratedaway", s._replace(src=src._replace(name=AWAY, mode="renamed"))
     elif m == "renamed":
         yield "source: journal GO_SENT", s._replace(src=src._replace(phase=GO_SENT, mode="go_journaled"))
@@ -314,11 +390,16 @@ def _source_steps(s: State, p: Protocol) -> Iterator[Step]:
         yield "source: send DONE, journal DONE", s2._replace(net=_send(s2, "DONE>t"))
     elif m.startswith("rollback:"):
         yield _rollback_step(s, p)
+    elif m == "settling":
+        yield from _source_settles(s, p)
     # timeouts
     if m == "wait_prepared":
         yield _start_rollback(s, "drop", "no PREPARED (timeout)")
     elif m == "wait_resumed":
-        if p.resume_on_timeout_after_go:
+        if p.store and src.dom != ABSENT:  # no copy of ours: nothing to fence for; ask the target (below)
+            yield "source: no RESUMED (timeout): keep copy paused, settle by the store", s._replace(
+                src=src._replace(mode="settling"))
+        elif p.resume_on_timeout_after_go:
             yield _start_rollback(s, "close", "no RESUMED (timeout) [variant c]")
         else:
             s2 = s._replace(src=src._replace(mode="querying"))
@@ -351,10 +432,10 @@ def _source_receives(s: State, p: Protocol, msg: str) -> Step:
         return _start_rollback(s1, "close", "target sent ABORT before COMMIT")
     if msg == "ABORT" and m == "wait_prepared":
         return _start_rollback(s1, "drop", "target sent ABORT after COMMIT")
-    if msg == "RESUMED(ok)" and m in ("wait_resumed", "querying"):
+    if msg == "RESUMED(ok)" and m in ("wait_resumed", "querying", "settling"):
         return "source: RESUMED(ok): destroy own copy", s1._replace(
             src=src._replace(dom=ABSENT, name=NORMAL, mode="finishing"))
-    if msg == "RESUMED(failed)" and m in ("wait_resumed", "querying"):
+    if msg == "RESUMED(failed)" and m in ("wait_resumed", "querying", "settling"):
         if src.dom == ABSENT:
             return _close_lost(s1, "RESUMED(failed)")
         return _start_rollback(s1, "close", "RESUMED(failed): target dropped its copy")
@@ -363,6 +444,8 @@ def _source_receives(s: State, p: Protocol, msg: str) -> Step:
         if m == "querying":
             if state == "PREPARED":
                 s2 = s1._replace(src=src._replace(mode="wait_resumed"))
+                if p.store:  # its copy is the only one left (ours is gone): offer it, then GO
+                    s2 = s2._replace(rec=REC_OFFERED if s.rec in (REC_SRC, REC_OFFERED) else s.rec)
                 return "source: OUTCOME(PREPARED): send GO", s2._replace(net=_send(s2, "GO>t"))
             if state == "RESUMED":
                 s2 = s1._replace(src=src._replace(dom=ABSENT, name=NORMAL, mode="finishing"))
@@ -401,6 +484,9 @@ def _source_recovery(s: State, p: Protocol) -> Step:
         if p.give_up_without_copy and gone:
             return "source: restart at GO_SENT, own copy gone: close it, ask nobody [variant d]", s._replace(
                 src=src._replace(phase=DONE, mode="done", closed=True))
+        if p.store and not gone:
+            return "source: restart at GO_SENT, keep copy paused, settle by the store", s._replace(
+                src=src._replace(mode="settling"))
         s2 = s._replace(src=src._replace(mode="querying"))
         what = "own copy gone: ask the target" if gone else "keep copy paused"
         return f"source: restart at GO_SENT, {what}, send QUERY", s2._replace(net=_send(s2, "QUERY>t"))
@@ -426,7 +512,7 @@ _IN_DOUBT = ("prepared_journaled", "prepared")
 #: answer on: the source learns it from a QUERY).  The steps: rename, journal
 #: STARTING, resume, journal RESUMED (finish_resume); "failed" is variant (m)'s
 #: copy destroyed after a failed resume, ABORTED not yet journaled.
-_STEPS = ("go", "renamed", "starting", "running", "failed")
+_STEPS = ("go", "renamed", "starting", "running", "failed", "claim", "giveback")
 _RESUME_MODES = tuple("resume:" + step for step in _STEPS)
 _RECOVER_MODES = tuple("recover:" + step for step in _STEPS)
 #: the target's recovery left the entry open at STARTING, its copy gone: the operator settles it
@@ -476,7 +562,9 @@ def _target_steps(s: State, p: Protocol) -> Iterator[Step]:
         yield "target: send PREPARED", s2._replace(net=_send(s2, "PREPARED>s"))
     elif m in _RESUME_MODES + _RECOVER_MODES:
         how, step = m.split(":")
-        if step == "go":
+        if step in ("claim", "giveback"):
+            yield _target_swaps(s, p, how, step)
+        elif step == "go":
             yield "target: rename copy to its own name", s._replace(tgt=t._replace(name=NORMAL, mode=how + ":renamed"))
         elif step == "renamed" and _journals_starting(p):
             yield "target: journal STARTING (the resume call is next)", s._replace(
@@ -498,6 +586,9 @@ def _target_steps(s: State, p: Protocol) -> Iterator[Step]:
     elif m == "resumed":
         s2 = s._replace(tgt=t._replace(mode="done"))
         yield "target: send RESUMED(ok)", s2._replace(net=_send(s2, "RESUMED(ok)>s"))
+    if m in _IN_DOUBT and t.phase == PREPARED and s.rec == REC_FENCED:
+        yield "target: sweep: the store says fenced: destroy copy, journal ABORTED", s._replace(
+            tgt=t._replace(dom=ABSENT, name=NORMAL, phase=ABORTED, mode="done"))
     if m == "receiving":  # the reservation expires when the source goes quiet
         s2 = s._replace(tgt=t._replace(dom=ABSENT, name=NORMAL, phase=ABORTED, mode="done"))
         yield "target: source quiet (timeout): destroy partial copy, journal ABORTED, send ABORT", s2._replace(
@@ -505,6 +596,29 @@ def _target_steps(s: State, p: Protocol) -> Iterator[Step]:
     for msg in s.net:
         if msg.endswith(">t"):
             yield _target_receives(s, p, msg[:-2])
+
+
+def _target_swaps(s: State, p: Protocol, how: str, step: str) -> Step:
+    """The target's store swaps (ownership.decide_claim, decide_give_back), one each."""
+    t = s.tgt
+    lost = s._replace(tgt=t._replace(dom=ABSENT, name=NORMAL, phase=ABORTED, mode="done"))
+    if how == "resume":
+        lost = lost._replace(net=_send(lost, "RESUMED(failed)>s"))
+    if step == "claim":
+        if s.rec == REC_OFFERED:
+            return "target: claim in the store", s._replace(tgt=t._replace(mode=how + ":go"), rec=REC_TAKEN)
+        if s.rec in (REC_TAKEN, REC_RELEASED):
+            nxt = ("running" if t.dom == RUNNING else "go" if t.name == INCOMING
+                   else "starting" if t.phase == STARTING else "renamed")
+            return "target: store: claimed already (our answer lost)", s._replace(tgt=t._replace(mode=f"{how}:{nxt}"))
+        return "target: store: not offered to us (fenced): lost, destroy copy, journal ABORTED", lost
+    # giveback
+    if s.rec == REC_RELEASED and not p.store_giveback_released:
+        return "target: store: the source released its copy: ours is the only one, resume again", s._replace(
+            tgt=t._replace(mode=how + ":starting"))
+    tag = " [variant p]" if s.rec == REC_RELEASED else ""
+    rec = REC_FENCED if s.rec in (REC_TAKEN, REC_RELEASED) else s.rec
+    return f"target: give the domain back in the store, destroy copy, journal ABORTED{tag}", lost._replace(rec=rec)
 
 
 def _target_receives(s: State, p: Protocol, msg: str) -> Step:
@@ -517,7 +631,9 @@ def _target_receives(s: State, p: Protocol, msg: str) -> Step:
     if msg == "GO" and m in _IN_DOUBT and t.phase == PREPARED:
         if p.no_resuming_intent:
             return "target: GO (nothing journaled) [variant a]", s1._replace(tgt=t._replace(mode="resume:go"))
-        return "target: GO: journal RESUMING", s1._replace(tgt=t._replace(phase=RESUMING, mode="resume:go"))
+        first = "claim" if p.store and not p.store_no_claim else "go"
+        tag = " [variant o]" if p.store_no_claim else ""
+        return f"target: GO: journal RESUMING{tag}", s1._replace(tgt=t._replace(phase=RESUMING, mode="resume:" + first))
     if msg == "GO" and t.phase == RESUMED and m == "done":
         return "target: GO again: already RESUMED, send RESUMED(ok)", s1._replace(net=_send(s1, "RESUMED(ok)>s"))
     if msg == "ABORT" and (m == "receiving" or (m in _IN_DOUBT and t.phase == PREPARED)):
@@ -555,6 +671,10 @@ def _target_recovery(s: State, p: Protocol) -> Step:
         # a renamed copy at PREPARED: GO was being acted on (no RESUMING in the model's intended run)
     if ph in (PREPARED, RESUMING, STARTING):
         if t.dom == ABSENT:
+            if p.store and ph == STARTING:
+                # The claim came before STARTING: the domain was this host's, and went with it.
+                return "target: restart at STARTING, copy gone: the domain went with this host, journal ABORTED", \
+                    s._replace(tgt=gone)
             if ph == STARTING or (ph == RESUMING and p.resuming_gone_in_doubt):
                 # The resume may have been called, and the copy run, before the
                 # host went dark: the source's paused copy may be older than
@@ -562,11 +682,17 @@ def _target_recovery(s: State, p: Protocol) -> Step:
                 tag = " [variant l]" if ph == RESUMING else " (it may have run)"
                 return f"target: restart at {ph}, copy gone{tag}: keep the entry open for the operator", s._replace(
                     tgt=t._replace(mode=OPERATOR))
+            if p.store and ph == RESUMING:
+                rec = REC_FENCED if s.rec == REC_TAKEN else s.rec
+                return "target: restart at RESUMING, copy gone (it never ran): give back, journal ABORTED", s._replace(
+                    tgt=gone, rec=rec)
             # RESUMING: the resume call was not reached (STARTING comes first), the copy never ran
             tag = " (it may have run) [variant j]" if p.no_starting_intent else " (it never ran)"
             return f"target: restart at {ph}, copy gone{tag}: journal ABORTED", s._replace(tgt=gone)
         step = "go" if t.name == INCOMING else "running" if t.dom == RUNNING else "starting" if ph == STARTING else "renamed"
         phase = STARTING if ph == STARTING else RESUMING
+        if p.store and not p.store_no_claim:
+            step = "claim"  # idempotent: the record says whether it was done, or given back
         return f"target: restart at {ph}: finish the resume", s._replace(
             tgt=t._replace(phase=phase, mode="recover:" + step))
     return f"target: restart at {ph}: nothing to do", s._replace(tgt=t._replace(mode="done"))
@@ -583,7 +709,10 @@ def _fault_steps(s: State, p: Protocol, b: Bounds) -> Iterator[Step]:
         # source's copy, that was the last one.
         lost = s.lost or not _fresh(s, "src")
         how = t.mode.split(":")[0]
-        if p.destroy_before_aborted:
+        if p.store:
+            yield "FAULT: hypervisor fails to resume the target's copy: give it back first", s._replace(
+                tgt=t._replace(mode=how + ":giveback"), resume_failures=s.resume_failures + 1, lost=lost)
+        elif p.destroy_before_aborted:
             s2 = s._replace(tgt=t._replace(dom=ABSENT, name=NORMAL, mode=how + ":failed"),
                             resume_failures=s.resume_failures + 1, lost=lost)
             yield "FAULT: hypervisor fails to resume the target's copy: destroy it (ABORTED next) [variant m]", s2
@@ -596,6 +725,7 @@ def _fault_steps(s: State, p: Protocol, b: Bounds) -> Iterator[Step]:
             else:
                 yield label, s2
     src = s.src
+    yield from _store_slow(s, b)
     if src.up and src.mode in ("prepared", "renamed") and s.local_failures < b.max_local_failures:
         # GO has not gone out: the source's copy is still the one that runs.
         what = "cannot rename its copy --migratedaway" if src.mode == "prepared" else "cannot journal GO_SENT"
@@ -623,7 +753,7 @@ def _fault_steps(s: State, p: Protocol, b: Bounds) -> Iterator[Step]:
             yield f"FAULT: {who} daemon crashes", crashed._replace(**{side: down})  # type: ignore[arg-type]
             if b.power_loss and s.power_losses < 1 and host.dom != ABSENT:
                 dark = crashed._replace(power_losses=s.power_losses + 1)
-                if side == "tgt" and host.phase == STARTING:
+                if side == "tgt" and host.phase == STARTING and not s.rec:
                     dark = dark._replace(in_doubt=True)  # may have run: left for the operator
                 else:
                     dark = dark._replace(lost=s.lost or _loses_domain(s, side))
@@ -646,6 +776,12 @@ def _loses_domain(s: State, side: str) -> bool:
     """
     host: Host = getattr(s, side)
     other = "tgt" if side == "src" else "src"
+    if side == "tgt" and s.rec in (REC_TAKEN, REC_RELEASED):
+        return True  # with a store the domain moved at the claim: the source lets its copy go
+    if side == "src" and s.tgt.mode.endswith(":giveback"):
+        return True  # the target's copy failed to resume: the source's was the one that could run
+    if side == "src" and s.rec == REC_FENCED:
+        return True  # the fence is the store's word that the source's copy is the domain (as an open ABORTED)
     if not _fresh(s, other):
         return True
     return side == "src" and host.phase == ABORTED
@@ -745,6 +881,10 @@ def settled_as(s: State) -> str:
     return "lost with a host"
 
 
+def initial(protocol: Protocol) -> State:
+    return INITIAL._replace(rec=REC_SRC) if protocol.store else INITIAL
+
+
 def check(protocol: Protocol = Protocol(), bounds: Bounds = Bounds(), *, settle: bool = True) -> Result:
     """Breadth-first over every state within ``bounds``; the first violation (a shortest trace) ends it.
 
@@ -766,8 +906,9 @@ def check(protocol: Protocol = Protocol(), bounds: Bounds = Bounds(), *, settle:
 
 def _check(protocol: Protocol, bounds: Bounds, settle: bool) -> Result:
     t0 = time.monotonic()
-    ids: dict[State, int] = {INITIAL: 0}
-    states: list[State] = [INITIAL]
+    start = initial(protocol)
+    ids: dict[State, int] = {start: 0}
+    states: list[State] = [start]
     parent: list[tuple[int, str]] = [(-1, "initial: precopy under way, target holds a partial --incoming copy")]
     # protocol successors, by id (for the liveness pass)
     edges: list[list[int]] = []
@@ -790,7 +931,7 @@ def _check(protocol: Protocol, bounds: Bounds, settle: bool) -> Result:
         return Result(protocol, bounds, len(states), transitions, deepest, exhausted,
                       time.monotonic() - t0, violation, trace, settled, len(operator))
 
-    bad = safety_violation(INITIAL)
+    bad = safety_violation(start)
     if bad:
         return finish(bad, 0)
     while queue:

@@ -165,3 +165,43 @@ def test_checker_reports_a_livelock(monkeypatch: pytest.MonkeyPatch, report: Rep
     result = check(Protocol(), Bounds())
     report("intended with a target that never answers PREPARED", result)
     assert result.violation is not None and "livelock" in result.violation, result.summary()
+
+
+@pytest.mark.parametrize("power_loss", [False, True], ids=["daemon-crashes", "power-loss"])
+def test_store_arbitrated_handoff_keeps_one_copy(power_loss: bool, report: Report) -> None:
+    """Issue 15: the cluster store arbitrates; a store write may fail unreachable or slow."""
+    bounds = Bounds(power_loss=power_loss)
+    result = check(VARIANTS["store"], bounds)
+    report(f"store, power_loss={power_loss}", result)
+    assert result.violation is None, result.format_trace()
+    assert result.exhausted, result.summary()
+    assert result.settled.get("moved") and result.settled.get("rolled back"), result.summary()
+    assert bool(result.settled.get("lost with a host")) == power_loss, result.summary()
+    assert not result.in_doubt, result.summary()  # the record settles what the journal alone could not
+
+
+def test_store_model_reaches_every_store_state() -> None:
+    """Not vacuous: the searches see each record state, and the store faults."""
+    seen = {s.rec for s in _states(VARIANTS["store"], Bounds())}
+    assert seen >= {handoff.REC_SRC, handoff.REC_OFFERED, handoff.REC_TAKEN, handoff.REC_RELEASED, handoff.REC_FENCED}
+
+
+def _states(protocol: Protocol, bounds: Bounds) -> list[handoff.State]:
+    out = [handoff.initial(protocol)]
+    seen = set(out)
+    i = 0
+    while i < len(out):
+        s = out[i]
+        i += 1
+        for _, s2 in handoff.protocol_steps(s, protocol) + list(handoff._fault_steps(s, protocol, bounds)):
+            if s2 not in seen:
+                seen.add(s2)
+                out.append(s2)
+    return out
+
+
+@pytest.mark.parametrize("variant", ["n", "o", "p"])
+def test_broken_store_handoffs_are_caught(variant: str, report: Report) -> None:
+    result = check(VARIANTS[variant], Bounds())
+    report(f"variant {variant}", result)
+    assert result.violation is not None, result.summary()
