@@ -149,6 +149,8 @@ def cmd_migrate(ns: argparse.Namespace) -> int:
         args["timeout_action"] = ns.timeout_action
     if ns.channels is not None:
         args["channels"] = ns.channels
+    if ns.auto_converge is not None:
+        args["auto_converge"] = ns.auto_converge
     where = host if port is None else f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     sent = False
     try:

@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=("xend", "downtime"),
                    help="when to stop precopy (default: the config's relocd-precopy-policy, downtime)")
     p.add_argument("--downtime-ms", metavar="N", type=types.positive_int,
-                   help="downtime target of the downtime policy (default: the config's, 300)")
+                   help="downtime target of the downtime policy (default: the config's, 20)")
     p.add_argument("--max-bandwidth", metavar="RATE", type=types.rate,
                    help=f"bandwidth cap, e.g. 500MB/s; {RATE_UNITS_HELP} "
                         "(default: the config's relocd-max-bandwidth, none)")
@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-action", choices=("abort", "stop"),
                    help="at --timeout: abort (the domain runs on here) or stop and copy "
                         "(default: the daemon's, abort)")
+    p.add_argument("--no-auto-converge", dest="auto_converge", action="store_false", default=None,
+                   help="never throttle the guest, even when it dirties memory faster than the link "
+                        "carries it (default: the config's relocd-auto-converge, on)")
     p.add_argument("--channels", metavar="N", type=types.channels,
                    help="connections to stripe the pages over, 1 to 16 "
                         "(default: the config's relocd-migration-channels, 2)")

@@ -279,6 +279,8 @@ _TABLE = [
            "when to stop precopy: downtime target or xend's rules"),
     Option("relocd-downtime-ms", "downtime_ms", _int_range(1, 3_600_000),
            "downtime target of the downtime policy"),
+    Option("relocd-auto-converge", "auto_converge", parse_bool,
+           "throttle a guest that dirties memory faster than the link carries it"),
     Option("relocd-max-bandwidth", "max_bandwidth", _optional(_rate),
            "bandwidth cap for outgoing migrations (e.g. 1GB/s)"),
     Option("relocd-migration-channels", "migration_channels", _int_range(1, 16),

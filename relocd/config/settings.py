@@ -54,7 +54,9 @@ class Settings(BaseModel):
     max_factor: float = Field(default=3.0, ge=1.0)
     dirty_threshold: int = Field(default=50, ge=0)
     precopy_policy: Literal["downtime", "xend"] = "downtime"
-    downtime_ms: int = Field(default=300, ge=1)
+    downtime_ms: int = Field(default=20, ge=1)
+    #: throttle a guest that dirties memory faster than the link carries it (engine/converge.py)
+    auto_converge: bool = True
     max_bandwidth: int | None = Field(default=None, gt=0)
     #: page channels of an outgoing migration (2 measured best on 2 cores: docs/memory.md)
     migration_channels: int = Field(default=2, ge=1, le=16)

@@ -163,6 +163,8 @@ class Domain(abc.ABC):
     #: its vifs are relocd's veth + namespace stand-ins (sim, kvm), which
     #: relocd builds and moves; a Xen domain's are its backend's
     emulated_vifs: ClassVar[bool] = True
+    #: ``throttle`` can slow the guest down (auto-converge, engine/converge.py)
+    throttles: ClassVar[bool] = False
 
     async def read_config(self) -> DomainConfig:
         """The whole config the CONFIG record carries.
@@ -221,6 +223,14 @@ class Domain(abc.ABC):
 
     @abc.abstractmethod
     async def rename(self, new_name: str) -> None: ...
+
+    async def throttle(self, fraction: float) -> None:
+        """Let the guest run only ``1 - fraction`` of the time (0.0: full speed).
+
+        Auto-converge's lever on a guest that dirties memory faster than the
+        link carries it.  Drivers that can (``throttles``) override it; the
+        rest keep the guest at full speed.
+        """
 
     @abc.abstractmethod
     async def dirty_log_start(self) -> None:

@@ -175,6 +175,13 @@ class ProcessDomain(Domain):
             await self._call("resume")
             self._ran(True)
 
+    throttles = True
+
+    async def throttle(self, fraction: float) -> None:
+        if not 0.0 <= fraction < 1.0:
+            raise DriverError(f"throttle {fraction!r}: a fraction from 0 up to 1")
+        await self._call("throttle", fraction=fraction)
+
     async def destroy(self) -> None:
         await self._driver.destroy_domain(self)
 

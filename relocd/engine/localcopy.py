@@ -40,6 +40,8 @@ class LocalCopy:
         self.stopped = False
         self.renamed = False
         self.logging_dirty = False
+        #: auto-converge slowed it down (undone before it runs on here)
+        self.throttled = False
 
     @classmethod
     def in_doubt(cls, domain: Domain, name: str, journal: Journal, migration_id: str,
@@ -64,6 +66,16 @@ class LocalCopy:
         await self.domain.pause()
         self.stopped = True
         await self.hooks.paused(self.domain)
+
+    async def throttle(self, fraction: float) -> None:
+        """Auto-converge: let the guest run only ``1 - fraction`` of the time."""
+        await self.domain.throttle(fraction)
+        self.throttled = fraction > 0
+
+    async def unthrottle(self) -> None:
+        if self.throttled:
+            await self.domain.throttle(0.0)
+            self.throttled = False
 
     async def suspended_by_send(self) -> None:
         """A hypervisor's own save stopped it (a Xen guest): undone by ``undo_send``."""
@@ -95,6 +107,11 @@ class LocalCopy:
         except RelocdError as exc:
             self.log.warning("could not stop the dirty log", error=exc.message)
             self.logging_dirty = False
+        if self.throttled:
+            try:
+                await self.unthrottle()
+            except RelocdError as exc:
+                self.log.warning("could not lift the auto-converge throttle", error=exc.message)
         if self.renamed:
             await self.domain.rename(self.name)
             self.renamed = False

@@ -41,6 +41,9 @@ class MigrationResult:
     verified: bool | None = None
     error: str | None = None
     stop_reason: str | None = None
+    #: auto-converge was on (and the driver can throttle); the highest throttle applied, %
+    auto_converge: bool = False
+    throttle_pct: float = 0.0
     #: the downtime policy's target, and a warning when the stop was predicted to overshoot it 2x
     downtime_target_ms: float | None = None
     downtime_warning: str | None = None
@@ -76,11 +79,16 @@ class MigrationResult:
             if mark in t:
                 out[name] = round(t[mark] - at, 3)
                 at = t[mark]
-        for part in ("resume", "announce"):  # the target's own share of the round trip
+        for part, within in (("resume", "go_round_trip"), ("announce", "go_round_trip"), ("prepare", "prepare")):
+            # the target's own share of a round trip, from its RESUMED details
             took = self.target_details.get(f"{part}_ms")
-            if isinstance(took, (int, float)) and not isinstance(took, bool) and "go_round_trip" in out:
+            if isinstance(took, (int, float)) and not isinstance(took, bool) and within in out:
+                rest = round(max(0.0, out[within] - float(took)), 3)
+                if part == "prepare":  # what is left: the last pages still going in, and the round trip
+                    out["last_pages_in"] = rest
+                else:
+                    out[within] = rest
                 out[part] = round(float(took), 3)
-                out["go_round_trip"] = round(max(0.0, out["go_round_trip"] - float(took)), 3)
         return out
 
     def finish(self, status: str, error: str | None = None) -> MigrationResult:

@@ -24,6 +24,7 @@ from relocd.cluster.handoff import settle_by_store, source_offer, source_reserve
 from relocd.config.domain import config_to_sxp
 from relocd.drivers.base import MIGRATED_AWAY_SUFFIX, Domain
 from relocd.engine.channels import SendChannels, run_together
+from relocd.engine.converge import AutoConverge
 from relocd.engine.faults import fault_point
 from relocd.engine.handshake import digest_algo_for, hello, host_id
 from relocd.engine.hooks import DomainHooks
@@ -36,7 +37,7 @@ from relocd.engine.pages import (
 )
 from relocd.engine.localcopy import LocalCopy
 from relocd.engine.meter import RoundMeter
-from relocd.engine.policy import DowntimePolicy, PrecopyPolicy, RateLimiter, RoundStats
+from relocd.engine.policy import MAX_FACTOR, NO_PROGRESS, DowntimePolicy, PrecopyPolicy, RateLimiter, RoundStats
 from relocd.engine.query import Backoff, Reconnect, ask, settle_abort
 from relocd.engine.result import MigrationResult, Progress, RoundReport, no_progress
 from relocd.engine.stream import PeerGone, RecordChannel
@@ -101,6 +102,8 @@ class SendOptions:
     timeout_action: str = "abort"
     #: page channels to ask for, the main connection included (engine/channels.py)
     channels: int = 1
+    #: throttle a guest that dirties faster than the link carries (engine/converge.py)
+    auto_converge: bool = False
     #: the cluster store's ownership records arbitrate the handoff (None: journal only)
     cluster: Ownership | None = None
 
@@ -179,6 +182,8 @@ class SourceMigration:
         self._task: asyncio.Task[object] | None = None
         self._started = time.monotonic()
         self._last_stats: RoundStats | None = None
+        self.converge = AutoConverge(enabled=options.auto_converge and domain.throttles)
+        self.result.auto_converge = self.converge.enabled
 
     @classmethod
     def in_doubt(
@@ -459,6 +464,8 @@ class SourceMigration:
             )
             self._last_stats = stats
             reason = self.opts.policy.should_stop(stats) or self._check_timeout()
+            expected = self.opts.policy.expected_downtime_ms(stats)
+            reason = await self._converge(stats, expected, reason)
             bw = nbytes / dt if dt > 0 else 0.0
             await self.progress(
                 phase="precopy",
@@ -466,7 +473,8 @@ class SourceMigration:
                 pages_left=len(pfns),
                 dirty_rate=len(pfns) * PAGE_SIZE / dt if dt > 0 else 0.0,
                 bandwidth=bw,
-                expected_downtime_ms=self.opts.policy.expected_downtime_ms(stats),
+                expected_downtime_ms=expected,
+                throttle_pct=round(self.converge.throttle * 100, 1),
             )
             self.log.info("precopy round", round=round_no, pages=pages, dirty=len(pfns), ms=round(dt * 1000, 1))
             if reason is not None:
@@ -474,6 +482,25 @@ class SourceMigration:
                 self._pending = pfns
                 return
             round_no += 1
+
+    async def _converge(self, stats: RoundStats, expected: float | None, reason: str | None) -> str | None:
+        """Auto-converge after a round: throttle up where the guest outruns the link.
+
+        A stop for lack of progress or for the traffic budget waits while the
+        throttle can still rise; the timeout, the round limit and a good
+        stop do not.
+        """
+        if reason in (NO_PROGRESS, MAX_FACTOR) and self.converge.may_rise:
+            reason = None
+        if reason is not None:
+            return reason
+        target = getattr(self.opts.policy, "downtime_ms", None)
+        fraction = self.converge.after_round(stats, expected, float(target) if target is not None else None)
+        if fraction is not None:
+            self.log.info("auto-converge: throttling the guest", round=stats.round, throttle_pct=round(fraction * 100, 1))
+            await self.copy.throttle(fraction)
+            self.result.throttle_pct = round(fraction * 100, 1)
+        return None
 
     def _warn_overshoot(self) -> None:
         """Say so when the stop-and-copy is predicted to take over twice the downtime target."""
@@ -497,10 +524,13 @@ class SourceMigration:
         dom = self.domain
         self._warn_overshoot()
         await self.progress(phase="stop-and-copy")
+        # The intent before the act, and one fsync less inside the downtime:
+        # a restart at STOPPED rolls back (resumes a paused copy) either way.
+        self.journal.set_phase(self.mid, Phase.STOPPED)
         self.paused_at = time.monotonic()
         self.result.mark("pausing")
         await self.copy.pause()
-        self.result.mark("paused")
+        self.result.mark("paused")  # a throttle stays: only a rollback runs it here again, and lifts it
         if self.opts.live:
             # Pages dirtied since the last fetch, plus the last round's dirty set.
             final = bitmap_to_pfns(await dom.dirty_log_fetch(), dom.npages)
@@ -509,7 +539,6 @@ class SourceMigration:
         else:
             pfns = np.arange(dom.npages, dtype=np.uint64)
             round_no = 1
-        self.journal.set_phase(self.mid, Phase.STOPPED)
         await self.send(Stop(round_no))
         await self._send_pfns(round_no, pfns)
         await self.lanes.end()
@@ -537,7 +566,10 @@ class SourceMigration:
         await fault_point("source", "prepared")
         if self.opts.verify and transfer_for(self.domain).verifies_memory:
             self.result.verified = True  # a hypervisor stream's integrity is its driver's to check
-        self.journal.set_phase(self.mid, Phase.PREPARED)
+        # No journal write here: a restart at STOPPED acts exactly as at
+        # PREPARED (roll back, tell the target to drop its copy; ask first if
+        # ours is gone), and GO_SENT follows at once.  Older journals may
+        # still hold source entries at PREPARED; recovery reads them the same.
 
     async def _handoff(self) -> MigrationResult:
         # Past this point the target holds a complete, paused copy.  Rename

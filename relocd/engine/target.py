@@ -103,6 +103,8 @@ class TargetSession:
         self._hello_sent = False
         self.digest_algo = DigestAlgo.SHA256
         self._peer_features = 0
+        #: COMMIT in to PREPARED out, ms: the target's share of the downtime's "prepare"
+        self._prepare_ms: float | None = None
         #: the extra page channels granted at RESERVE (None: the main connection only)
         self.channels: ReceiveChannels | None = None
         self._task: asyncio.Task[object] | None = None
@@ -204,6 +206,7 @@ class TargetSession:
                 channels=self.channels,
             ),
         )
+        committed_at = time.monotonic()
         if await received.memory_matches() is False:
             raise MigrationAborted("memory digest mismatch at the stop point", reason=Reason.VERIFY)
         await received.load_state()
@@ -212,6 +215,7 @@ class TargetSession:
         self.ctx.reservations.pin(self.mid)  # the source decides now, not the clock
         self._prepared = True
         self.ctx.in_doubt[self.mid] = domain
+        self._prepare_ms = round((time.monotonic() - committed_at) * 1000, 3)
         await ch.send(Prepared())
         await fault_point("target", "prepared")
         await self.progress(phase="prepared")
@@ -384,6 +388,8 @@ class TargetSession:
                 f"GO for migration {mid}, which is {entry.phase if entry else 'unknown'} here",
                 reason=Reason.PROTOCOL,
             )
+        if answer.ok and self._prepare_ms is not None and mid == self.mid:
+            answer = Resumed(True, {**answer.details, "prepare_ms": self._prepare_ms})
         await channel.send(answer)
         if not answer.ok:
             return

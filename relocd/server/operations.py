@@ -303,6 +303,7 @@ class Operations:
             timeout_s=_timeout(args),
             timeout_action=_timeout_action(args),
             channels=_channels(args, s.migration_channels),
+            auto_converge=bool(arg(args, "auto_converge", bool, s.auto_converge)),
             cluster=self.host.cluster,
         )
         job = self.jobs.start(jobs.MIGRATE, dom.name)

@@ -37,6 +37,7 @@ RELOADABLE = frozenset(
         "downtime_ms",
         "max_bandwidth",
         "migration_channels",
+        "auto_converge",
         "relocation_ssl",
         # the TLS listener's context is rebuilt from them (a renewed
         # certificate at the same path is picked up too); outgoing TLS reads

@@ -425,8 +425,8 @@ def _source_receives(s: State, p: Protocol, msg: str) -> Step:
     m = src.mode
     s1 = s._replace(net=_without(s, msg + ">s"))
     if msg == "PREPARED" and m == "wait_prepared":
-        s2 = s1._replace(src=src._replace(phase=PREPARED, mode="prepared"))
-        return "source: PREPARED received, journal PREPARED", s2
+        s2 = s1._replace(src=src._replace(mode="prepared"))
+        return "source: PREPARED received (nothing journaled: STOPPED reads the same)", s2
     if msg == "ABORT" and m in ("streaming", "stopping"):
         # not committed: the target cannot hold a complete copy, close at once (_abort_before_go)
         return _start_rollback(s1, "close", "target sent ABORT before COMMIT")

@@ -7,6 +7,8 @@ from collections.abc import Callable
 import pytest
 
 from relocd.engine.policy import (
+    DEFAULT_DOWNTIME_MS,
+    DEFAULT_HANDOFF_MS,
     DIRTY_THRESHOLD,
     DOWNTIME,
     MAX_FACTOR,
@@ -141,7 +143,17 @@ def test_downtime_small_hotset_stops_as_soon_as_it_fits() -> None:
     reason, rounds = simulate(policy, hotset(1000))
     assert (reason, len(rounds)) == (DOWNTIME, 1)
     expected = policy.expected_downtime_ms(rounds[-1])
-    assert expected == pytest.approx(1000 * PAGE_SIZE / LINK * 1000)
+    # the pages at the measured bandwidth, plus the stop's fixed part
+    assert expected == pytest.approx(1000 * PAGE_SIZE / LINK * 1000 + DEFAULT_HANDOFF_MS)
+
+
+def test_the_fixed_part_of_a_stop_is_budgeted_at_most_half_the_target() -> None:
+    # 1000 pages at 1 GB/s is ~4.1 ms of pages; the handoff adds 6 ms, or half a smaller target.
+    assert simulate(DowntimePolicy(downtime_ms=12), hotset(1000))[0] == DOWNTIME
+    tight = DowntimePolicy(downtime_ms=10)
+    assert tight.expected_downtime_ms(simulate(tight, hotset(1000))[1][0]) == pytest.approx(4.096 + 5)
+    assert DowntimePolicy(downtime_ms=4).expected_downtime_ms(simulate(DowntimePolicy(downtime_ms=4), hotset(1000))[1][0]) == pytest.approx(4.096 + 2)
+    assert DEFAULT_DOWNTIME_MS == 20
 
 
 def test_downtime_hotset_above_target_stops_when_not_shrinking() -> None:

@@ -86,6 +86,8 @@ class VcpuRunner:
         self._parked: set[int] = set()
         self._threads: list[threading.Thread] = []
         self.crashed: str | None = None
+        #: auto-converge: after each run, the vCPU sleeps so it runs only 1 - throttle of the time
+        self.throttle = 0.0
         self.counters: dict[str, int] = {"exits": 0, "batches": 0, "pages": 0, "idle_ticks": 0}
 
     @property
@@ -166,6 +168,7 @@ class VcpuRunner:
                         self._parked.add(vcpu.index)
                         self._cond.notify_all()
                         return
+            ran_from = time.monotonic()
             try:
                 k.ioctl(vcpu.fd, k.KVM_RUN)
             except OSError as exc:
@@ -173,6 +176,10 @@ class VcpuRunner:
                     continue
                 self._crash(vcpu, f"KVM_RUN failed: {exc}")
                 continue
+            throttle = self.throttle
+            if throttle > 0:
+                # QEMU's cpu throttling: sleep in proportion to the time just run
+                self._sleep(min(0.1, (time.monotonic() - ran_from) * throttle / (1.0 - throttle)))
             needs_completion = True
             self.counters["exits"] += 1
             self._handle_exit(vcpu)

@@ -156,6 +156,11 @@ class Vmm:
             except ConfigError as exc:
                 raise RequestFailed(f"configure: {exc.message}") from None
             runner.pacer = Pacer(self.spec.rate_bytes if self.spec.kind != "idle" else 0)
+        elif op == "throttle":
+            fraction = request.get("fraction")
+            if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction < 1:
+                raise RequestFailed("throttle needs a 'fraction' from 0 up to 1")
+            runner.throttle = float(fraction)
         elif op == "shutdown":
             runner.pause()
             self.stop.set()

@@ -69,6 +69,8 @@ class Guest:
         self.picker = PagePicker(spec, self.writer)
         self.progress = WorkloadProgress(rng=np.random.default_rng(seed))
         self.running = False
+        #: auto-converge: the share of the time the guest is kept from running
+        self.throttle = 0.0
         self.logging = False
         self._dirty = np.zeros(status_area.bitmap_words(npages) * 64, dtype=np.bool_)
         self._snapshot = np.frombuffer(
@@ -227,6 +229,7 @@ class Guest:
                 continue
             now = time.monotonic()
             rate_pages = self.spec.rate_bytes / PAGE_SIZE if self.picker.writes_anything else 0.0
+            rate_pages *= 1.0 - self.throttle  # auto-converge: the guest runs this share of the time
             credit = min(credit + rate_pages * (now - last), rate_pages * MAX_BACKLOG_S + 1)
             last = now
             todo = int(credit)

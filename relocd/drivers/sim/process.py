@@ -87,6 +87,11 @@ class SimRequests:
                 guest.configure(parse_workload(workload))
             except ConfigError as exc:
                 raise RequestFailed(exc.message) from None
+        elif op == "throttle":
+            fraction = request.get("fraction")
+            if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction < 1:
+                raise RequestFailed("throttle needs a 'fraction' from 0 up to 1")
+            guest.throttle = float(fraction)
         elif op == "shutdown":
             guest.pause()
             self.stop.set()
