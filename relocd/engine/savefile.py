@@ -30,14 +30,14 @@ import structlog
 
 from relocd import __version__
 from relocd.config.domain import config_from_sxp, config_to_sxp
-from relocd.drivers.base import INCOMING_SUFFIX, Domain, DomainConfig, DomainState, Driver
+from relocd.drivers.base import INCOMING_SUFFIX, PAGES, Domain, DomainConfig, DomainState, Driver
 from relocd.engine.hooks import DomainHooks
 from relocd.engine.journal import Journal
 from relocd.engine.policy import PrecopyPolicy
 from relocd.engine.reservation import ReservationRequest, check_reservation
 from relocd.engine.result import Progress, no_progress
 from relocd.engine.savefile_format import ChunkedDigest, FileHeader, Trailer
-from relocd.engine.savefile_io import FileWriter, OpenSavefile, io_error
+from relocd.engine.savefile_io import FileWriter, OpenSavefile, Verification, io_error
 from relocd.engine.savefile_stream import (
     OpenForeign,
     checkpoint_refusal,
@@ -347,10 +347,43 @@ async def restore_savefile(
 
 
 async def _restore_relocd(path: str, ctx: TargetContext, verify_memory: bool, progress: Progress) -> RestoreResult:
-    opened = await asyncio.to_thread(check_savefile, path)
-    pages = stream_bytes = 0
+    opened = await asyncio.to_thread(OpenSavefile.open, path)  # header and trailer: cheap, and first
+    verification: Verification | None = None
     try:
-        channel = opened.channel()
+        driver = ctx.drivers.get(opened.header.driver)
+        if driver is not None and transfer_for(driver).kind == PAGES:
+            # The page form loads into a paused domain while the digest is
+            # checked; it runs only once the digest held (docs/savefile.md).
+            verification = Verification(opened)
+        else:
+            # A driver's stream goes to the driver's own builder: check every byte first.
+            await asyncio.to_thread(opened.verify)
+        try:
+            return await _load_relocd(opened, ctx, verification, verify_memory, progress)
+        except SaveFileError:
+            # A corrupted file fails the load in many ways (a CRC, a pfn out
+            # of range, a record out of turn); the digest names the cause.
+            if verification is not None and (problem := await verification.problem()) is not None:
+                raise problem from None
+            raise
+    finally:
+        if verification is not None:
+            await verification.stop()
+        opened.close()
+
+
+async def _load_relocd(
+    opened: OpenSavefile,
+    ctx: TargetContext,
+    verification: Verification | None,
+    verify_memory: bool,
+    progress: Progress,
+) -> RestoreResult:
+    """Reserve, build paused, replay the records, and run the domain once the digest held."""
+    path = opened.path
+    pages = stream_bytes = 0
+    channel = opened.channel()
+    try:
         first = await channel.recv()
         assert isinstance(first, Config)
         try:
@@ -376,6 +409,8 @@ async def _restore_relocd(path: str, ctx: TargetContext, verify_memory: bool, pr
             reader = channel.transport
             if getattr(reader, "pos", None) != getattr(reader, "end", None):
                 raise ProtocolError("bytes after COMMIT")
+            if verification is not None:
+                await verification.check()  # nothing of the file is trusted before this
             pages, stream_bytes = received.pages, received.stream_bytes
             if transfer_for(driver).verifies_memory and received.digest is None:
                 raise ProtocolError("stream ended without a memory digest")
@@ -392,8 +427,6 @@ async def _restore_relocd(path: str, ctx: TargetContext, verify_memory: bool, pr
         raise SaveFileError(exc.message) from None
     except ProtocolError as exc:
         raise SaveFileError(f"{path}: corrupted record stream: {exc.message}") from None
-    finally:
-        opened.close()
     if stream_bytes:
         details = {"stream_bytes": stream_bytes, **details}
     return RestoreResult(
