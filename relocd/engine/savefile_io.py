@@ -56,6 +56,9 @@ DIRECT_READ = 256 << 10
 
 #: A save asks the kernel to start writeback every this many bytes (sync_file_range).
 WRITEBACK_STEP = 16 << 20
+#: A restore asks the kernel to read this far ahead of the load (POSIX_FADV_WILLNEED),
+#: so the disk works while the load copies and first touches guest memory.
+READ_AHEAD_OF_LOAD = 32 << 20
 SYNC_FILE_RANGE_WRITE = 2
 
 _T = TypeVar("_T")
@@ -188,6 +191,7 @@ class FileReader:
         self.end = end
         self._buf = b""
         self._buf_at = start  # file offset of _buf[0]
+        self._advised = start  # WILLNEED asked for up to here
 
     def _need(self, n: int) -> None:
         if self.pos + n > self.end:
@@ -233,6 +237,15 @@ class FileReader:
         self.pos += n
 
     def _preadv(self, view: memoryview, at: int) -> None:
+        if at + len(view) + READ_AHEAD_OF_LOAD // 2 > self._advised:
+            # (in the loading thread: WILLNEED waits while the reads are submitted)
+            upto = min(self.end, at + len(view) + READ_AHEAD_OF_LOAD)
+            if upto > self._advised:
+                try:
+                    os.posix_fadvise(self.fd, self._advised, upto - self._advised, os.POSIX_FADV_WILLNEED)
+                except (OSError, AttributeError):
+                    pass
+                self._advised = upto
         done = 0
         try:
             while done < len(view):
