@@ -123,7 +123,8 @@ async def main(memory_mib: int, folder: Path, repeats: int, checkpoint: bool) ->
         scratch = bytearray(nbytes + (64 << 20))  # the file is a little bigger than memory
         np.frombuffer(scratch, dtype=np.uint8)[:: mmap.PAGESIZE] = 1  # touched once, here
         touched = memoryview(scratch)
-        print(f"domain: {memory_mib} MiB, files in {folder}, {os.cpu_count()} CPUs, {repeats} repeats", flush=True)
+        print(f"domain: {memory_mib} MiB, files in {folder}, {os.cpu_count()} CPUs, {repeats} repeats, "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
         for i in range(repeats):
             ours_first = i % 2 == 1
             print(f"repeat {i + 1} ({'ours' if ours_first else 'plain'} first)", flush=True)
@@ -196,7 +197,8 @@ async def main(memory_mib: int, folder: Path, repeats: int, checkpoint: bool) ->
         touched.release()
         del touched, scratch
 
-        print("ratios (median of the repeats; each repeat's in brackets); target >= 0.8:")
+        print(f"ratios (median of the repeats; each repeat's in brackets; load average now "
+              f"{os.getloadavg()[0]:.1f}); target >= 0.8:")  # fmt: skip
         for key, label in (
             ("save", "save / (write + fsync)"),
             ("warm", "restore / read, warm, fresh memory"),

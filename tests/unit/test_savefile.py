@@ -548,3 +548,24 @@ def test_sha256_files_are_still_read(tmp_path: Path) -> None:
     assert fmt._hash_pieces([data[: fmt.CHUNK_SIZE]], fmt.DIGEST_SHA256_CHUNKED) == first
     raw = fmt.Trailer(stream_end=100, digest=bytes(32), algo=fmt.DIGEST_SHA256_CHUNKED).pack()
     assert fmt.parse_trailer("f", raw, 164).algo == fmt.DIGEST_SHA256_CHUNKED
+
+
+async def test_a_save_over_an_older_savefile_replaces_it(tmp_path: Path) -> None:
+    """The replaced file is let go off the save's path (savefile._hold_replaced); a FIFO
+    in its place does not block the save, and nothing but the new file is left."""
+    from relocd.engine.savefile import _hold_replaced
+
+    path = tmp_path / "web1.save"
+    first = make_domain(4, seed=1)
+    await save_domain(first, path, checkpoint=False, policy=XendPolicy())
+    second = make_domain(4, seed=2)
+    await save_domain(second, path, checkpoint=False, policy=XendPolicy())
+    driver = FakeDriver()
+    await restore_savefile(str(path), context(driver))
+    assert bytes(driver.doms[0].mem) == second.snapshot_at_pause != first.snapshot_at_pause
+    assert listing(tmp_path) == ["web1.save"]
+    assert _hold_replaced(tmp_path / "missing") == -1
+    fifo = tmp_path / "fifo.save"
+    os.mkfifo(fifo)
+    await save_domain(make_domain(4), fifo, checkpoint=False, policy=XendPolicy())
+    assert fifo.is_file() and not fifo.is_fifo()
