@@ -4,9 +4,11 @@ A save is a migration whose target is a file: the same record stream, behind
 a file header and closed by a digest trailer (``savefile_format``).  The file
 appears under its final name only by the last rename, after fsync; anything
 that fails before leaves no file and the domain as it was.  A restore checks
-the header, the trailer and the whole-file digest, and reserves memory and the
-domain's name, before it creates anything; if it fails midway it destroys
-what it built.  Stream domains (Xen PV) and images another toolstack wrote
+the header, the trailer and CONFIG, and reserves memory and the domain's name,
+before it creates anything; it checks the whole-file digest while the records
+load into the paused domain, which runs only once the digest held (a stream
+domain's file: before the build); if it fails midway it destroys what it
+built.  Stream domains (Xen PV) and images another toolstack wrote
 (``xl save``) go through the same flows.  What each kind writes between
 CONFIG and COMMIT, and how it puts its domain back when a save fails, is its
 transfer's (``Transfer.save``, ``transfer_save``), as ``Transfer.receive``
