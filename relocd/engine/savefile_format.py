@@ -341,12 +341,21 @@ class ChunkedDigest:
         self._futures, self._pieces = [], []
 
 
+class DigestStopped(Exception):
+    """``digest_file`` was told to stop (the restore it checked for failed otherwise)."""
+
+
 def digest_file(
-    fd: int, length: int, pool: cf.Executor | None = None, algo: int = DIGEST_BLAKE3_CHUNKED
+    fd: int,
+    length: int,
+    pool: cf.Executor | None = None,
+    algo: int = DIGEST_BLAKE3_CHUNKED,
+    stop: threading.Event | None = None,
 ) -> bytes:
     """The file digest of the first ``length`` bytes of ``fd``, read through mmap.
 
     Chunks hash in parallel straight from the page cache; nothing is copied.
+    ``stop`` set makes it give up between chunks (DigestStopped).
     """
     pool = pool or digest_pool()
     if length == 0:
@@ -361,6 +370,8 @@ def digest_file(
             digests: list[bytes] = []
             try:
                 for off in range(0, length, CHUNK_SIZE):
+                    if stop is not None and stop.is_set():
+                        raise DigestStopped()
                     futures.append(pool.submit(_hash_view, base, off, min(off + CHUNK_SIZE, length), algo))
                     if len(futures) >= window:
                         digests.append(futures.pop(0).result())

@@ -131,7 +131,7 @@ async def restore(host: Host, settings: Settings, args: dict[str, Any], sink: An
     file = arg(args, "file", str)
     verify = bool(arg(args, "verify", bool, False))
     # Read the header first so the marker names the domain; restore_savefile
-    # checks everything again (trailer, digest) before it creates anything.
+    # checks everything again (trailer, digest: docs/savefile.md, Reading safely).
     name, uuid = _peek(file)
     await register_domain(host, uuid, name)  # with a cluster store: ours, or refused
     observed = _observed(host, "restore_finished", domain=name, file=str(Path(file).absolute()))

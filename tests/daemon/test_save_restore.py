@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import struct
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,6 +90,8 @@ async def test_checkpoint_keeps_running_and_restores(host: DaemonProc, tmp_path:
 
 
 async def test_bad_files_are_refused_and_leave_nothing(host: DaemonProc, tmp_path: Path) -> None:
+    """Refused: by the header or trailer before anything is built; by the digest, checked
+    while the records load into a paused domain, before that domain ever runs (docs/savefile.md)."""
     await running_domain(host, memory=32)
     good = tmp_path / "good.save"
     await host.call("save", name="web1", file=str(good), checkpoint=False)
@@ -98,6 +101,8 @@ async def test_bad_files_are_refused_and_leave_nothing(host: DaemonProc, tmp_pat
         "truncated": (raw[: size * 2 // 3], "truncated"),
         "header": (_flip(raw, 34), "corrupted header"),
         "pages": (_flip(raw, size // 2), "digest mismatch"),
+        "pages-descriptor": (_flip(raw, _second_pages_record(raw) + 20), "digest mismatch"),
+        "trailer-digest": (_with_trailer_digest(raw, bytes(32)), "digest mismatch"),
         "trailer": (_flip(raw, size - 20), "corrupted trailer"),
         "foreign": (b"\x7fELF" + raw[4:], "not a relocd savefile"),
     }
@@ -106,8 +111,39 @@ async def test_bad_files_are_refused_and_leave_nothing(host: DaemonProc, tmp_pat
         bad.write_bytes(content)
         await expect_error(host, "restore", why, file=str(bad))
         assert await names(host) == [], f"{label}: something was left behind"
+        assert list((host.state_dir / "saves").glob("*.json")) == [], f"{label}: a restore marker was left"
+    # those the header let through were begun, and the history says how they ended
+    failed = [h for h in await host.call("history", name="web1") if h["kind"] == "restore"]
+    loaded = [label for label, (_, why) in cases.items() if why == "digest mismatch"]
+    assert sorted(Path(str(h["peer"])).stem for h in failed) == sorted(loaded), failed
+    assert all(h["status"] == "failed" and "digest mismatch" in str(h["error"]) for h in failed), failed
     await host.call("restore", file=str(good))
     assert await names(host) == [("web1", "running")]
+    check = await host.call("check", name="web1")
+    assert check["ok"], check["problem"]
+
+
+def _second_pages_record(raw: bytes) -> int:
+    """File offset of the second PAGES record (a stop-and-copy save of more than 1024 pages)."""
+    from relocd.protocol.codec import HEADER_SIZE
+    from relocd.protocol.records import RecordType
+
+    header_len = struct.unpack_from("!I", raw, 12)[0]
+    at, seen = header_len, 0
+    while True:
+        rtype, _flags, _res, length, _crc = struct.unpack_from("!BBHII", raw, at)
+        if rtype == RecordType.PAGES:
+            seen += 1
+            if seen == 2:
+                return at
+        at += HEADER_SIZE + length  # a PAGES length counts its payload
+
+
+def _with_trailer_digest(raw: bytes, digest: bytes) -> bytes:
+    """The file with a trailer that claims ``digest`` (its CRC made valid)."""
+    from relocd.engine.savefile_format import TRAILER_SIZE, Trailer
+
+    return raw[:-TRAILER_SIZE] + Trailer(stream_end=len(raw) - TRAILER_SIZE, digest=digest).pack()
 
 
 def _flip(raw: bytes, at: int) -> bytes:

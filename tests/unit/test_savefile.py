@@ -43,6 +43,7 @@ class FakeDomain(Domain):
         self.snapshot_at_pause: bytes | None = None
         self.destroyed = False
         self.pauses = 0
+        self.resumes = 0
 
     @property
     def state(self) -> DomainState:
@@ -70,6 +71,7 @@ class FakeDomain(Domain):
 
     async def resume(self) -> None:
         self._state = DomainState.RUNNING
+        self.resumes += 1
 
     async def destroy(self) -> None:
         self.destroyed = True
@@ -314,6 +316,7 @@ def _corrupt(path: Path, at: int) -> None:
 
 
 async def test_bad_files_are_refused_before_anything_is_created(tmp_path: Path) -> None:
+    """What the header and the trailer show is refused before a domain is built."""
     dom = make_domain(4)
     good = tmp_path / "good.save"
     await save_domain(dom, good, checkpoint=False, policy=XendPolicy())
@@ -326,7 +329,7 @@ async def test_bad_files_are_refused_before_anything_is_created(tmp_path: Path) 
         "foreign": (b"#!/bin/sh\n" + raw[10:], "not a relocd savefile"),
         "empty": (b"", "truncated"),
     }
-    for at, what in ((20, "corrupted header"), (size // 2, "digest mismatch"), (size - 40, "corrupted trailer")):
+    for at, what in ((20, "corrupted header"), (size - 40, "corrupted trailer")):
         flipped = bytearray(raw)
         flipped[at] ^= 0x10
         cases[f"flip-{at}"] = (bytes(flipped), what)
@@ -347,6 +350,87 @@ async def test_bad_files_are_refused_before_anything_is_created(tmp_path: Path) 
             pass
         assert info2 is None or not info2["digest_ok"]
     assert driver.created == 0
+
+
+async def _record_offsets(path: Path) -> list[tuple[str, int]]:
+    """(record type, file offset of its header) for every record of a savefile."""
+    out: list[tuple[str, int]] = []
+    with OpenSavefile.open(str(path)) as opened:
+        channel = opened.channel()
+        reader: Any = channel.transport
+        while not out or out[-1][0] != "Commit":
+            at = reader.pos
+            record = await channel.recv()
+            if isinstance(record, PagesHeader):
+                await channel.skip_pages(record)
+            out.append((type(record).__name__, at))
+    return out
+
+
+def _with_trailer_digest(raw: bytes, digest: bytes, algo: int = fmt.DIGEST_BLAKE3_CHUNKED) -> bytes:
+    """``raw`` with its trailer rewritten (a valid CRC) to claim ``digest``."""
+    trailer = fmt.Trailer(stream_end=len(raw) - fmt.TRAILER_SIZE, digest=digest, algo=algo)
+    return raw[: -fmt.TRAILER_SIZE] + trailer.pack()
+
+
+async def test_a_file_corrupted_inside_loads_paused_and_never_runs(tmp_path: Path) -> None:
+    """Verify while loading (docs/savefile.md, Reading safely): the domain is built and
+    loaded paused while the digest is checked; a mismatch destroys it before it ever runs,
+    releases its reservation, and says so in one line, wherever the damage is."""
+    dom = make_domain(8)  # two PAGES records
+    good = tmp_path / "good.save"
+    await save_domain(dom, good, checkpoint=False, policy=XendPolicy())
+    raw = good.read_bytes()
+    size = len(raw)
+    offsets = await _record_offsets(good)
+    second_pages = [at for kind, at in offsets if kind == "PagesHeader"][1]
+    vcpu = next(at for kind, at in offsets if kind == "VcpuState")
+    cases: dict[str, bytes] = {}
+    for label, at in (("payload", size // 2), ("pages-header", second_pages + 20), ("vcpu-state", vcpu + 14)):
+        flipped = bytearray(raw)
+        flipped[at] ^= 0x10
+        cases[label] = bytes(flipped)
+    cases["trailer-digest"] = _with_trailer_digest(raw, bytes(32))
+    for label, content in cases.items():
+        bad = tmp_path / f"{label}.save"
+        bad.write_bytes(content)
+        driver = FakeDriver()
+        ctx = context(driver)
+        with pytest.raises(SaveFileError, match="digest mismatch") as info:
+            await restore_savefile(str(bad), ctx)
+        assert "\n" not in info.value.message, label
+        assert info.value.message == f"{bad}: corrupted savefile (digest mismatch)", label
+        assert all(d.destroyed and d.resumes == 0 and d.loaded is None for d in driver.doms), label
+        assert driver.domains() == [] and not ctx.incoming, f"{label}: something was left behind"
+        assert ctx.reservations.reserved_bytes == 0 and not ctx.reservations.names, label
+        assert not (await inspect_savefile(str(bad)))["digest_ok"]
+    # and the good file still restores, into the same kind of context
+    driver = FakeDriver()
+    await restore_savefile(str(good), context(driver))
+    assert driver.doms[0].resumes == 1 and bytes(driver.doms[0].mem) == bytes(dom.snapshot_at_pause or b"")
+
+
+async def test_files_of_the_older_digest_algorithm_still_restore(tmp_path: Path) -> None:
+    """A file whose trailer uses algorithm 1 (SHA-256 hash list, as older relocd wrote)
+    restores through the same load-and-verify path; format 1.0 itself is unchanged."""
+    dom = make_domain(8)
+    path = tmp_path / "old.save"
+    await save_domain(dom, path, checkpoint=False, policy=XendPolicy())
+    raw = path.read_bytes()
+    body = raw[: -fmt.TRAILER_SIZE]
+    path.write_bytes(_with_trailer_digest(raw, fmt.simple_digest(body, fmt.DIGEST_SHA256_CHUNKED), fmt.DIGEST_SHA256_CHUNKED))
+    assert fmt.parse_header("f", raw[:200]).major == 1 and fmt.parse_header("f", raw[:200]).minor == 0
+    driver = FakeDriver()
+    restored = await restore_savefile(str(path), context(driver), verify_memory=True)
+    assert restored.verified_memory and bytes(driver.doms[0].mem) == dom.snapshot_at_pause
+    # the same file, damaged, is refused as any other
+    damaged = bytearray(path.read_bytes())
+    damaged[len(damaged) // 2] ^= 1
+    path.write_bytes(bytes(damaged))
+    await driver.doms[0].destroy()
+    with pytest.raises(SaveFileError, match="digest mismatch"):
+        await restore_savefile(str(path), context(driver))
+    assert driver.domains() == []
 
 
 async def test_restore_refused_when_memory_is_short(tmp_path: Path) -> None:
@@ -464,3 +548,24 @@ def test_sha256_files_are_still_read(tmp_path: Path) -> None:
     assert fmt._hash_pieces([data[: fmt.CHUNK_SIZE]], fmt.DIGEST_SHA256_CHUNKED) == first
     raw = fmt.Trailer(stream_end=100, digest=bytes(32), algo=fmt.DIGEST_SHA256_CHUNKED).pack()
     assert fmt.parse_trailer("f", raw, 164).algo == fmt.DIGEST_SHA256_CHUNKED
+
+
+async def test_a_save_over_an_older_savefile_replaces_it(tmp_path: Path) -> None:
+    """The replaced file is let go off the save's path (savefile._hold_replaced); a FIFO
+    in its place does not block the save, and nothing but the new file is left."""
+    from relocd.engine.savefile import _hold_replaced
+
+    path = tmp_path / "web1.save"
+    first = make_domain(4, seed=1)
+    await save_domain(first, path, checkpoint=False, policy=XendPolicy())
+    second = make_domain(4, seed=2)
+    await save_domain(second, path, checkpoint=False, policy=XendPolicy())
+    driver = FakeDriver()
+    await restore_savefile(str(path), context(driver))
+    assert bytes(driver.doms[0].mem) == second.snapshot_at_pause != first.snapshot_at_pause
+    assert listing(tmp_path) == ["web1.save"]
+    assert _hold_replaced(tmp_path / "missing") == -1
+    fifo = tmp_path / "fifo.save"
+    os.mkfifo(fifo)
+    await save_domain(make_domain(4), fifo, checkpoint=False, policy=XendPolicy())
+    assert fifo.is_file() and not fifo.is_fifo()
