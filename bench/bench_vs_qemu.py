@@ -164,6 +164,7 @@ async def relocd_migration(a: DaemonProc, b: DaemonProc, memory: int, workload: 
         "stop_reason": result.get("stop_reason"),
         "cpu_s": cpu.seconds(),
         "timeline_ms": t,
+        "round_reports": result.get("rounds") or [],
     }
     return out
 
