@@ -35,7 +35,8 @@ from relocd.engine.reservation import ReservationTable
 from relocd.engine.host import Host
 from relocd.cluster.handoff import sweep_fenced
 from relocd.cluster.registry import cluster_ownership, keep_registered
-from relocd.engine.target import TargetSession, expire_reservations, release_incoming
+from relocd.engine.target import TargetSession, expire_reservations
+from relocd.engine.target_resume import release_incoming
 from relocd.engine.stream import ByteTransport, PeerGone, RecordChannel
 from relocd.errors import ConfigError, DriverError, RelocdError
 from relocd.protocol.records import Role

@@ -31,7 +31,7 @@ from relocd.engine.host import Host
 from relocd.engine.query import Backoff, Reconnect, ask, drop_prepared_copy, settle_abort
 from relocd.engine.source import SendOptions, SourceMigration, settling_task_name
 from relocd.engine.stream import ByteTransport, RecordChannel
-from relocd.engine.target import finish_resume, release_incoming
+from relocd.engine.target_resume import finish_resume, release_incoming
 from relocd.errors import RelocdError
 from relocd.protocol.records import Done, Go, OutcomeState, Resumed, Role
 from relocd.protocol.state import Conversation

@@ -30,7 +30,7 @@ from relocd.engine.journal import SOURCE, JournalEntry, Phase
 from relocd.engine.query import ask
 from relocd.engine.source import settling_task_name
 from relocd.engine.stream import RecordChannel
-from relocd.engine.target import finish_resume, release_incoming
+from relocd.engine.target_resume import finish_resume, release_incoming
 from relocd.errors import ConfigError, DomainBusy, RelocdError
 from relocd.protocol.records import OutcomeState
 from relocd.server.requests import arg

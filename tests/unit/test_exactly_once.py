@@ -33,7 +33,8 @@ from relocd.engine.policy import XendPolicy
 from relocd.engine.reservation import ReservationTable
 from relocd.engine.source import SendOptions, SourceMigration, new_migration_id
 from relocd.engine.stream import MemoryTransport, PeerGone, RecordChannel, memory_pipe
-from relocd.engine.target import TargetContext, TargetSession, outcome_of
+from relocd.engine.target import TargetContext, TargetSession
+from relocd.engine.target_resume import outcome_of
 from relocd.errors import Reason, RelocdError
 from relocd.protocol.records import (
     Abort,
