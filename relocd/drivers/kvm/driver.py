@@ -20,7 +20,8 @@ from relocd.drivers.hostinfo import bridges, mem_available
 from relocd.drivers.kvm import cpufeatures, layout
 from relocd.drivers.kvm.vm import KVM_DEVICE, KvmSystem
 from relocd.drivers.kvm.vmm import DEFAULT_DIRTY_MODE, DIRTY_MODES, bitmap_bytes
-from relocd.drivers.procdriver import RECORD_FORMAT, ProcessDomain, ProcessDriver, ProcessLink
+from relocd.drivers.procdomain import ProcessDomain, ProcessLink
+from relocd.drivers.procdriver import RECORD_FORMAT, ProcessDriver
 from relocd.errors import ConfigError, DriverError
 
 __all__ = ["RECORD_FORMAT", "VMM_MODULE", "KvmDomain", "KvmDriver", "kvm_usable"]

@@ -15,7 +15,8 @@ from typing import Any
 
 from relocd.drivers import domproc
 from relocd.drivers.base import DomainConfig, DomainState, HostCaps
-from relocd.drivers.procdriver import RECORD_FORMAT, ProcessDomain, ProcessDriver, ProcessLink
+from relocd.drivers.procdomain import ProcessDomain, ProcessLink
+from relocd.drivers.procdriver import RECORD_FORMAT, ProcessDriver
 from relocd.drivers.sim import hostinfo, invariant
 from relocd.drivers.sim import status as status_area
 from relocd.errors import DriverError
