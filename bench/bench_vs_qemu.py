@@ -136,8 +136,8 @@ async def relocd_migration(a: DaemonProc, b: DaemonProc, memory: int, workload: 
     try:
         with CpuSampler([a.proc.pid, b.proc.pid]) as cpu:
             t0 = time.monotonic()
-            result: dict[str, Any] = await a.call("migrate", name="vsqemu", host=b.address, port=b.port,
-                                                  live=live, **extra)
+            how = {"port": b.port, **extra}  # extra may name another port (TLS)
+            result: dict[str, Any] = await a.call("migrate", name="vsqemu", host=b.address, live=live, **how)
             wall = time.monotonic() - t0
     except BaseException:
         for d in (a, b):  # leave no domain behind for the next run; whichever side holds it

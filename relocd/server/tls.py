@@ -16,10 +16,9 @@ hosts-allow has already been applied by the listener when ``accept_tls`` runs:
 a refused peer never gets a handshake.  The handshake runs under the
 pre-authentication timeout.
 
-TLS sockets cannot do ``sendmsg``/``recv_into`` through the loop, so this
-module moves bytes through asyncio streams: ``StreamTransport`` implements the
-engine's ``ByteTransport`` with reads in bounded chunks (nothing a peer sends
-makes us buffer more than ``READ_CHUNK`` + a TLS record at a time).
+The bytes themselves move through ``tls_socket.TlsSocketTransport``: an
+``ssl.SSLSocket`` whose bulk transfers run in worker threads, so pages are
+encrypted off the event loop, one core per channel.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
@@ -35,11 +33,12 @@ import structlog
 from relocd.config.settings import Settings
 from relocd.engine.stream import PeerGone
 from relocd.errors import AccessDenied, ConfigError, Reason
-from relocd.server.transport import connect, tune_socket
+from relocd.server.tls_socket import TlsSocketTransport, handshake
+from relocd.server.transport import connect
 
 __all__ = [
     "MIN_TLS_VERSION",
-    "StreamTransport",
+    "TlsSocketTransport",
     "TlsRefused",
     "accept_tls",
     "client_context",
@@ -51,10 +50,6 @@ __all__ = [
 log = structlog.get_logger("relocd.tls")
 
 MIN_TLS_VERSION = ssl.TLSVersion.TLSv1_2
-#: Largest single read from the stream; bounds what one read buffers.
-READ_CHUNK = 1 << 20
-#: StreamReader flow-control limit: reading pauses above twice this.
-STREAM_LIMIT = 64 << 10
 
 _KEY_OPTION = "xend-relocation-server-ssl-key-file"
 _CERT_OPTION = "xend-relocation-server-ssl-cert-file"
@@ -179,135 +174,23 @@ def _handshake_error(exc: BaseException, where: str, timeout: float) -> PeerGone
 # -- the transport ------------------------------------------------------------------
 
 
-class StreamTransport:
-    """A TLS connection (asyncio streams) as a ByteTransport."""
-
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, client: bool = False
-    ) -> None:
-        self.reader = reader
-        self.client = client
-        self.writer = writer
-        self._closed = False
-        self._received = 0
-
-    @property
-    def peer(self) -> str:
-        name = self.writer.get_extra_info("peername")
-        return str(name[0]) if name else "?"
-
-    @property
-    def tls_version(self) -> str | None:
-        obj = self.writer.get_extra_info("ssl_object")
-        return obj.version() if obj is not None else None
-
-    def peer_certificate(self) -> dict[str, object] | None:
-        """The verified peer certificate (None when the peer sent none)."""
-        obj = self.writer.get_extra_info("ssl_object")
-        cert = obj.getpeercert() if obj is not None else None
-        return dict(cert) if cert else None
-
-    def peer_identity(self) -> str | None:
-        """The peer certificate's subject and alternative names, as one stable string.
-
-        Binds an in-flight migration to the certificate that reserved it
-        (issue 11): a QUERY or GO under another certificate is refused.
-        """
-        cert = self.peer_certificate()
-        if cert is None:
-            return None
-        subject = cert.get("subject", ())
-        parts = [
-            f"{k}={v}"
-            for rdn in subject  # type: ignore[attr-defined]
-            for (k, v) in rdn
-        ]
-        alt = cert.get("subjectAltName", ())
-        parts += [f"{k}:{v}" for (k, v) in alt]  # type: ignore[attr-defined]
-        return ",".join(parts) or None
-
-    async def read_exactly(self, n: int) -> bytes:
-        try:
-            data = await self.reader.readexactly(n)
-        except asyncio.IncompleteReadError:
-            raise self._lost("peer closed the connection") from None
-        except ssl.SSLError as exc:
-            raise TlsRefused(describe_tls_error(exc)) from None
-        except (ConnectionError, OSError) as exc:
-            raise self._lost(f"connection lost: {exc.strerror or exc}") from None
-        self._received += n
-        return data
-
-    async def read_into(self, view: memoryview) -> None:
-        got = 0
-        total = len(view)
-        while got < total:
-            chunk = await self.read_exactly(min(READ_CHUNK, total - got))
-            view[got : got + len(chunk)] = chunk
-            got += len(chunk)
-
-    async def write(self, buffers: Sequence[bytes | memoryview]) -> None:
-        if self._closed or self.writer.is_closing():
-            raise PeerGone("connection closed")
-        # Both asyncio's and uvloop's TLS transports encrypt inside write()
-        # once the handshake is done, so guest-memory views are not kept.
-        views = [memoryview(b).cast("B") if isinstance(b, memoryview) else b for b in buffers]
-        try:
-            self.writer.writelines(views)
-            await self.writer.drain()
-        except ssl.SSLError as exc:
-            raise TlsRefused(describe_tls_error(exc)) from None
-        except (ConnectionError, OSError) as exc:
-            raise self._lost(f"connection lost: {exc.strerror or exc}") from None
-
-    def _lost(self, what: str) -> PeerGone:
-        if self.client and self._received == 0:
-            # With TLS 1.3 a server that rejects our certificate (or our lack of
-            # one) does so after our side of the handshake is done, and its alert
-            # rarely arrives before the close: say what is the likely cause.
-            return TlsRefused(
-                f"TLS: {what} right after the handshake "
-                "(does the peer require a client certificate from a CA that did not sign ours?)"
-            )
-        return PeerGone(what)
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self.writer.close()
-        try:
-            async with asyncio.timeout(2):
-                await self.writer.wait_closed()
-        except (TimeoutError, ssl.SSLError, ConnectionError, OSError):
-            self.writer.transport.abort()
-
-
 # -- handshakes -------------------------------------------------------------------------
 
 
 async def accept_tls(
     sock: socket.socket, ctx: ssl.SSLContext, *, timeout: float, peer: str
-) -> StreamTransport:
+) -> TlsSocketTransport:
     """Server side: the TLS handshake on an accepted, admitted socket."""
-    loop = asyncio.get_running_loop()
-    tune_socket(sock)
-    reader = asyncio.StreamReader(limit=STREAM_LIMIT)
-    protocol = asyncio.StreamReaderProtocol(reader)
     try:
-        async with asyncio.timeout(timeout + 1):  # belt and braces over the TLS layer's own
-            transport, _ = await loop.connect_accepted_socket(
-                lambda: protocol, sock, ssl=ctx, ssl_handshake_timeout=timeout
-            )
+        sslsock = await handshake(sock, ctx, server_hostname=None, timeout=timeout)
     except asyncio.CancelledError:
         raise
     except OSError as exc:  # ssl.SSLError, ConnectionError and TimeoutError are OSErrors
         raise _handshake_error(exc, peer, timeout) from None
-    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-    return StreamTransport(reader, writer)
+    return TlsSocketTransport(sslsock, client=False, describe=describe_tls_error, refused=TlsRefused)
 
 
-async def connect_tls(host: str, port: int, ctx: ssl.SSLContext, timeout: float) -> StreamTransport:
+async def connect_tls(host: str, port: int, ctx: ssl.SSLContext, timeout: float) -> TlsSocketTransport:
     """Client side: connect (every address of ``host`` in turn), then the handshake.
 
     The certificate must name ``host`` exactly as the operator gave it: a DNS
@@ -317,18 +200,11 @@ async def connect_tls(host: str, port: int, ctx: ssl.SSLContext, timeout: float)
     sock = plain.sock
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        async with asyncio.timeout(timeout + 1):
-            reader, writer = await asyncio.open_connection(
-                sock=sock,
-                ssl=ctx,
-                server_hostname=host,
-                ssl_handshake_timeout=timeout,
-                limit=STREAM_LIMIT,
-            )
+        sslsock = await handshake(sock, ctx, server_hostname=host, timeout=timeout)
     except asyncio.CancelledError:
         sock.close()
         raise
     except OSError as exc:  # ssl.SSLError, ConnectionError and TimeoutError are OSErrors
         sock.close()
         raise _handshake_error(exc, where, timeout) from None
-    return StreamTransport(reader, writer, client=True)
+    return TlsSocketTransport(sslsock, client=True, describe=describe_tls_error, refused=TlsRefused)
