@@ -43,7 +43,7 @@ from relocd.engine.stream import ByteTransport, RecordChannel
 from relocd.errors import ConfigError, DomainExists, DriverError, RelocdError
 from relocd.protocol.records import Role
 from relocd.protocol.state import Conversation
-from relocd.server import evacuate, jobs, saveops, settle
+from relocd.server import clusterops, evacuate, jobs, saveops, settle
 from relocd.server.recovery import dial_target
 from relocd.server.requests import arg, progress_to
 from relocd.server.tls import client_context, connect_tls
@@ -96,12 +96,16 @@ class Operations:
             "job": lambda args, sink: jobs.watch(self.jobs, args, sink),
             "migrate_set": lambda args, sink: jobs.migrate_set(self.jobs, args, sink),
             "history": lambda args, sink: jobs.history(self.host, args, sink),
-            "evacuate": lambda args, sink: evacuate.evacuate(self.host, self.migrate, self.evacuations, args, sink),
+            "evacuate": lambda args, sink: evacuate.evacuate(
+                self.host, self.migrate, self.evacuations, args, sink, self.settings.relocation_ssl
+            ),
             "settle": lambda args, sink: settle.settle(
                 self.host, lambda e: dial_target(self.settings, e), self._source_reachable, args, sink
             ),
             "restore": lambda args, sink: saveops.restore(self.host, self.settings, args, sink),
             "inspect": lambda args, sink: saveops.inspect(self.host, self.settings, args, sink),
+            "cluster_hosts": lambda args, sink: clusterops.hosts(self.host, args, sink),
+            "cluster_domains": lambda args, sink: clusterops.domains(self.host, args, sink),
         }
 
     # -- helpers ------------------------------------------------------------------
