@@ -39,15 +39,48 @@ def cluster_ownership(s: Settings) -> Ownership | None:
     return Ownership(store, s.cluster_name or socket.gethostname())
 
 
-async def register_domain(host: Host, uuid: str, name: str) -> None:
+async def register_domain(host: Host, uuid: str, name: str, *, restore: bool = False) -> None:
     """create/restore: the record says this host owns the uuid, or the operation is refused."""
     own = host.cluster
     if own is None:
         return
     try:
-        await own.register(uuid, name)
+        await own.register(uuid, name, restore=restore)
     except StoreUnavailable as exc:
         raise RelocdError(f"{exc.message}; a domain cannot be created or restored without its ownership record") from None
+
+
+async def domain_saved(host: Host, uuid: str, name: str) -> str | None:
+    """A save stopped the domain here: its record says "saved", for a restore on any host.
+
+    After the fact (the domain is gone here): a store that does not answer
+    leaves the record owned by this host, so only a restore here takes it
+    back; the warning (returned, and logged) says so.
+    """
+    own = host.cluster
+    if own is None:
+        return None
+    try:
+        await own.saved(uuid, name)
+    except StoreUnavailable as exc:
+        why = f"{exc.message}; the ownership record still names {own.me}: restore the file here"
+        log.warning("save: ownership record not marked saved", domain=name, error=why)
+        return why
+    return None
+
+
+async def forget_domain(host: Host, uuid: str, name: str) -> str | None:
+    """destroy, after the fact: this host's record goes (the uuid is free in the fleet again)."""
+    own = host.cluster
+    if own is None:
+        return None
+    try:
+        await own.forget(uuid)
+    except StoreUnavailable as exc:
+        why = f"{exc.message}; the ownership record still names {own.me} (a later create or restore here takes it)"
+        log.warning("destroy: ownership record left in the store", domain=name, error=why)
+        return why
+    return None
 
 
 async def host_info(host: Host, s: Settings, listening: list[str]) -> dict[str, Any]:

@@ -23,7 +23,8 @@ from relocd.drivers.base import (
     DomainConfig,
     DomainState,
 )
-from relocd.cluster.registry import register_domain
+from relocd.cluster.handoff import withdraw_offer
+from relocd.cluster.registry import forget_domain, register_domain
 from relocd.config.settings import Settings
 from relocd.engine.claims import Claim, ClaimTable
 from relocd.engine.hooks import DomainHooks
@@ -230,8 +231,10 @@ class Operations:
         with claim:
             await dom.destroy()
             await self.hooks.destroyed(dom)
+            # after the copy is gone: a record deleted first would free the uuid while it still ran
+            warning = await forget_domain(self.host, dom.config.uuid, dom.name)
         log.info("domain destroyed", domain=dom.name)
-        return {"name": dom.name}
+        return {"name": dom.name, **({"warning": warning} if warning else {})}
 
     async def pause(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
         dom, claim = self.claim_domain(arg(args, "name", str), "pause")
@@ -362,6 +365,8 @@ class Operations:
             claim.release()
             if not t.cancelled() and t.exception() is None:
                 res = t.result()
+                if res.status != "completed" and self.host.cluster is not None:  # a stale offer fenced
+                    self.host.spawn(withdraw_offer(self.host, uuid, mid))
                 self.host.notify("migration_finished", direction="outgoing", status=res.status, result=res.to_json())
             else:
                 self.host.notify("migration_finished", direction="outgoing", status="failed", result=None)

@@ -46,6 +46,18 @@ class MemoryStore(Store):
             raise StoreUnavailable("cluster store unreachable (memory://): timed out")
         return ok
 
+    async def delete(self, key: str, *, mod_revision: int) -> bool:
+        self._check()
+        current = self.data.get(key)
+        ok = current is not None and current.mod_revision == mod_revision
+        if ok:
+            self.revision += 1
+            del self.data[key]
+        if self.slow:
+            self.slow -= 1
+            raise StoreUnavailable("cluster store unreachable (memory://): timed out")
+        return ok
+
     async def list(self, prefix: str) -> list[Entry]:
         self._check()
         return [e for k, e in sorted(self.data.items()) if k.startswith(prefix)]

@@ -20,7 +20,8 @@ import structlog
 
 from relocd import cli
 from relocd.cli.tables import format_cluster_domains, format_cluster_hosts
-from relocd.cluster.ownership import Ownership
+from relocd.cluster.handoff import withdraw_offer
+from relocd.cluster.ownership import Ownership, OwnershipRecord, key_of
 from relocd.cluster.registry import fit_targets, pick_target
 from relocd.cluster.store import HOSTS
 from relocd.config.settings import Settings
@@ -28,7 +29,8 @@ from relocd.drivers.sim import SimDriver
 from relocd.engine.host import Host
 from relocd.engine.journal import Journal
 from relocd.engine.reservation import ReservationTable
-from relocd.server import evacuate
+from relocd.errors import DomainExists, RelocdError
+from relocd.server import evacuate, saveops
 from relocd.server.control import ControlServer, NullSink
 from relocd.server.operations import Operations
 
@@ -45,13 +47,13 @@ def registered(name: str, free_mib: int, drivers: list[str], port: int | None = 
 class Fleet:
     """Host ``a`` (a sim driver, an Operations) and what the store holds of others."""
 
-    def __init__(self, root: Path, store: MemoryStore | None) -> None:
+    def __init__(self, root: Path, store: MemoryStore | None, me: str = "a") -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.store = store
         self.driver = SimDriver(root / "sim")
         self.host = Host(
             drivers={"sim": self.driver}, reservations=ReservationTable(30.0), journal=Journal(root / "journal.sqlite"),
-            cluster=Ownership(store, "a") if store is not None else None,
+            cluster=Ownership(store, me) if store is not None else None,
         )  # fmt: skip
         self.ops = Operations(self.host, Settings(state_dir=root / "state"), lambda: [])
 
@@ -68,8 +70,8 @@ def sock_dir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-async def fleet_at(root: Path, store: MemoryStore | None) -> Fleet:
-    f = Fleet(root, store)
+async def fleet_at(root: Path, store: MemoryStore | None, me: str = "a") -> Fleet:
+    f = Fleet(root, store, me)
     await f.driver.start()
     return f
 
@@ -246,3 +248,95 @@ def test_evacuate_cli_wants_hosts_or_cluster(argv: list[str], capsys: pytest.Cap
     assert capsys.readouterr().err == (
         "relocd: evacuate: name target hosts, or --cluster for the cluster store's (not both)\n"
     )
+
+
+# -- destroy, save, restore ---------------------------------------------------------------
+
+
+def owner(store: MemoryStore, uuid: str) -> OwnershipRecord | None:
+    entry = store.data.get(key_of(uuid))
+    return OwnershipRecord.decode(entry.value) if entry else None
+
+
+async def test_destroy_deletes_our_record_and_a_store_down_is_a_warning(fleet: Fleet) -> None:
+    store = fleet.store
+    assert store is not None
+    with structlog.testing.capture_logs():
+        dom = await fleet.ops.create({"name": "web", "memory": 16, "driver": "sim"}, NullSink())
+        assert owner(store, dom["uuid"]) is not None
+        assert await fleet.ops.destroy({"name": "web"}, NullSink()) == {"name": "web"}
+        assert owner(store, dom["uuid"]) is None  # the uuid is free in the fleet again
+        dom = await fleet.ops.create({"name": "web", "memory": 16, "driver": "sim"}, NullSink())
+        store.down = True
+        result = await fleet.ops.destroy({"name": "web"}, NullSink())
+    assert fleet.driver.domains() == []  # destroyed all the same
+    assert result["warning"].startswith("cluster store unreachable (memory://): down; the ownership record still names a")
+    store.down = False
+    assert (owner(store, dom["uuid"]) or OwnershipRecord("?", 0)).host == "a"
+
+
+async def test_saved_here_restored_there_once(tmp_path: Path) -> None:
+    store = MemoryStore()
+    a, b = await fleet_at(tmp_path / "a", store, "a"), await fleet_at(tmp_path / "b", store, "b")
+    file = str(tmp_path / "web.sav")
+    try:
+        with structlog.testing.capture_logs():
+            dom = await a.ops.create({"name": "web", "memory": 16, "driver": "sim"}, NullSink())
+            checkpoint = await saveops.save(a.host, a.ops.settings, {"name": "web", "file": file, "checkpoint": True},
+                                            NullSink())  # fmt: skip
+            assert checkpoint["status"] == "completed"
+            assert (owner(store, dom["uuid"]) or OwnershipRecord("?", 0)).state == "owned"  # -c: still runs on a
+            with pytest.raises(DomainExists, match="is owned by a in the cluster store"):
+                await saveops.restore(b.host, b.ops.settings, {"file": file}, NullSink())
+            saved = await saveops.save(a.host, a.ops.settings, {"name": "web", "file": file}, NullSink())
+            assert saved["status"] == "completed" and "warning" not in saved
+            rec = owner(store, dom["uuid"])
+            assert rec is not None and (rec.host, rec.state) == ("a", "saved")
+            await saveops.restore(b.host, b.ops.settings, {"file": file}, NullSink())
+            rec = owner(store, dom["uuid"])
+            assert rec is not None and (rec.host, rec.epoch, rec.state) == ("b", 2, "owned")
+            assert [d.name for d in b.driver.domains()] == ["web"]
+            with pytest.raises(DomainExists, match="is owned by b in the cluster store"):
+                await saveops.restore(a.host, a.ops.settings, {"file": file}, NullSink())  # never two copies
+            assert a.driver.domains() == []
+    finally:
+        await close(a)
+        await close(b)
+
+
+async def test_a_failed_restore_leaves_the_record_saved(tmp_path: Path) -> None:
+    store = MemoryStore()
+    a, b = await fleet_at(tmp_path / "a", store, "a"), await fleet_at(tmp_path / "b", store, "b")
+    file = tmp_path / "web.sav"
+    try:
+        with structlog.testing.capture_logs():
+            dom = await a.ops.create({"name": "web", "memory": 16, "driver": "sim"}, NullSink())
+            await saveops.save(a.host, a.ops.settings, {"name": "web", "file": str(file)}, NullSink())
+            raw = bytearray(file.read_bytes())
+            raw[-200] ^= 0xFF  # a corrupt trailer: the restore fails after its claim
+            file.write_bytes(bytes(raw))
+            with pytest.raises(RelocdError):
+                await saveops.restore(b.host, b.ops.settings, {"file": str(file)}, NullSink())
+            assert b.driver.domains() == []
+            rec = owner(store, dom["uuid"])
+            assert rec is not None and (rec.host, rec.state) == ("b", "saved")  # any host may try again
+    finally:
+        await close(a)
+        await close(b)
+
+
+async def test_a_migration_over_with_our_copy_here_fences_its_offer(fleet: Fleet) -> None:
+    own, store = fleet.host.cluster, fleet.store
+    assert own is not None and store is not None
+    with structlog.testing.capture_logs():
+        dom = await fleet.ops.create({"name": "web", "memory": 16, "driver": "sim"}, NullSink())
+        await own.offer(dom["uuid"], "web", "m1")
+        assert await withdraw_offer(fleet.host, dom["uuid"], "m1") is True
+        rec = owner(store, dom["uuid"])
+        assert rec is not None and rec.offer is None and "m1" in rec.fenced
+        await own.offer(dom["uuid"], "web", "m2")
+        store.down = True
+        assert await withdraw_offer(fleet.host, dom["uuid"], "m2") is False  # logged; the next offer fences it
+        store.down = False
+        await fleet.ops.destroy({"name": "web"}, NullSink())
+        assert await withdraw_offer(fleet.host, dom["uuid"], "m2") is False  # no copy here: not ours to fence
