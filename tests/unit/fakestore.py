@@ -19,6 +19,8 @@ class MemoryStore(Store):
         self.slow = 0
         self.leases: dict[int, list[str]] = {}
         self.swaps = 0
+        #: leases granted so far (ids are never reused)
+        self.granted = 0
 
     def _check(self) -> None:
         if self.down:
@@ -68,7 +70,8 @@ class MemoryStore(Store):
 
     async def grant(self, ttl_s: int) -> int:
         self._check()
-        lease = len(self.leases) + 1
+        self.granted += 1
+        lease = self.granted
         self.leases[lease] = []
         return lease
 

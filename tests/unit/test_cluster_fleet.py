@@ -22,7 +22,7 @@ from relocd import cli
 from relocd.cli.tables import format_cluster_domains, format_cluster_hosts
 from relocd.cluster.handoff import withdraw_offer
 from relocd.cluster.ownership import Ownership, OwnershipRecord, key_of
-from relocd.cluster.registry import fit_targets, pick_target
+from relocd.cluster.registry import LEASE_TTL_S, fit_targets, host_info, keep_registered, pick_target
 from relocd.cluster.store import HOSTS
 from relocd.config.settings import Settings
 from relocd.drivers.sim import SimDriver
@@ -340,3 +340,66 @@ async def test_a_migration_over_with_our_copy_here_fences_its_offer(fleet: Fleet
         store.down = False
         await fleet.ops.destroy({"name": "web"}, NullSink())
         assert await withdraw_offer(fleet.host, dom["uuid"], "m2") is False  # no copy here: not ours to fence
+
+
+# -- the registry: this daemon under a lease it keeps alive ------------------------------
+
+
+class Watched(MemoryStore):
+    """Tells a test each time a host key is written (the registry's rounds)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.puts: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+
+    async def put(self, key: str, value: bytes, *, lease: int = 0) -> None:
+        await super().put(key, value, lease=lease)
+        self.puts.put_nowait((key, lease))
+
+
+async def next_put(store: Watched) -> tuple[str, int]:
+    return await asyncio.wait_for(store.puts.get(), 10)
+
+
+async def test_registration_lives_under_a_lease_renewed_and_granted_again(tmp_path: Path) -> None:
+    store = Watched()
+    f = await fleet_at(tmp_path, store, "a")
+    settings = Settings(state_dir=tmp_path / "state", relocation_address="0.0.0.0", relocation_server=True)
+    task = asyncio.ensure_future(keep_registered(f.host, settings, lambda: ["0.0.0.0:8002"], period_s=0.01))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            key, lease = await next_put(store)
+            assert key == HOSTS + "a" and lease in store.leases and HOSTS + "a" in store.leases[lease]
+            doc = json.loads(store.data[key].value)
+            assert doc["name"] == "a" and doc["drivers"] == ["sim"] and doc["port"] == settings.relocation_port
+            assert doc["address"] not in ("", "0.0.0.0") and doc["ssl_port"] is None and doc["free_bytes"] > 0
+            assert (await next_put(store))[1] == lease  # renewed: the same lease
+            store.expire(lease)  # etcd let it lapse (the daemon was stopped past the TTL)
+            assert HOSTS + "a" not in store.data
+            while (got := await next_put(store))[1] == lease:
+                pass
+            assert got[1] > lease and HOSTS + "a" in store.data  # a new lease, the key back under it
+            store.down = True
+            while not any(e.get("event") == "cannot register in the cluster store" for e in logs):
+                await asyncio.sleep(0.01)
+            granted = store.granted
+            store.down = False
+            back = await next_put(store)
+            assert back[1] == store.granted == granted + 1  # a lease granted again after the outage
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    # stopped: its lease revoked, the key gone (the one abandoned in the outage lapses by its TTL)
+    assert HOSTS + "a" not in store.data and back[1] not in store.leases
+    await close(f)
+    assert LEASE_TTL_S >= 3  # a renewal every TTL/3 s outlives one lost round
+
+
+async def test_host_info_names_a_reachable_address_and_only_listening_ports(fleet: Fleet) -> None:
+    import socket
+
+    info = await host_info(fleet.host, Settings(relocation_address="10.1.2.3"), [])
+    assert (info["name"], info["address"], info["port"], info["ssl_port"]) == ("a", "10.1.2.3", None, None)
+    for everywhere in ("", "0.0.0.0", "::"):
+        info = await host_info(fleet.host, Settings(relocation_address=everywhere, relocation_ssl_server=True), [])
+        assert info["address"] == socket.gethostname() and info["ssl_port"] == 8003
