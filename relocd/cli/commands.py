@@ -18,7 +18,7 @@ from relocd.cli.common import (
     print_json,
     report,
 )
-from relocd.cli.tables import format_domain_table
+from relocd.cli.tables import format_cluster_domains, format_cluster_hosts, format_domain_table
 from relocd.errors import ConfigError, RelocdError
 
 
@@ -161,4 +161,17 @@ def cmd_status(ns: argparse.Namespace) -> int:
         print_json(result)
     else:
         print_fields(result)
+    return EXIT_OK
+
+
+def cmd_cluster(ns: argparse.Namespace) -> int:
+    """The fleet in the cluster store, as this host's daemon reads it."""
+    rows = common.ask(ns, f"cluster_{ns.what}", {})
+    rows = rows if isinstance(rows, list) else []
+    if ns.json:
+        print_json(rows)
+    elif ns.what == "hosts":
+        print(format_cluster_hosts(rows))
+    else:
+        print(format_cluster_domains(rows))
     return EXIT_OK

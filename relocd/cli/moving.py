@@ -262,8 +262,12 @@ def cmd_history(ns: argparse.Namespace) -> int:
 
 
 def cmd_evacuate(ns: argparse.Namespace) -> int:
+    if bool(ns.hosts) == bool(ns.cluster):
+        raise UsageError("evacuate: name target hosts, or --cluster for the cluster store's (not both)")
     args: dict[str, Any] = {"hosts": list(ns.hosts), "parallel": ns.parallel,
                             "live": bool(ns.live), "ssl": ns.ssl}
+    if ns.cluster:
+        args["cluster"] = True
     if ns.port is not None:
         args["port"] = ns.port
     try:
@@ -289,12 +293,19 @@ def cmd_evacuate(ns: argparse.Namespace) -> int:
             print("Nothing to evacuate: no domains on this host")
         else:
             print(f"Evacuated {len(moved)} of {total} domain{'s' if total != 1 else ''}"
-                  + (f" to {', '.join(ns.hosts)}" if moved else "") + ".")
+                  + (f" to {', '.join(ns.hosts) or _targets_of(result)}" if moved else "") + ".")
     if failed:
         report(f"{len(failed)} domain{'s' if len(failed) != 1 else ''} not moved: "
                + "; ".join(f"{n}: {why}" for n, why in failed.items()))
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _targets_of(result: Any) -> str:
+    """The hosts an evacuation moved domains to (--cluster picked them)."""
+    targets = [str(r.get("target")) for r in field(result, "results", [])
+               if isinstance(r, dict) and r.get("status") == "completed" and r.get("target")]
+    return ", ".join(dict.fromkeys(targets)) or "?"
 
 
 async def complete_domains(path: Any) -> list[str]:

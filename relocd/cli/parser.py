@@ -247,14 +247,27 @@ def build_parser() -> argparse.ArgumentParser:
                 "relocd evacuate -l hostb hostc --parallel 2", control, as_json,
                 description="Move every local domain to the given hosts (spread by their free "
                             "memory), N at a time, each with migrate's handoff and rollback. "
+                            "With --cluster, to the hosts registered in the cluster store that run "
+                            "each domain's driver and have room for it. "
                             "Exit 0 only if every domain moved.")
-    p.add_argument("hosts", metavar="HOST", nargs="+", help="target hosts")
+    p.add_argument("hosts", metavar="HOST", nargs="*", help="target hosts (none with --cluster)")
+    p.add_argument("--cluster", action="store_true",
+                   help="pick targets from the cluster store's registered hosts (docs/cluster.md)")
     p.add_argument("--parallel", metavar="N", type=types.positive_int, default=1,
                    help="migrations at a time")
     p.add_argument("-l", "--live", action="store_true", help="precopy while the domains run")
     ssl_option(p)
     p.add_argument("-p", "--port", metavar="N", type=types.port,
                    help="targets' relocation port (default: the config's, 8002; 8003 with TLS)")
+
+    p = command("cluster", commands.cmd_cluster, "the fleet in the cluster store: hosts or domains",
+                "relocd cluster domains --json", control, as_json,
+                description="Show the fleet as the cluster store (relocd-cluster-store, "
+                            "docs/cluster.md) holds it, from any host: 'hosts' lists every daemon "
+                            "registered under its lease (address, ports, free memory, domains, "
+                            "drivers, version; * marks this one); 'domains' lists every ownership "
+                            "record (owner, epoch, state, the migration that last changed it).")
+    p.add_argument("what", metavar="WHAT", choices=("hosts", "domains"), help="hosts or domains")
 
     # -- the command itself ------------------------------------------------------------
     p = command("completion", extras.cmd_completion, "print a shell completion script",

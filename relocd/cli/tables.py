@@ -103,3 +103,34 @@ def format_history_table(entries: Sequence[dict[str, Any]], *, show_domain: bool
             line = line[: max(width - 3, 1)] + "..."
         lines.append(line)
     return "\n".join(lines)
+
+
+def _columns(heads: Sequence[str], rows: Sequence[Sequence[str]], right: frozenset[str] = frozenset()) -> str:
+    """Columns two spaces apart, the last one unpadded."""
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(heads)]
+    lines = []
+    for row in [list(heads), *rows]:
+        cells = [c.rjust(w) if h in right else c.ljust(w) for c, w, h in zip(row, widths, heads)]
+        cells[-1] = row[-1]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def format_cluster_hosts(hosts: Sequence[dict[str, Any]]) -> str:
+    """`relocd cluster hosts`: each registered daemon; ``*`` marks the one asked."""
+    rows = []
+    for h in hosts:
+        name = _cell(h.get("name")) + (" *" if h.get("self") else "")
+        drivers = ",".join(str(d) for d in h.get("drivers") or ()) or "-"
+        rows.append([name, _cell(h.get("address")), _cell(h.get("port")), _cell(h.get("ssl_port")),
+                     _size(h.get("free_bytes")), _count(h.get("domains")), drivers, _cell(h.get("version"))])
+    heads = ["Host", "Address", "Port", "SSL", "Free", "Domains", "Drivers", "Version"]
+    return _columns(heads, rows, frozenset({"Port", "SSL", "Free", "Domains"}))
+
+
+def format_cluster_domains(domains: Sequence[dict[str, Any]]) -> str:
+    """`relocd cluster domains`: every ownership record, by owner then name."""
+    rows = [[_cell(d.get("name")), _cell(d.get("uuid")), _cell(d.get("host")), _count(d.get("epoch")),
+             _cell(d.get("state")), _cell(d.get("migration"))] for d in domains]
+    heads = ["Name", "UUID", "Owner", "Epoch", "State", "Last migration"]
+    return _columns(heads, rows, frozenset({"Epoch"}))

@@ -1,7 +1,7 @@
 """An etcd v3 client over etcd's JSON gateway (``POST /v3/kv/txn``), on asyncio streams.
 
-Why not a library: relocd needs five calls (range, txn, put, lease grant,
-keepalive), and the asyncio etcd clients on PyPI either speak gRPC (a large
+Why not a library: relocd needs six calls (range, txn, put, lease grant,
+keepalive, revoke), and the asyncio etcd clients on PyPI either speak gRPC (a large
 dependency, protobuf stubs pinned to an etcd version) or are unmaintained.
 The JSON gateway is part of every etcd since 3.3 (``/v3/`` paths from 3.4,
 the Debian version), takes base64 keys and values and int64s as strings.
@@ -196,6 +196,12 @@ class EtcdStore(Store):
         if lease:
             put["lease"] = str(lease)
         answer = await self.call("/v3/kv/txn", {"compare": [compare], "success": [{"request_put": put}]})
+        return bool(answer.get("succeeded", False))
+
+    async def delete(self, key: str, *, mod_revision: int) -> bool:
+        k = _b64(key)
+        compare = {"key": k, "target": "MOD", "result": "EQUAL", "mod_revision": str(mod_revision)}
+        answer = await self.call("/v3/kv/txn", {"compare": [compare], "success": [{"request_delete_range": {"key": k}}]})
         return bool(answer.get("succeeded", False))
 
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> None:

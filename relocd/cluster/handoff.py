@@ -16,7 +16,7 @@ import structlog
 
 from relocd.cluster.ownership import Settled
 from relocd.cluster.store import StoreUnavailable
-from relocd.drivers.base import INCOMING_SUFFIX, Domain
+from relocd.drivers.base import INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX, Domain, DomainState
 from relocd.engine.journal import Phase
 from relocd.engine.query import Backoff
 from relocd.errors import Reason, RelocdError, ReservationRefused
@@ -71,6 +71,32 @@ async def source_offer(m: SourceMigration) -> None:
         await own.offer(m.domain.config.uuid, m.name, m.mid)
     except StoreUnavailable as exc:
         raise no_handoff(exc) from None
+
+
+async def withdraw_offer(host: Host, uuid: str, mid: str) -> bool:
+    """A migration over with our copy running here: fence its offer if it is still in the record.
+
+    Before GO the source rolls back without asking the store (no target
+    claims without GO), so its offer stays: harmless, but a prepared target
+    would wait for it.  Fenced, that target drops its copy at its next sweep.
+    Best effort: the next offer supersedes (and fences) a stale one anyway.
+    True once the record holds no offer for ``mid``.
+    """
+    own = host.cluster
+    dom = host.find_uuid(uuid)
+    if own is None or dom is None:
+        return own is None
+    if dom.name.endswith((INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX)) or dom.state not in (
+        DomainState.RUNNING, DomainState.PAUSED
+    ):  # fmt: skip
+        return False  # not (yet) ours alone: the handoff's own steps decide
+    try:
+        await own.withdraw(uuid, mid)
+    except (StoreUnavailable, RelocdError) as exc:
+        log.warning("stale offer left in the cluster store (the next migration supersedes it)",
+                    migration_id=mid, error=exc.message)  # fmt: skip
+        return False
+    return True
 
 
 async def settle_by_store(m: SourceMigration) -> MigrationResult:

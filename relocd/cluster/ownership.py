@@ -46,6 +46,8 @@ class OwnershipRecord:
     source: str | None = None
     #: the source of ``migration`` has let its copy go: no giving back
     released: bool = False
+    #: saved to a file on ``host`` and stopped there: a restore on any host may take it
+    saved: bool = False
 
     def encode(self) -> bytes:
         doc = dataclasses.asdict(self)
@@ -61,6 +63,7 @@ class OwnershipRecord:
                 host=str(doc["host"]), epoch=int(doc["epoch"]), name=str(doc.get("name", "")),
                 migration=doc.get("migration"), offer=doc.get("offer"), fenced=fenced,
                 source=doc.get("source"), released=bool(doc.get("released", False)),
+                saved=bool(doc.get("saved", False)),
             )  # fmt: skip
         except (ValueError, KeyError, TypeError, AttributeError):
             raise RecordError(f"not an ownership record: {raw[:80]!r}") from None
@@ -69,6 +72,8 @@ class OwnershipRecord:
     @property
     def state(self) -> str:
         """The record's state as docs/cluster.md names it."""
+        if self.saved:
+            return "saved"
         if self.offer is not None:
             return "offered"
         if self.source is not None and self.migration is not None:
@@ -96,13 +101,47 @@ class Settled(enum.Enum):
 Decision = tuple[_T, OwnershipRecord | None]
 
 
-def decide_register(rec: OwnershipRecord | None, me: str, uuid: str, name: str) -> Decision[None]:
-    """create/restore/receive-without-a-record: ours, or refused if another host's."""
+def decide_register(
+    rec: OwnershipRecord | None, me: str, uuid: str, name: str, *, restore: bool = False
+) -> Decision[None]:
+    """create/restore/receive-without-a-record: ours, or refused if another host's.
+
+    A saved record (its domain stopped, in a savefile) is taken by a restore
+    on any host: the savefile is where the domain is, and whoever restores it
+    first owns it (the epoch counts the change of owner).
+    """
     if rec is None:
         return None, OwnershipRecord(host=me, epoch=1, name=name)
+    if rec.saved and (restore or rec.host == me):
+        epoch = rec.epoch if rec.host == me else rec.epoch + 1
+        return None, OwnershipRecord(host=me, epoch=epoch, name=name, fenced=rec.fenced)
     if rec.host != me:
+        if rec.saved:
+            raise DomainExists(f"{uuid} ({rec.name or name}) was saved to a file on {rec.host}: restore it instead")
         raise DomainExists(f"{uuid} ({rec.name or name}) is owned by {rec.host} in the cluster store")
     return None, None
+
+
+def decide_saved(rec: OwnershipRecord | None, me: str, name: str) -> Decision[None]:
+    """A save that stopped the domain here: the savefile holds it now; a restore anywhere may claim it."""
+    if rec is not None and (rec.host != me or rec.saved):
+        return None, None  # saved already, or not ours to hand on (the record moved meanwhile, by hand?)
+    if rec is None:
+        return None, OwnershipRecord(host=me, epoch=1, name=name, saved=True)
+    fenced = rec.fenced if rec.offer is None else (*rec.fenced, rec.offer)[-FENCED_KEPT:]
+    return None, OwnershipRecord(host=me, epoch=rec.epoch, name=name, fenced=fenced, saved=True)
+
+
+def decide_forget(rec: OwnershipRecord | None, me: str) -> bool:
+    """destroy: delete the record when it is ours (another host's is none of this copy's business)."""
+    return rec is not None and rec.host == me
+
+
+def decide_withdraw(rec: OwnershipRecord | None, me: str, mid: str) -> Decision[None]:
+    """A migration that ended with our copy running here: its offer, if still there, is fenced."""
+    if rec is None or rec.host != me or rec.offer != mid:
+        return None, None
+    return None, dataclasses.replace(rec, offer=None, fenced=(*rec.fenced, mid)[-FENCED_KEPT:])
 
 
 def decide_offer(rec: OwnershipRecord | None, me: str, uuid: str, name: str, mid: str) -> Decision[None]:
@@ -113,7 +152,12 @@ def decide_offer(rec: OwnershipRecord | None, me: str, uuid: str, name: str, mid
         raise DomainExists(f"{uuid} ({rec.name or name}) is owned by {rec.host} in the cluster store, not by this host")
     if rec.offer == mid:
         return None, None
-    return None, dataclasses.replace(rec, name=name, migration=mid, offer=mid, source=None, released=False)
+    # A stale offer (its source failed after offering, before GO) is fenced
+    # as it is superseded: its prepared target drops its copy, never claims.
+    fenced = rec.fenced if rec.offer is None else (*rec.fenced, rec.offer)[-FENCED_KEPT:]
+    return None, dataclasses.replace(
+        rec, name=name, migration=mid, offer=mid, fenced=fenced, source=None, released=False, saved=False
+    )
 
 
 def decide_claim(rec: OwnershipRecord | None, me: str, mid: str) -> Decision[bool]:
@@ -189,8 +233,26 @@ class Ownership:
                 crash_point(side, f"store:{name}:done")
                 return answer
 
-    async def register(self, uuid: str, name: str) -> None:
-        await self._update(uuid, "host", "create", lambda r: decide_register(r, self.me, uuid, name))
+    async def register(self, uuid: str, name: str, *, restore: bool = False) -> None:
+        op = "restore" if restore else "create"
+        await self._update(uuid, "host", op, lambda r: decide_register(r, self.me, uuid, name, restore=restore))
+
+    async def saved(self, uuid: str, name: str) -> None:
+        await self._update(uuid, "host", "save", lambda r: decide_saved(r, self.me, name))
+
+    async def withdraw(self, uuid: str, mid: str) -> None:
+        await self._update(uuid, "source", "withdraw", lambda r: decide_withdraw(r, self.me, mid))
+
+    async def forget(self, uuid: str) -> bool:
+        """destroy: True once no record of ours is left (another host's stays)."""
+        while True:
+            rec, rev = await self.read(uuid)
+            if not decide_forget(rec, self.me):
+                return rec is None
+            crash_point("host", "store:destroy")
+            if await self.store.delete(key_of(uuid), mod_revision=rev):
+                crash_point("host", "store:destroy:done")
+                return True
 
     async def check_mine(self, uuid: str, name: str) -> None:
         """Read only: is the domain ours (or unrecorded)?  Before a migration starts."""

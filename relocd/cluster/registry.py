@@ -39,15 +39,48 @@ def cluster_ownership(s: Settings) -> Ownership | None:
     return Ownership(store, s.cluster_name or socket.gethostname())
 
 
-async def register_domain(host: Host, uuid: str, name: str) -> None:
+async def register_domain(host: Host, uuid: str, name: str, *, restore: bool = False) -> None:
     """create/restore: the record says this host owns the uuid, or the operation is refused."""
     own = host.cluster
     if own is None:
         return
     try:
-        await own.register(uuid, name)
+        await own.register(uuid, name, restore=restore)
     except StoreUnavailable as exc:
         raise RelocdError(f"{exc.message}; a domain cannot be created or restored without its ownership record") from None
+
+
+async def domain_saved(host: Host, uuid: str, name: str) -> str | None:
+    """A save stopped the domain here: its record says "saved", for a restore on any host.
+
+    After the fact (the domain is gone here): a store that does not answer
+    leaves the record owned by this host, so only a restore here takes it
+    back; the warning (returned, and logged) says so.
+    """
+    own = host.cluster
+    if own is None:
+        return None
+    try:
+        await own.saved(uuid, name)
+    except StoreUnavailable as exc:
+        why = f"{exc.message}; the ownership record still names {own.me}: restore the file here"
+        log.warning("save: ownership record not marked saved", domain=name, error=why)
+        return why
+    return None
+
+
+async def forget_domain(host: Host, uuid: str, name: str) -> str | None:
+    """destroy, after the fact: this host's record goes (the uuid is free in the fleet again)."""
+    own = host.cluster
+    if own is None:
+        return None
+    try:
+        await own.forget(uuid)
+    except StoreUnavailable as exc:
+        why = f"{exc.message}; the ownership record still names {own.me} (a later create or restore here takes it)"
+        log.warning("destroy: ownership record left in the store", domain=name, error=why)
+        return why
+    return None
 
 
 async def host_info(host: Host, s: Settings, listening: list[str]) -> dict[str, Any]:
@@ -61,7 +94,8 @@ async def host_info(host: Host, s: Settings, listening: list[str]) -> dict[str, 
     free = max(0, free - host.reservations.reserved_bytes)
     return {
         "name": host.cluster.me if host.cluster else socket.gethostname(),
-        "address": s.relocation_address or socket.gethostname(),
+        # a listener on every interface is reached by the host's name
+        "address": s.relocation_address if s.relocation_address not in ("", "0.0.0.0", "::") else socket.gethostname(),
         "port": s.relocation_port if s.relocation_server else None,
         "ssl_port": s.relocation_ssl_port if s.relocation_ssl_server else None,
         "free_bytes": free,
@@ -121,11 +155,27 @@ async def list_domains(store: Store) -> list[dict[str, Any]]:
     return sorted(out, key=lambda d: (d["host"], d["name"]))
 
 
-def pick_target(hosts: list[dict[str, Any]], me: str, memory_bytes: int, driver: str) -> dict[str, Any] | None:
-    """evacuate --cluster: the registered host with the most free memory that runs the driver, never us."""
+def target_port(h: dict[str, Any], tls: bool) -> int | None:
+    """The registered port a migration over TLS (or not) dials on host ``h``."""
+    port = h.get("ssl_port") if tls else h.get("port")
+    return port if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536 else None
+
+
+def fit_targets(
+    hosts: list[dict[str, Any]], me: str, memory_bytes: int, driver: str, *, tls: bool = False
+) -> list[dict[str, Any]]:
+    """evacuate --cluster: the registered hosts that run the driver and have the room, roomiest first, never us."""
     fit = [
         h for h in hosts
         if h.get("name") != me and driver in (h.get("drivers") or ()) and int(h.get("free_bytes") or 0) >= memory_bytes
-        and (h.get("port") or h.get("ssl_port"))
+        and target_port(h, tls) is not None and h.get("address")
     ]  # fmt: skip
-    return max(fit, key=lambda h: int(h.get("free_bytes") or 0), default=None)
+    return sorted(fit, key=lambda h: (-int(h.get("free_bytes") or 0), str(h.get("name"))))
+
+
+def pick_target(
+    hosts: list[dict[str, Any]], me: str, memory_bytes: int, driver: str, *, tls: bool = False
+) -> dict[str, Any] | None:
+    """The one registered host with the most free memory that runs the driver, never us."""
+    fit = fit_targets(hosts, me, memory_bytes, driver, tls=tls)
+    return fit[0] if fit else None

@@ -45,6 +45,10 @@ class Store(abc.ABC):
         """Write ``value`` if the key's mod_revision is still ``mod_revision`` (0: absent)."""
 
     @abc.abstractmethod
+    async def delete(self, key: str, *, mod_revision: int) -> bool:
+        """Remove the key if its mod_revision is still ``mod_revision``."""
+
+    @abc.abstractmethod
     async def list(self, prefix: str) -> list[Entry]: ...
 
     @abc.abstractmethod

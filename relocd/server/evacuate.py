@@ -8,6 +8,10 @@ the next one is tried.  Each move is an ordinary migration (its own claim,
 journal, rollback), so a failed one leaves its domain running here.
 `relocd abort --all` stops the evacuation: moves in flight are aborted
 (before GO), queued ones never start.
+
+``--cluster`` takes the targets from the cluster store's registry instead
+(docs/cluster.md): for each domain, the registered hosts that run its
+driver and have room for it, roomiest first, never this host.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import Any
 
 import structlog
 
-from relocd.drivers.base import INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX, DomainState
+from relocd.cluster.registry import fit_targets, list_hosts, target_port
+from relocd.drivers.base import INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX, Domain, DomainState
 from relocd.errors import ConfigError, RelocdError
 from relocd.server.requests import arg
 
@@ -51,9 +56,9 @@ class Evacuation:
         self.free: dict[str, int | None] = {h: None for h in hosts}
         self.stopped = asyncio.Event()
 
-    def order(self, tried: set[str]) -> list[str]:
+    def order(self, tried: set[str], allowed: set[str] | None = None) -> list[str]:
         """Targets not yet tried for a domain, roomiest first (unasked ones before all)."""
-        left = [h for h in self.free if h not in tried]
+        left = [h for h in self.free if h not in tried and (allowed is None or h in allowed)]
 
         def room(h: str) -> int:
             free = self.free[h]
@@ -62,13 +67,41 @@ class Evacuation:
         return sorted(left, key=lambda h: -room(h))
 
 
+async def cluster_targets(host: Any, domains: list[Domain], tls: bool) -> tuple[dict[str, int], dict[str, set[str]]]:
+    """--cluster: each registered target's free bytes (as HOST:PORT), and which of them fit each domain."""
+    own = host.cluster
+    if own is None:
+        raise ConfigError("evacuate --cluster needs a cluster store (relocd-cluster-store; docs/cluster.md)")
+    registered = await list_hosts(own.store)  # StoreUnavailable: its one line, nothing moved
+    free: dict[str, int] = {}
+    fits: dict[str, set[str]] = {}
+    for dom in domains:
+        room = fit_targets(registered, own.me, dom.config.memory_mib << 20, dom.config.driver, tls=tls)
+        names = set()
+        for h in room:
+            address = str(h["address"])
+            target = f"[{address}]:{target_port(h, tls)}" if ":" in address else f"{address}:{target_port(h, tls)}"
+            free[target] = int(h.get("free_bytes") or 0)
+            names.add(target)
+        fits[dom.name] = names
+    return free, fits
+
+
+def no_fit(dom: Domain) -> str:
+    return f"no other registered host runs {dom.config.driver} with {dom.config.memory_mib} MiB free"
+
+
 async def evacuate(
-    host: Any, migrate: Migrate, evacuations: set[Evacuation], args: dict[str, Any], sink: Any
+    host: Any, migrate: Migrate, evacuations: set[Evacuation], args: dict[str, Any], sink: Any,
+    default_ssl: bool = False,
 ) -> dict[str, Any]:
-    """args: hosts [HOST[:PORT]], parallel (1), live, ssl, port (the default for hosts without one), verify."""
-    hosts = arg(args, "hosts", list)
-    if not hosts or not all(isinstance(h, str) and h for h in hosts):
-        raise ConfigError("evacuate needs at least one target host")
+    """args: hosts [HOST[:PORT]] or cluster (True), parallel (1), live, ssl, port (for hosts without one), verify."""
+    cluster = bool(arg(args, "cluster", bool, False))
+    hosts = arg(args, "hosts", list, [])
+    if cluster and hosts:
+        raise ConfigError("evacuate: name target hosts or --cluster, not both")
+    if not cluster and (not hosts or not all(isinstance(h, str) and h for h in hosts)):
+        raise ConfigError("evacuate needs at least one target host (or --cluster)")
     for h in hosts:
         split_target(h)  # a bad one is refused before anything moves
     parallel = arg(args, "parallel", int, 1)
@@ -86,17 +119,30 @@ async def evacuate(
         key=lambda d: (-d.config.memory_mib, d.name),
     )
     names = [d.name for d in domains]  # a domain object's name changes as it moves
+    fits: dict[str, set[str]] | None = None
+    free: dict[str, int] = {}
+    if cluster:
+        tls = default_ssl if args.get("ssl") is None else bool(args["ssl"])
+        extra["ssl"] = tls  # the port picked is the registered one for this transport
+        extra.pop("port", None)
+        free, fits = await cluster_targets(host, domains, tls)
+        hosts = list(free)
     evac = Evacuation(list(dict.fromkeys(hosts)))
+    if fits is not None:
+        evac.free.update(free)
     evacuations.add(evac)
     gate = asyncio.Semaphore(parallel)
     results: dict[str, dict[str, Any]] = {}
     log.info("evacuating", domains=names, targets=list(evac.free), parallel=parallel)
 
     async def move(name: str) -> None:
+        if fits is not None and not fits[name]:
+            results[name] = {"status": "failed", "domain": name, "error": no_fit(domains[names.index(name)])}
+            return
         async with gate:
             tried: set[str] = set()
             while not evac.stopped.is_set():
-                targets = evac.order(tried)
+                targets = evac.order(tried, None if fits is None else fits[name])
                 if not targets:
                     return
                 target = targets[0]

@@ -23,7 +23,8 @@ from relocd.drivers.base import (
     DomainConfig,
     DomainState,
 )
-from relocd.cluster.registry import register_domain
+from relocd.cluster.handoff import withdraw_offer
+from relocd.cluster.registry import forget_domain, register_domain
 from relocd.config.settings import Settings
 from relocd.engine.claims import Claim, ClaimTable
 from relocd.engine.hooks import DomainHooks
@@ -43,7 +44,7 @@ from relocd.engine.stream import ByteTransport, RecordChannel
 from relocd.errors import ConfigError, DomainExists, DriverError, RelocdError
 from relocd.protocol.records import Role
 from relocd.protocol.state import Conversation
-from relocd.server import evacuate, jobs, saveops, settle
+from relocd.server import clusterops, evacuate, jobs, saveops, settle
 from relocd.server.recovery import dial_target
 from relocd.server.requests import arg, progress_to
 from relocd.server.tls import client_context, connect_tls
@@ -96,12 +97,16 @@ class Operations:
             "job": lambda args, sink: jobs.watch(self.jobs, args, sink),
             "migrate_set": lambda args, sink: jobs.migrate_set(self.jobs, args, sink),
             "history": lambda args, sink: jobs.history(self.host, args, sink),
-            "evacuate": lambda args, sink: evacuate.evacuate(self.host, self.migrate, self.evacuations, args, sink),
+            "evacuate": lambda args, sink: evacuate.evacuate(
+                self.host, self.migrate, self.evacuations, args, sink, self.settings.relocation_ssl
+            ),
             "settle": lambda args, sink: settle.settle(
                 self.host, lambda e: dial_target(self.settings, e), self._source_reachable, args, sink
             ),
             "restore": lambda args, sink: saveops.restore(self.host, self.settings, args, sink),
             "inspect": lambda args, sink: saveops.inspect(self.host, self.settings, args, sink),
+            "cluster_hosts": lambda args, sink: clusterops.hosts(self.host, args, sink),
+            "cluster_domains": lambda args, sink: clusterops.domains(self.host, args, sink),
         }
 
     # -- helpers ------------------------------------------------------------------
@@ -226,8 +231,10 @@ class Operations:
         with claim:
             await dom.destroy()
             await self.hooks.destroyed(dom)
+            # after the copy is gone: a record deleted first would free the uuid while it still ran
+            warning = await forget_domain(self.host, dom.config.uuid, dom.name)
         log.info("domain destroyed", domain=dom.name)
-        return {"name": dom.name}
+        return {"name": dom.name, **({"warning": warning} if warning else {})}
 
     async def pause(self, args: dict[str, Any], sink: Any) -> dict[str, Any]:
         dom, claim = self.claim_domain(arg(args, "name", str), "pause")
@@ -359,6 +366,8 @@ class Operations:
             claim.release()
             if not t.cancelled() and t.exception() is None:
                 res = t.result()
+                if res.status != "completed" and self.host.cluster is not None:  # a stale offer fenced
+                    self.host.spawn(withdraw_offer(self.host, uuid, mid))
                 self.host.notify("migration_finished", direction="outgoing", status=res.status, result=res.to_json())
             else:
                 self.host.notify("migration_finished", direction="outgoing", status="failed", result=None)

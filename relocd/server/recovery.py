@@ -18,6 +18,7 @@ from collections.abc import Awaitable
 
 import structlog
 
+from relocd.cluster.handoff import withdraw_offer
 from relocd.drivers.base import (
     INCOMING_SUFFIX,
     MIGRATED_AWAY_SUFFIX,
@@ -109,6 +110,7 @@ async def _recover_source(
                 await dom.rename(entry.domain)
             await dom.undo_send()
             lg.info("interrupted migration rolled back: domain runs here")
+            await withdraw_offer(host, entry.uuid, mid)  # an offer made before the crash: fenced
     except RelocdError:
         # The entry stays open, so the next restart tries the rollback again;
         # the target is told to drop its copy meanwhile.

@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from relocd.cluster.registry import register_domain
+from relocd.cluster.registry import domain_saved, register_domain
 from relocd.drivers.base import INCOMING_SUFFIX, DomainState
 from relocd.config.settings import Settings
 from relocd.engine.host import Host
@@ -99,6 +99,11 @@ async def save(
     finally:
         jobs.end(job)
     out: dict[str, Any] = result.to_json()
+    if out.get("status") == "completed" and not checkpoint:
+        # the domain is the file's now: a restore on any host may claim it (docs/cluster.md)
+        warning = await domain_saved(host, info["uuid"], name)
+        if warning:
+            out["warning"] = warning
     job.finish(out)
     return out
 
@@ -133,12 +138,17 @@ async def restore(host: Host, settings: Settings, args: dict[str, Any], sink: An
     # Read the header first so the marker names the domain; restore_savefile
     # checks everything again (trailer, digest: docs/savefile.md, Reading safely).
     name, uuid = _peek(file)
-    await register_domain(host, uuid, name)  # with a cluster store: ours, or refused
+    await register_domain(host, uuid, name, restore=True)  # with a cluster store: ours (a saved one taken), or refused
     observed = _observed(host, "restore_finished", domain=name, file=str(Path(file).absolute()))
-    with _Marker(settings, "restore", {"name": name, "uuid": uuid, "file": file}), observed:
-        result = await host.run_to_end(
-            restore_savefile(file, host, verify_memory=verify, progress=progress_to(sink))
-        )
+    try:
+        with _Marker(settings, "restore", {"name": name, "uuid": uuid, "file": file}), observed:
+            result = await host.run_to_end(
+                restore_savefile(file, host, verify_memory=verify, progress=progress_to(sink))
+            )
+    except RelocdError:
+        if host.find_uuid(uuid) is None:  # nothing runs: the file is still where the domain is
+            await domain_saved(host, uuid, name)
+        raise
     out: dict[str, Any] = result.to_json()
     return out
 

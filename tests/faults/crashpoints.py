@@ -24,6 +24,11 @@ checks the invariant of ``cells.py`` (``invariant_problems``: the domain runs
 on exactly one host, nothing half-built or in flight), that its memory
 verifies and that it migrates again; and the direction where the trace
 decides it (``PointMap.expected_host``).
+
+With ``store`` (an etcd URL: ``test_crash_points_store.py``, ``bench/fault_points.py
+--store``) both daemons arbitrate by the cluster store, the trace has its
+``store:*`` points too, and the cell also checks that the ownership record
+names the host the domain runs on.
 """
 
 from __future__ import annotations
@@ -219,10 +224,12 @@ class Pki:
 class PointDaemon(DaemonProc):  # type: ignore[misc]
     """A daemon with the cells' fast options, a TLS listener, and environment for its next start only."""
 
-    def __init__(self, root: Path, name: str, address: str, pki: Pki) -> None:
+    def __init__(self, root: Path, name: str, address: str, pki: Pki, store: str | None = None) -> None:
         self.ssl_port = free_port(address)
         cert, key = pki.certs[name]
         extra = "\n".join(f"({opt} {value})" for opt, value in FAST_OPTIONS.items())
+        if store is not None:
+            extra += f"\n(relocd-cluster-store '{store}')\n(relocd-cluster-name {name})\n(relocd-cluster-timeout 1)"
         extra += f"""
 (xend-relocation-ssl-server yes)
 (xend-relocation-ssl-port {self.ssl_port})
@@ -246,12 +253,12 @@ async def _call(d: DaemonProc, op: str, **args: Any) -> Any:
     return await asyncio.wait_for(d.call(op, **args), 30)
 
 
-async def discover(root: Path, pki: Pki, *, memory_mib: int = 32) -> PointMap:
+async def discover(root: Path, pki: Pki, *, memory_mib: int = 32, store: str | None = None) -> PointMap:
     """One clean migration (the cells' setup, no fault) with both daemons tracing their crash points."""
     root.mkdir(parents=True, exist_ok=True)
     trace = root / "trace.txt"
-    a = PointDaemon(root, "hostA", "127.0.0.1", pki)
-    b = PointDaemon(root, "hostB", "127.0.0.2", pki)
+    a = PointDaemon(root, "hostA", "127.0.0.1", pki, store)
+    b = PointDaemon(root, "hostB", "127.0.0.2", pki, store)
     try:
         for d in (a, b):
             d.next_env = {"RELOCD_FAULT_TRACE": str(trace)}
@@ -367,15 +374,30 @@ async def _wait_until(cond: Any, migration: asyncio.Future[Any], timeout: float)
     return False
 
 
+async def owner_problems(store: str, uuid: str, runner: DaemonProc) -> list[str]:
+    """With a cluster store: the ownership record names the host the domain runs on, with no offer left."""
+    from relocd.cluster.etcd import EtcdStore
+    from relocd.cluster.ownership import OwnershipRecord, key_of
+
+    entry = await EtcdStore(store).get(key_of(uuid))
+    if entry is None:
+        return ["no ownership record in the cluster store"]
+    rec = OwnershipRecord.decode(entry.value)
+    if rec.host != runner.name:
+        return [f"the ownership record names {rec.host} ({rec.state}), the domain runs on {runner.name}"]
+    return []
+
+
 async def run_crash_cell(
-    root: Path, cell: Cell, pki: Pki, points: PointMap | None = None, *, memory_mib: int = 32, migrate_again: bool = True
+    root: Path, cell: Cell, pki: Pki, points: PointMap | None = None, *, memory_mib: int = 32, migrate_again: bool = True,
+    store: str | None = None,
 ) -> CrashOutcome:
     """Run one cell in fresh daemons under ``root``; never raises for a broken invariant."""
     out = CrashOutcome(cell, expected=points.expected_host(cell) if points is not None else None)
     t0 = time.monotonic()
     root.mkdir(parents=True, exist_ok=True)
-    a = PointDaemon(root, "hostA", "127.0.0.1", pki)
-    b = PointDaemon(root, "hostB", "127.0.0.2", pki)
+    a = PointDaemon(root, "hostA", "127.0.0.1", pki, store)
+    b = PointDaemon(root, "hostB", "127.0.0.2", pki, store)
     by_side = {"source": a, "target": b}
     at = by_side[cell.point.side]
     other = b if at is a else a
@@ -449,6 +471,8 @@ async def run_crash_cell(
         out.ended_on = "source" if runner is a else "target" if runner is b else "nowhere/twice"
         if runner is not None and out.expected is not None and out.ended_on != out.expected:
             out.problems.append(f"ended on the {out.ended_on}, but the trace says it must end on the {out.expected}")
+        if runner is not None and store is not None:
+            out.problems += await owner_problems(store, uuid, runner)
         if runner is not None:
             check = await _call(runner, "check", name=DOMAIN)
             if not check["ok"]:

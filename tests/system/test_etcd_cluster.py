@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -256,5 +257,104 @@ def test_uuid_created_on_two_hosts_second_is_refused(fleet: Fleet) -> None:
         with pytest.raises(RelocdError, match=f"{uuid} .* is owned by a in the cluster store"):
             await call(b, "create", name="vm", memory=32, uuid=uuid)
         assert await running_on([a, b], uuid) == {"a": ["vm:running"], "b": []}
+
+    asyncio.run(go())
+
+
+async def wait_for(what: str, check: Any) -> Any:
+    """``check()`` (a coroutine) until it returns something true, within SETTLE_S."""
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        got = await check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            pytest.fail(f"never: {what}")
+        await asyncio.sleep(0.2)
+
+
+def relocd_cli(d: DaemonProc, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "relocd", *argv, "--control", str(d.control)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def test_the_fleet_evacuate_cluster_save_here_restore_there(fleet: Fleet, tmp_path: Path) -> None:
+    """One fleet of three: `cluster hosts|domains` from any host, `evacuate --cluster`, then a
+    save on one host restored on another (the record follows), and a destroy that frees the uuid."""
+    async def go() -> None:
+        a, b, c = fleet.daemon("a"), fleet.daemon("b"), fleet.daemon("c")
+        await start(a, b, c)
+        big = await call(a, "create", name="big", memory=48)
+        small = await call(a, "create", name="small", memory=16)
+
+        async def three() -> list[dict[str, Any]] | None:
+            # the module's earlier tests ran daemons of the same names: wait for these ones' keys
+            hosts: list[dict[str, Any]] = await call(b, "cluster_hosts")
+            ports = {h["name"]: h["port"] for h in hosts}
+            return hosts if ports == {"a": a.port, "b": b.port, "c": c.port} else None
+
+        hosts = await wait_for("three hosts registered", three)
+        assert [h["self"] for h in hosts] == [False, True, False]
+        assert all(h["address"] == "127.0.0.1" and "sim" in h["drivers"] and h["free_bytes"] > 0 for h in hosts)
+        ours = {big["uuid"], small["uuid"]}  # the etcd is the module's: earlier tests' records stay
+        doms = [d for d in await call(c, "cluster_domains") if d["uuid"] in ours]
+        assert {(d["name"], d["host"], d["epoch"], d["state"]) for d in doms} == {("big", "a", 1, "owned"),
+                                                                                   ("small", "a", 1, "owned")}
+        shown = relocd_cli(c, "cluster", "domains")
+        assert shown.returncode == 0 and shown.stderr == ""
+        rows = [line.split()[:5] for line in shown.stdout.splitlines()[1:]]
+        assert [r for r in rows if r[1] in ours] == [
+            ["big", big["uuid"], "a", "1", "owned"], ["small", small["uuid"], "a", "1", "owned"]]
+
+        evac = await call(a, "evacuate", cluster=True, live=True, parallel=2)
+        assert sorted(evac["moved"]) == ["big", "small"] and evac["failed"] == {}, evac
+        assert {r["target"] for r in evac["results"]} <= {f"127.0.0.1:{b.port}", f"127.0.0.1:{c.port}"}
+        assert await running_on([a], big["uuid"]) == {"a": []}
+        owners = {d["name"]: d["host"] for d in await call(a, "cluster_domains") if d["uuid"] in ours}
+        assert set(owners.values()) <= {"b", "c"}, owners
+        there = fleet.daemons[owners["big"]]
+        await settled([a, b, c], big["uuid"], there.name)
+
+        file = str(tmp_path / "big.sav")
+        saved = await call(there, "save", name="big", file=file)
+        assert saved["status"] == "completed" and "warning" not in saved, saved
+        assert (await record(fleet.etcd, big["uuid"])).state == "saved"
+        await call(a, "restore", file=file)  # another host than the one that saved it
+        rec = await record(fleet.etcd, big["uuid"])
+        assert (rec.host, rec.epoch, rec.state) == ("a", 3, "owned")  # a -> there (2) -> a (3)
+        await settled([a, b, c], big["uuid"], "a")
+        with pytest.raises(RelocdError, match="is owned by a in the cluster store"):
+            await call(there, "restore", file=file)  # the same file twice: one copy only
+        await call(a, "destroy", name="big")
+        assert await EtcdStore(fleet.etcd.url).get(key_of(big["uuid"])) is None
+        await call(there, "create", name="big", memory=16, uuid=big["uuid"])  # the uuid is free again
+
+    asyncio.run(go())
+
+
+def test_source_killed_after_its_offer_recovery_fences_the_stale_offer(fleet: Fleet) -> None:
+    """The source dies with its offer in the record, before GO: restarted, it rolls back and fences
+    that offer, so the prepared target can never claim it; the next move works as usual."""
+    async def go() -> None:
+        a, b = fleet.daemon("a", fault="source:store:offer:done:kill"), fleet.daemon("b")
+        await start(a, b)
+        dom = await call(a, "create", name="vm", memory=32)
+        with pytest.raises(Exception):
+            await migrate(a, b)  # the control socket closes as the daemon dies
+
+        async def dead() -> bool:
+            return not a.alive
+
+        await wait_for("the source killed after its offer", dead)
+        stale = await record(fleet.etcd, dom["uuid"])
+        assert stale.offer is not None and stale.offer not in stale.fenced
+        a2 = fleet.daemon("a")
+        await start(a2)  # recovery: before GO, rolled back, the offer withdrawn
+        rec = await record(fleet.etcd, dom["uuid"])
+        assert rec.offer is None and stale.offer in rec.fenced and (rec.host, rec.epoch) == ("a", 1)
+        await settled([a2, b], dom["uuid"], "a")
+        result = await migrate(a2, b)
+        assert result["status"] == "completed", result
+        await settled([a2, b], dom["uuid"], "b")
 
     asyncio.run(go())

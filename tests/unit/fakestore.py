@@ -19,6 +19,8 @@ class MemoryStore(Store):
         self.slow = 0
         self.leases: dict[int, list[str]] = {}
         self.swaps = 0
+        #: leases granted so far (ids are never reused)
+        self.granted = 0
 
     def _check(self) -> None:
         if self.down:
@@ -46,6 +48,18 @@ class MemoryStore(Store):
             raise StoreUnavailable("cluster store unreachable (memory://): timed out")
         return ok
 
+    async def delete(self, key: str, *, mod_revision: int) -> bool:
+        self._check()
+        current = self.data.get(key)
+        ok = current is not None and current.mod_revision == mod_revision
+        if ok:
+            self.revision += 1
+            del self.data[key]
+        if self.slow:
+            self.slow -= 1
+            raise StoreUnavailable("cluster store unreachable (memory://): timed out")
+        return ok
+
     async def list(self, prefix: str) -> list[Entry]:
         self._check()
         return [e for k, e in sorted(self.data.items()) if k.startswith(prefix)]
@@ -56,7 +70,8 @@ class MemoryStore(Store):
 
     async def grant(self, ttl_s: int) -> int:
         self._check()
-        lease = len(self.leases) + 1
+        self.granted += 1
+        lease = self.granted
         self.leases[lease] = []
         return lease
 

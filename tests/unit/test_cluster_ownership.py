@@ -165,3 +165,103 @@ def test_offer_refused_when_another_host_owns_it(store: MemoryStore) -> None:
         run(a.offer(U, "vm", M))
     with pytest.raises(DomainExists):
         run(a.check_mine(U, "vm"))
+
+
+# -- destroy, save, restore (docs/cluster.md, "A domain's life outside a handoff") ----------
+
+
+def test_destroy_forgets_our_record_and_frees_the_uuid(store: MemoryStore) -> None:
+    a, b, _ = hosts(store)
+    run(a.register(U, "vm"))
+    assert run(b.forget(U)) is False  # another host's record: not this copy's to delete
+    assert key_of(U) in store.data
+    assert run(a.forget(U)) is True
+    assert key_of(U) not in store.data
+    assert run(a.forget(U)) is True  # nothing left: done
+    run(b.register(U, "vm"))  # the uuid is free in the fleet again
+    assert record(store).host == "b"
+
+
+def test_a_slow_delete_is_read_again(store: MemoryStore) -> None:
+    a, _, _ = hosts(store)
+    run(a.register(U, "vm"))
+    store.slow = 1
+    with pytest.raises(StoreUnavailable):
+        run(a.forget(U))
+    assert run(a.forget(U)) is True and key_of(U) not in store.data
+
+
+def test_saved_on_a_restored_on_b_then_refused_on_c(store: MemoryStore) -> None:
+    a, b, c = hosts(store)
+    run(a.register(U, "vm"))
+    run(a.saved(U, "vm"))
+    rec = record(store)
+    assert (rec.host, rec.epoch, rec.state) == ("a", 1, "saved")
+    with pytest.raises(DomainExists, match="was saved to a file on a: restore it instead"):
+        run(b.register(U, "vm"))  # a create of the uuid elsewhere: refused
+    run(b.register(U, "vm", restore=True))
+    rec = record(store)
+    assert (rec.host, rec.epoch, rec.state) == ("b", 2, "owned")
+    with pytest.raises(DomainExists, match="owned by b"):
+        run(c.register(U, "vm", restore=True))  # the same file restored twice: one copy only
+    with pytest.raises(DomainExists, match="owned by b"):
+        run(a.register(U, "vm", restore=True))
+
+
+def test_saved_and_restored_on_the_same_host_keeps_the_epoch(store: MemoryStore) -> None:
+    a, _, _ = hosts(store)
+    run(a.register(U, "vm"))
+    run(a.saved(U, "vm"))
+    run(a.saved(U, "vm"))  # again (its answer missed): no change
+    run(a.register(U, "vm", restore=True))
+    rec = record(store)
+    assert (rec.host, rec.epoch, rec.saved) == ("a", 1, False)
+
+
+def test_save_fences_a_stale_offer_and_restore_never_takes_what_is_not_saved(store: MemoryStore) -> None:
+    a, b, _ = hosts(store)
+    run(a.register(U, "vm"))
+    run(a.offer(U, "vm", M))  # the source failed after its offer, before GO
+    run(a.saved(U, "vm"))
+    rec = record(store)
+    assert rec.offer is None and M in rec.fenced and rec.saved
+    assert run(b.claim(U, M)) is False  # the old target can never take it now
+    assert run(b.fenced(U, M)) is True  # and drops its prepared copy
+
+
+def test_save_of_a_domain_without_a_record_leaves_one_saved(store: MemoryStore) -> None:
+    a, b, _ = hosts(store)
+    run(a.saved(U, "vm"))
+    run(b.register(U, "vm", restore=True))
+    assert record(store).host == "b"
+
+
+# -- a stale offer (the source failed after its offer, before GO) ---------------------------
+
+
+def test_the_next_offer_fences_a_stale_one(store: MemoryStore) -> None:
+    a, b, c = hosts(store)
+    run(a.register(U, "vm"))
+    run(a.offer(U, "vm", M))
+    run(a.offer(U, "vm", "migration-2"))
+    rec = record(store)
+    assert (rec.offer, rec.migration) == ("migration-2", "migration-2") and M in rec.fenced
+    assert run(b.fenced(U, M)) is True  # the first target drops its prepared copy
+    assert run(b.claim(U, M)) is False
+    assert run(c.claim(U, "migration-2")) is True
+
+
+def test_withdraw_fences_our_stale_offer_only(store: MemoryStore) -> None:
+    a, b, _ = hosts(store)
+    run(a.register(U, "vm"))
+    run(a.withdraw(U, M))  # nothing offered: no write
+    assert record(store).fenced == ()
+    run(a.offer(U, "vm", M))
+    run(a.withdraw(U, "other"))  # not this migration's offer: untouched
+    assert record(store).offer == M
+    run(a.withdraw(U, M))
+    rec = record(store)
+    assert rec.offer is None and rec.host == "a" and rec.epoch == 1 and M in rec.fenced and rec.state == "fenced"
+    assert run(b.claim(U, M)) is False
+    run(a.offer(U, "vm", "migration-2"))  # the domain moves on as usual
+    assert run(b.claim(U, "migration-2")) is True
