@@ -221,6 +221,15 @@ class Domain(abc.ABC):
     async def destroy(self) -> None:
         """Stop the guest and free its memory; idempotent."""
 
+    async def discard(self) -> None:
+        """A copy nobody needs any more (handed over, or saved): gone for good once this returns.
+
+        Like ``destroy``, except that a driver may finish freeing what the
+        copy held (its process's exit, its memory) in the background, off the
+        migration's or the save's path.  The default is ``destroy``.
+        """
+        await self.destroy()
+
     @abc.abstractmethod
     async def rename(self, new_name: str) -> None: ...
 

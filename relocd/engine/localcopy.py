@@ -88,8 +88,8 @@ class LocalCopy:
         self.renamed = True
 
     async def hand_over(self) -> None:
-        """The target runs it now: ours goes."""
-        await self.domain.destroy()
+        """The target runs it now: ours goes (its memory freed in the background, where the driver can)."""
+        await self.domain.discard()
         await self.hooks.destroyed(self.domain)
 
     async def roll_back(self) -> None:

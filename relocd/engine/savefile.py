@@ -278,7 +278,7 @@ async def save_domain(
         except OSError as exc:  # the file is complete and renamed; only the rename's durability is in doubt
             log.warning("could not sync the savefile's directory", file=str(final), error=str(exc))
         if not checkpoint:
-            await domain.destroy()
+            await domain.discard()  # saved: its memory may be freed after we answer
             await hooks.destroyed(domain)
 
     # Committed: a cancel must not leave the domain and its savefile both live.

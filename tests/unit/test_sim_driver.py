@@ -248,3 +248,15 @@ def test_domain_process_exits_cleanly_when_setup_fails(tmp_path: Path) -> None:
     done = subprocess.run(argv, capture_output=True, timeout=30)
     assert done.returncode == 1
     assert b"domain setup failed" in done.stderr and b"Traceback" not in done.stderr
+
+
+async def test_discard_is_gone_at_once_and_its_process_soon_after(driver: SimDriver, state_dir: Path) -> None:
+    """discard (a handed-over or saved copy): out of the driver and its files at once; the exit in the background."""
+    domain = await driver.create(config("handed", "uniform:rate=10MB/s"))
+    await domain.pause()
+    await domain.discard()
+    assert driver.lookup("handed") is None
+    assert not (state_dir / "sim" / f"{domain.config.uuid}.json").exists()
+    await asyncio.to_thread(driver.wait_reaped)
+    assert not process_alive(domain.pid, domain.config.uuid)
+    await domain.destroy()  # idempotent after a discard

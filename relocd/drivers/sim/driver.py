@@ -100,9 +100,9 @@ class SimDomain(ProcessDomain):
     def _invariant_problem(self, memory: memoryview) -> str | None:
         return invariant.check_invariant(memory, self.npages)
 
-    def detach(self) -> None:
+    def detach(self, *, unmap_later: bool = False) -> None:
         self._header()  # keep the last counters for state and stats
-        super().detach()
+        super().detach(unmap_later=unmap_later)
 
 
 class SimDriver(ProcessDriver[SimDomain]):
