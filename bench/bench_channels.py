@@ -44,6 +44,7 @@ def main() -> int:
     ap.add_argument("--channels", default="1,2,4", help="comma-separated channel counts")
     ap.add_argument("--live", action="store_true", help="live, hotset:size=64MiB,rate=100MB/s (default: non-live)")
     ap.add_argument("--tls", action="store_true", help="also run each count over TLS")
+    ap.add_argument("--guest-memory-dir", metavar="DIR", help="both daemons' relocd-guest-memory-dir")
     args = ap.parse_args()
     counts = [int(c) for c in args.channels.split(",")]
     nbytes = args.memory << 20
@@ -54,6 +55,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="relocd-channels-") as tmp:
         slack = "(relocd-idle-timeout 60)\n(relocd-handshake-timeout 30)\n"
         tls_port = free_port("127.0.0.2")
+        if args.guest_memory_dir:
+            slack += f"(relocd-guest-memory-dir '{args.guest_memory_dir}')\n"
         extra = {"A": slack, "B": slack}
         if args.tls:
             pki = Path(tmp) / "pki"

@@ -201,6 +201,9 @@ def main() -> int:
     ap.add_argument("--warm-gib", type=int, default=3, help="touch this much host memory first (0: skip)")
     ap.add_argument("--no-qemu", action="store_true", help="skip QEMU even where it is installed")
     ap.add_argument("--multifd-channels", type=int, default=4)
+    ap.add_argument("--guest-memory-dir", metavar="DIR",
+                    help="both daemons' relocd-guest-memory-dir (a tmpfs mounted huge=always: 2 MiB pages)")
+    ap.add_argument("--channels", type=int, default=None, help="relocd migrate --channels (default: the daemon's)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON instead of the table")
     ap.add_argument("--save-json", metavar="PATH", help="also write the JSON (with every run) to PATH")
     args = ap.parse_args()
@@ -237,6 +240,9 @@ def main() -> int:
         # the harness's 10 s idle timeout is for tests; a loaded 2-core machine can
         # take longer than that to reserve a large guest, so give the peers a minute
         slack = "(relocd-idle-timeout 60)\n(relocd-handshake-timeout 30)"
+        if args.guest_memory_dir:
+            slack += f"\n(relocd-guest-memory-dir '{args.guest_memory_dir}')"
+        how: dict[str, Any] = {} if args.channels is None else {"channels": args.channels}
         a = DaemonProc(tmpdir, "A", "127.0.0.1", extra_config=slack)
         b = DaemonProc(tmpdir, "B", "127.0.0.2", extra_config=slack)
         try:
@@ -256,10 +262,10 @@ def main() -> int:
                                       multifd_channels=args.multifd_channels)
 
             def nonlive() -> dict[str, Any]:
-                return asyncio.run(relocd_migration(a, b, args.memory, "idle:fill=stamped", False, {}))
+                return asyncio.run(relocd_migration(a, b, args.memory, "idle:fill=stamped", False, how))
 
             def live() -> dict[str, Any]:
-                return asyncio.run(relocd_migration(a, b, args.memory, HOTSET, True, {}))
+                return asyncio.run(relocd_migration(a, b, args.memory, HOTSET, True, how))
 
             steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [("raw", raw)]
             if qemu:
@@ -304,6 +310,7 @@ def main() -> int:
         "repeat": args.repeat,
         "cpus": os.cpu_count(),
         "relocd": revision,
+        "guest_memory_dir": args.guest_memory_dir,
         "qemu": qemu_version(qemu) if qemu else None,
         "qemu_skipped": qemu_skip,
         "raw_tcp_s": raw_s,
@@ -363,6 +370,8 @@ def main() -> int:
           f"{out['date']}" + (f"; {out['qemu']}" if qemu else "") + f"; relocd {revision}")
     if qemu_skip:
         print(f"QEMU: skipped ({qemu_skip})")
+    if args.guest_memory_dir:
+        print(f"relocd guest memory in {args.guest_memory_dir}")
     for f in failed:
         print(f"FAILED (left out of the medians): run {f['run']} {f['what']}: {f['error']}")
     rows = [

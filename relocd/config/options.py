@@ -283,6 +283,8 @@ _TABLE = [
            "throttle a guest that dirties memory faster than the link carries it"),
     Option("relocd-max-bandwidth", "max_bandwidth", _optional(_rate),
            "bandwidth cap for outgoing migrations (e.g. 1GB/s)"),
+    Option("relocd-guest-memory-dir", "guest_memory_dir", _optional(_path),
+           "a tmpfs (mounted huge=always for 2 MiB pages) for sim and kvm guest memory"),
     Option("relocd-migration-channels", "migration_channels", _int_range(1, 16),
            "connections the pages of an outgoing migration are striped over"),
     Option("relocd-handshake-timeout", "handshake_timeout", _seconds(0.001, 86400),

@@ -58,6 +58,8 @@ class Settings(BaseModel):
     #: throttle a guest that dirties memory faster than the link carries it (engine/converge.py)
     auto_converge: bool = True
     max_bandwidth: int | None = Field(default=None, gt=0)
+    #: relocd-guest-memory-dir: a tmpfs for guest memory files (mount it huge=always: docs/memory.md)
+    guest_memory_dir: Path | None = None
     #: page channels of an outgoing migration (2 measured best on 2 cores: docs/memory.md)
     migration_channels: int = Field(default=2, ge=1, le=16)
     handshake_timeout: float = Field(default=10.0, gt=0)

@@ -35,18 +35,22 @@ DRIVER_NAMES = ("sim", "kvm", "xen")
 REQUIRED_DRIVERS = ("sim",)
 
 
-def load_driver(name: str, state_dir: Path) -> Driver:
-    """Instantiate a driver by name; raises DriverError if it cannot run here."""
+def load_driver(name: str, state_dir: Path, *, memory_dir: Path | None = None) -> Driver:
+    """Instantiate a driver by name; raises DriverError if it cannot run here.
+
+    ``memory_dir`` (``relocd-guest-memory-dir``): where the drivers that map
+    guest memory themselves (sim, kvm) put it; a Xen domain's is Xen's.
+    """
     if name == "sim":
         from relocd.drivers.sim import SimDriver
 
-        return SimDriver(state_dir)
+        return SimDriver(state_dir, memory_dir=memory_dir)
     if name == "kvm":
         try:
             from relocd.drivers.kvm import KvmDriver
         except ImportError as exc:  # pragma: no cover - depends on the build
             raise DriverError(f"kvm driver unavailable: {exc}") from exc
-        return KvmDriver(state_dir)
+        return KvmDriver(state_dir, memory_dir=memory_dir)
     if name == "xen":
         # Lazy: the bindings load libxenctrl only in start(), which raises
         # DriverError on a host that is not a Xen dom0.

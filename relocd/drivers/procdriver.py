@@ -42,7 +42,7 @@ from typing import ClassVar, Generic, TypeVar
 from pydantic import ValidationError
 
 import relocd
-from relocd.drivers import domproc, populate
+from relocd.drivers import domproc, populate, procmain
 from relocd.drivers.base import Domain, DomainConfig, Driver
 from relocd.drivers.populate import Populator
 from relocd.drivers.procdomain import ProcessDomain, ProcessLink
@@ -64,9 +64,11 @@ class ProcessDriver(Driver, Generic[D]):
     #: what messages call a domain process ("domain process", "VMM")
     process_noun: ClassVar[str] = "domain process"
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *, memory_dir: Path | None = None) -> None:
         super().__init__(state_dir)
         self.dir = state_dir / self.name
+        #: relocd-guest-memory-dir: guest memory as files in this tmpfs (None: memfds)
+        self.memory_dir = memory_dir
         self._domains: dict[str, D] = {}
         self._claimed: set[str] = set()  # names and uuids of domains being created
         self._lock = threading.Lock()
@@ -169,6 +171,8 @@ class ProcessDriver(Driver, Generic[D]):
             "--workload", workload,
             *self._process_options(config),
         ]  # fmt: skip
+        if self.memory_dir is not None:
+            argv += ["--memory-dir", str(self.memory_dir)]
         if not start:
             argv.append("--paused")
         package_root = str(Path(relocd.__file__).resolve().parent.parent)
@@ -217,9 +221,9 @@ class ProcessDriver(Driver, Generic[D]):
         populator: Populator | None = None
         popen: subprocess.Popen[bytes] | None = None
         try:
-            for name, size in ((f"relocd-{self.name}-{config.uuid}", config.memory_bytes),
-                               (f"relocd-{self.name}-shared-{config.uuid}", shared_size)):  # fmt: skip
-                fds.append(os.memfd_create(name, os.MFD_CLOEXEC))
+            for name, size, where in ((f"relocd-{self.name}-{config.uuid}", config.memory_bytes, self.memory_dir),
+                                      (f"relocd-{self.name}-shared-{config.uuid}", shared_size, None)):  # fmt: skip
+                fds.append(procmain.memory_file(name, where))
                 os.ftruncate(fds[-1], size)
             memory_fd, shared_fd = fds
             with mmap.mmap(shared_fd, shared_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as init:

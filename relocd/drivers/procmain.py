@@ -41,6 +41,8 @@ def argument_parser(prog: str, *, paused_help: str) -> argparse.ArgumentParser:
     # them and already populates guest memory while this process starts.
     parser.add_argument("--memory-fd", type=int, default=None, help="guest memory memfd, inherited")
     parser.add_argument("--shared-fd", type=int, default=None, help="the second shared memfd, inherited")
+    parser.add_argument("--memory-dir", default=None,
+                        help="make guest memory a file in this tmpfs (huge pages where it is mounted huge=)")
     return parser
 
 
@@ -62,8 +64,23 @@ class DomainArgs:
         return cls(uuid, spec, args.memory_bytes // PAGE_SIZE)
 
 
-def memfd(name: str, size: int, *, allocate: bool, fd: int | None = None) -> tuple[int, mmap.mmap]:
-    """A memfd of ``size`` bytes and a shared read-write mapping of it.
+def memory_file(name: str, directory: str | os.PathLike[str] | None = None) -> int:
+    """A new, empty, nameless shared-memory file: a memfd, or an ``O_TMPFILE`` in ``directory``.
+
+    ``directory`` is ``relocd-guest-memory-dir``: a tmpfs the operator
+    mounted (``huge=always`` gives guest memory 2 MiB pages, which memfds
+    cannot have where shmem THP is off; docs/memory.md).  The file has no
+    name, so it goes away with its last descriptor and mapping, as a memfd does.
+    """
+    if directory is None:
+        return os.memfd_create(name, os.MFD_CLOEXEC)
+    return os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+
+
+def memfd(
+    name: str, size: int, *, allocate: bool, fd: int | None = None, directory: str | None = None
+) -> tuple[int, mmap.mmap]:
+    """A memfd of ``size`` bytes and a shared read-write mapping of it (``memory_file``: where it lives).
 
     ``fd``: the daemon's memfd, inherited (``--memory-fd``, ``--shared-fd``),
     instead of a new one; ValueError (a setup failure) if it is not that size.
@@ -81,7 +98,7 @@ def memfd(name: str, size: int, *, allocate: bool, fd: int | None = None) -> tup
             raise ValueError(f"inherited memfd {fd} has {actual} bytes, not {size}")
         os.set_inheritable(fd, False)
         return fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    fd = memory_file(name, directory)
     try:
         os.ftruncate(fd, size)
         if allocate:

@@ -28,7 +28,7 @@ import structlog
 from relocd import __version__
 from relocd import logs
 from relocd.config.settings import Settings, load_settings
-from relocd.drivers import DRIVER_NAMES, REQUIRED_DRIVERS, load_driver
+from relocd.drivers import DRIVER_NAMES, REQUIRED_DRIVERS, hostinfo, load_driver
 from relocd.drivers.base import Domain, Driver
 from relocd.engine.journal import Journal
 from relocd.engine.reservation import ReservationTable
@@ -107,9 +107,17 @@ class Daemon:
                 pass
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(self.state_dir / "journal.sqlite")
+        if s.guest_memory_dir is not None:
+            try:
+                pages = hostinfo.guest_memory_dir(s.guest_memory_dir)
+            except OSError as exc:
+                raise ConfigError(
+                    f"relocd-guest-memory-dir {s.guest_memory_dir}: {exc.strerror or exc} (it must be a tmpfs directory)"
+                ) from None
+            log.info("guest memory in files", directory=str(s.guest_memory_dir), pages=pages)
         for name in DRIVER_NAMES:
             try:
-                driver = load_driver(name, self.state_dir)
+                driver = load_driver(name, self.state_dir, memory_dir=s.guest_memory_dir)
                 await driver.start()
             except (DriverError, OSError) as exc:
                 msg = exc.message if isinstance(exc, RelocdError) else str(exc)

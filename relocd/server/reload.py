@@ -66,6 +66,7 @@ RESTART_ONLY = frozenset(
         "control_socket",
         "state_dir",
         "metrics_address",
+        "guest_memory_dir",  # the drivers are built with it
         # the cluster store's client and this host's registration are made at startup
         "cluster_store",
         "cluster_name",

@@ -104,8 +104,10 @@ class KvmDriver(ProcessDriver[KvmDomain]):
     process_module = VMM_MODULE
     process_noun = "VMM"
 
-    def __init__(self, state_dir: Path, *, dirty_mode: str = DEFAULT_DIRTY_MODE) -> None:
-        super().__init__(state_dir)
+    def __init__(
+        self, state_dir: Path, *, dirty_mode: str = DEFAULT_DIRTY_MODE, memory_dir: Path | None = None
+    ) -> None:
+        super().__init__(state_dir, memory_dir=memory_dir)
         if dirty_mode not in DIRTY_MODES:
             raise ConfigError(f"kvm dirty log mode must be one of {', '.join(DIRTY_MODES)}")
         self.dirty_mode = dirty_mode

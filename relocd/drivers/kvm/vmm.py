@@ -56,7 +56,8 @@ class Vmm:
 
     def __init__(self, uuid: str, memory_bytes: int, nvcpus: int, spec: WorkloadSpec,
                  dirty_mode: str, stop: threading.Event, *, allocate: bool = True,
-                 memory_fd: int | None = None, bitmap_fd: int | None = None) -> None:
+                 memory_fd: int | None = None, bitmap_fd: int | None = None,
+                 memory_dir: str | None = None) -> None:
         self.uuid = uuid
         self.spec = spec
         self.stop = stop
@@ -65,7 +66,7 @@ class Vmm:
         # restore: the daemon populates its memory in the background (populate.py)
         # (memory_fd, bitmap_fd: the daemon's, inherited, for a VM built paused)
         self.memory_fd, self._memory = procmain.memfd(
-            f"relocd-kvm-{uuid}", memory_bytes, allocate=allocate, fd=memory_fd
+            f"relocd-kvm-{uuid}", memory_bytes, allocate=allocate, fd=memory_fd, directory=memory_dir
         )
         self.bitmap_fd, self._bitmap = procmain.memfd(
             f"relocd-kvm-dirty-{uuid}", bitmap_bytes(self.npages), allocate=False, fd=bitmap_fd
@@ -178,7 +179,7 @@ def _setup(args: argparse.Namespace, stop: threading.Event) -> procmain.SetUp:
     dom = procmain.DomainArgs.check(args)
     layout.GuestLayout.for_pages(dom.npages)
     vmm = Vmm(dom.uuid, args.memory_bytes, args.vcpus, dom.spec, args.dirty_mode, stop, allocate=not args.paused,
-              memory_fd=args.memory_fd, bitmap_fd=args.shared_fd)
+              memory_fd=args.memory_fd, bitmap_fd=args.shared_fd, memory_dir=args.memory_dir)
     if not args.paused:
         vmm.boot()
     vmm.runner.start_threads()

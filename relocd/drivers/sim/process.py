@@ -105,7 +105,8 @@ def _setup(args: argparse.Namespace, stop: threading.Event) -> procmain.SetUp:
     # A paused domain waits for an incoming migration or a restore: the
     # daemon populates its memory in the background (drivers/populate.py).
     memory_fd, memory = procmain.memfd(
-        f"relocd-sim-{dom.uuid}", args.memory_bytes, allocate=not args.paused, fd=args.memory_fd
+        f"relocd-sim-{dom.uuid}", args.memory_bytes, allocate=not args.paused, fd=args.memory_fd,
+        directory=args.memory_dir,
     )
     status_size = status_area.area_size(dom.npages)
     status_fd, status = procmain.memfd(
