@@ -89,6 +89,9 @@ def _segments(event: Mapping[str, Any]) -> list[tuple[int, str]]:
     downtime = _number(event, "expected_downtime_ms")
     if downtime is not None:
         parts.append((7, f"expected downtime {downtime:,.1f} ms"))
+    throttle = _number(event, "throttle_pct")
+    if throttle:  # auto-converge slowed the guest down (it stays on until the pause)
+        parts.append((4, f"guest throttled {throttle:.0f}%"))
     return parts
 
 
@@ -320,6 +323,9 @@ def summarize_migration(result: Mapping[str, Any], host: str) -> str:
     reason = result.get("stop_reason")
     if isinstance(reason, str) and reason:
         text += f" Precopy stopped: {reason}."
+    throttle = result.get("throttle_pct")
+    if isinstance(throttle, (int, float)) and not isinstance(throttle, bool) and throttle > 0:
+        text += f" Auto-converge throttled the guest to {100 - throttle:.0f}% of its speed."
     warning = result.get("downtime_warning")
     if isinstance(warning, str) and warning:
         text += f"\nwarning: {warning}"

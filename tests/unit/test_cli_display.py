@@ -309,3 +309,11 @@ def test_short_forms_and_no_ssl() -> None:
     assert build_parser().parse_args(["save", "-c", "web1", "f"]).checkpoint is True
     ns = build_parser().parse_args(["watch", "web1"])
     assert ns.command == "job"
+
+
+def test_auto_converge_shows_in_the_line_and_the_summary() -> None:
+    line = describe({"phase": "precopy", "round": 5, "pages_left": 900, "throttle_pct": 45.0})
+    assert line == "round 5 [precopy]: 900 pages dirty, guest throttled 45%"
+    assert "throttled" not in describe({"phase": "precopy", "round": 2, "pages_left": 9, "throttle_pct": 0.0})
+    text = summarize_migration(result(stop_reason="downtime", throttle_pct=60.0), "hostb")
+    assert text.endswith("Precopy stopped: downtime. Auto-converge throttled the guest to 40% of its speed.")
