@@ -101,7 +101,7 @@ def test_migrate_and_history(web1: tuple[DaemonProc, DaemonProc]) -> None:
     assert proc.stderr == ""
     lines = proc.stdout.splitlines()
     assert lines[-1].startswith(f"Migrated web1 to {target(b)} (live) in ")
-    assert "memory verified" in lines[-1] and "(target 300 ms)" in lines[-1]
+    assert "memory verified" in lines[-1] and "(target 20 ms)" in lines[-1]
     assert not any(line.startswith("[") for line in lines)  # no bare [reserve] lines
     assert names(b) == {"web1": "running"} and names(a) == {}
 
