@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from relocd.engine.stream import PeerGone
-from relocd.server.transport import BULK_BYTES, BULK_TIMEOUT_S, tune_socket
+from relocd.server.transport import BULK_BYTES, BULK_TIMEOUT_S, tune_socket, wait_ready
 
 _T = TypeVar("_T")
 
@@ -200,22 +200,7 @@ class TlsSocketTransport:
                 self.sock.setblocking(False)
 
     async def _wait_fd(self, *, writer: bool) -> None:
-        fd = self.sock.fileno()
-        if fd < 0:
-            raise PeerGone("connection closed")
-        fut: asyncio.Future[None] = self._loop.create_future()
-
-        def ready() -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        add, remove = (self._loop.add_writer, self._loop.remove_writer) if writer else (
-            self._loop.add_reader, self._loop.remove_reader)  # fmt: skip
-        add(fd, ready)
-        try:
-            await fut
-        finally:
-            remove(fd)
+        await wait_ready(self._loop, self.sock.fileno(), writer=writer)
 
     def _lost(self, what: str) -> PeerGone:
         if self.client and self._received == 0:
@@ -259,19 +244,9 @@ async def handshake(sock: socket.socket, ctx: ssl.SSLContext, *, server_hostname
                 sslsock.do_handshake()
                 return sslsock
             except ssl.SSLWantReadError:
-                waiter: asyncio.Future[None] = loop.create_future()
-                loop.add_reader(fd, waiter.set_result, None)
-                try:
-                    await waiter
-                finally:
-                    loop.remove_reader(fd)
+                await wait_ready(loop, fd, writer=False)
             except ssl.SSLWantWriteError:
-                waiter = loop.create_future()
-                loop.add_writer(fd, waiter.set_result, None)
-                try:
-                    await waiter
-                finally:
-                    loop.remove_writer(fd)
+                await wait_ready(loop, fd, writer=True)
 
 
 def _swallow(fut: asyncio.Future[Any]) -> None:

@@ -149,20 +149,7 @@ class SocketTransport:
             pass
 
     async def _wait_writable(self) -> None:
-        fut: asyncio.Future[None] = self._loop.create_future()
-        fd = self.sock.fileno()
-        if fd < 0:
-            raise PeerGone("connection closed")
-
-        def ready() -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        self._loop.add_writer(fd, ready)
-        try:
-            await fut
-        finally:
-            self._loop.remove_writer(fd)
+        await wait_ready(self._loop, self.sock.fileno(), writer=True)
 
     async def close(self) -> None:
         if self._closed:
@@ -179,6 +166,24 @@ class SocketTransport:
             # be closed and reused by someone else.
             await asyncio.wait({bulk}, timeout=5)
         self.sock.close()
+
+
+async def wait_ready(loop: asyncio.AbstractEventLoop, fd: int, *, writer: bool) -> None:
+    """Until ``fd`` is writable (``writer``) or readable; PeerGone if the socket is closed."""
+    if fd < 0:
+        raise PeerGone("connection closed")
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    add, remove = (loop.add_writer, loop.remove_writer) if writer else (loop.add_reader, loop.remove_reader)
+    add(fd, ready)
+    try:
+        await fut
+    finally:
+        remove(fd)
 
 
 def _advance(bufs: list[memoryview], i: int, sent: int) -> int:

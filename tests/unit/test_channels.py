@@ -10,45 +10,26 @@ import numpy as np
 import pytest
 
 from relocd.drivers.base import DomainConfig, DomainState
-from relocd.drivers.sim import SimDriver
 from relocd.engine import channels as channels_mod
 from relocd.engine import handshake
 from relocd.engine.channels import STRIPE_PAGES, ReceiveChannels, SendChannels, serve_join, split_pfns
-from relocd.engine.journal import Journal
 from relocd.engine.policy import DowntimePolicy
-from relocd.engine.reservation import ReservationTable
 from relocd.engine.result import MigrationResult
 from relocd.engine.source import SendOptions, SourceMigration, new_migration_id
 from relocd.engine.stream import MemoryTransport, PeerGone, RecordChannel, memory_pipe
-from relocd.engine.target import TargetContext, TargetSession
+from relocd.engine.target import TargetSession
 from relocd.errors import Reason
 from relocd.protocol.channel_records import ChannelEnd, Join
 from relocd.protocol.records import Feature, Hello, PagesHeader, Refuse, Role
 from relocd.protocol.state import Conversation
-
-
-class Host:
-    def __init__(self, root: Path, name: str) -> None:
-        self.dir = root / name
-        self.dir.mkdir(parents=True)
-        self.driver = SimDriver(self.dir)
-        self.journal = Journal(self.dir / "journal.sqlite")
-        self.ctx = TargetContext(drivers={"sim": self.driver}, reservations=ReservationTable(30), journal=self.journal)
+from tests.unit.simhosts import SimHost as Host
+from tests.unit.simhosts import sim_pair
 
 
 @pytest.fixture
 async def hosts(tmp_path: Path) -> AsyncIterator[tuple[Host, Host]]:
-    a, b = Host(tmp_path, "a"), Host(tmp_path, "b")
-    await a.driver.start()
-    await b.driver.start()
-    try:
-        yield a, b
-    finally:
-        for h in (a, b):
-            for d in h.driver.domains():
-                await d.destroy()
-            await h.driver.close()
-            h.journal.close()
+    async with sim_pair(tmp_path) as pair:
+        yield pair
 
 
 class Tapped(RecordChannel):

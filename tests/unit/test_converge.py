@@ -13,12 +13,12 @@ from relocd.drivers.sim import SimDriver
 from relocd.engine.converge import INITIAL, MAXIMUM, AutoConverge
 from relocd.engine.journal import Journal
 from relocd.engine.policy import DowntimePolicy, RoundStats
-from relocd.engine.reservation import ReservationTable
 from relocd.engine.source import SendOptions, SourceMigration, new_migration_id
 from relocd.engine.stream import RecordChannel, memory_pipe
 from relocd.engine.target import TargetContext, TargetSession
 from relocd.protocol.records import Role
 from relocd.protocol.state import Conversation
+from tests.unit.simhosts import sim_pair
 from relocd.units import PAGE_SIZE
 
 
@@ -70,21 +70,8 @@ def test_a_round_that_fits_the_target_resets_the_count() -> None:
 
 @pytest.fixture
 async def pair(tmp_path: Path) -> AsyncIterator[tuple[SimDriver, Journal, TargetContext]]:
-    a, b = SimDriver(tmp_path / "a"), SimDriver(tmp_path / "b")
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    await a.start()
-    await b.start()
-    ja, jb = Journal(tmp_path / "a" / "j.sqlite"), Journal(tmp_path / "b" / "j.sqlite")
-    try:
-        yield a, ja, TargetContext(drivers={"sim": b}, reservations=ReservationTable(30), journal=jb)
-    finally:
-        for drv in (a, b):
-            for d in drv.domains():
-                await d.destroy()
-            await drv.close()
-        ja.close()
-        jb.close()
+    async with sim_pair(tmp_path) as (a, b):
+        yield a.driver, a.journal, b.ctx
 
 
 async def move(a: SimDriver, ja: Journal, ctx: TargetContext, *, auto_converge: bool) -> SourceMigration:

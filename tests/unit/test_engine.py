@@ -10,42 +10,22 @@ from typing import Any
 import pytest
 
 from relocd.drivers.base import DomainConfig, DomainState
-from relocd.drivers.sim import SimDriver
-from relocd.engine.journal import Journal, Phase
+from relocd.engine.journal import Phase
 from relocd.engine.policy import DowntimePolicy, XendPolicy
-from relocd.engine.reservation import ReservationTable
 from relocd.engine.source import SendOptions, SourceMigration, new_migration_id
 from relocd.engine.stream import RecordChannel, memory_pipe
-from relocd.engine.target import TargetContext, TargetSession
+from relocd.engine.target import TargetSession
 from relocd.protocol.codes import DigestAlgo
 from relocd.protocol.records import Digest, Role
 from relocd.protocol.state import Conversation
-
-
-class Host:
-    def __init__(self, root: Path, name: str) -> None:
-        self.dir = root / name
-        self.dir.mkdir(parents=True)
-        self.driver = SimDriver(self.dir)
-        self.journal = Journal(self.dir / "journal.sqlite")
-        self.ctx = TargetContext(
-            drivers={"sim": self.driver}, reservations=ReservationTable(30), journal=self.journal
-        )
+from tests.unit.simhosts import SimHost as Host
+from tests.unit.simhosts import sim_pair
 
 
 @pytest.fixture
 async def hosts(tmp_path: Path) -> AsyncIterator[tuple[Host, Host]]:
-    a, b = Host(tmp_path, "a"), Host(tmp_path, "b")
-    await a.driver.start()
-    await b.driver.start()
-    try:
-        yield a, b
-    finally:
-        for h in (a, b):
-            for d in h.driver.domains():
-                await d.destroy()
-            await h.driver.close()
-            h.journal.close()
+    async with sim_pair(tmp_path) as pair:
+        yield pair
 
 
 class TappedChannel(RecordChannel):

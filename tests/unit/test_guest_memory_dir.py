@@ -12,15 +12,13 @@ import pytest
 
 from relocd.drivers import hostinfo
 from relocd.drivers.base import DomainConfig
-from relocd.drivers.sim import SimDriver
-from relocd.engine.journal import Journal
 from relocd.engine.policy import DowntimePolicy
-from relocd.engine.reservation import ReservationTable
 from relocd.engine.source import SendOptions, SourceMigration, new_migration_id
 from relocd.engine.stream import RecordChannel, memory_pipe
-from relocd.engine.target import TargetContext, TargetSession
+from relocd.engine.target import TargetSession
 from relocd.protocol.records import Role
 from relocd.protocol.state import Conversation
+from tests.unit.simhosts import sim_pair
 
 MOUNTINFO = """\
 22 1 253:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
@@ -56,28 +54,21 @@ def huge_page_bytes() -> int:
 
 
 async def _move(tmp_path: Path, memory_dir: Path, *, huge: bool = False) -> None:
-    a, b = SimDriver(tmp_path / "a", memory_dir=memory_dir), SimDriver(tmp_path / "b", memory_dir=memory_dir)
-    for d in (tmp_path / "a", tmp_path / "b"):
-        d.mkdir()
-    await a.start()
-    await b.start()
-    ja, jb = Journal(tmp_path / "a" / "j.sqlite"), Journal(tmp_path / "b" / "j.sqlite")
     before = huge_page_bytes()
-    try:
-        dom = await a.create(DomainConfig(name="vm", memory_mib=64, workload="hotset:size=8MiB,rate=20MB/s"))
+    async with sim_pair(tmp_path, memory_dir=memory_dir) as (a, b):
+        dom = await a.driver.create(DomainConfig(name="vm", memory_mib=64, workload="hotset:size=8MiB,rate=20MB/s"))
         await asyncio.sleep(0.2)
         s, t = memory_pipe()
         mig = SourceMigration(
             dom, RecordChannel(s, Conversation(Role.SOURCE), max_frame=16 << 20),
             SendOptions(live=True, verify=True, policy=DowntimePolicy(50)),
-            journal=ja, migration_id=new_migration_id(), target="b",
+            journal=a.journal, migration_id=new_migration_id(), target="b",
         )  # fmt: skip
-        ctx = TargetContext(drivers={"sim": b}, reservations=ReservationTable(30), journal=jb)
-        session = TargetSession(RecordChannel(t, Conversation(Role.TARGET), max_frame=16 << 20), ctx, peer="a")
+        session = TargetSession(RecordChannel(t, Conversation(Role.TARGET), max_frame=16 << 20), b.ctx, peer="a")
         result, _ = await asyncio.gather(mig.run(), session.run())
         assert result.status == "completed", result.error
         assert result.verified is True
-        moved = b.lookup("vm")
+        moved = b.driver.lookup("vm")
         assert moved is not None
         # the target's guest memory is a file in the directory: the tmpfs holds its pages
         st = os.statvfs(memory_dir)
@@ -86,13 +77,6 @@ async def _move(tmp_path: Path, memory_dir: Path, *, huge: bool = False) -> None
             assert huge_page_bytes() - before >= 32 << 20, "guest memory did not get huge pages"
         await moved.pause()
         assert await moved.check_invariant() is None
-    finally:
-        for drv in (a, b):
-            for d in drv.domains():
-                await d.destroy()
-            await drv.close()
-        ja.close()
-        jb.close()
 
 
 @pytest.fixture
