@@ -263,8 +263,6 @@ class SourceMigration(HandoffEnding):
             await fault_point("source", "hello")
             granted = await self._reserve()
             await fault_point("source", "reserve")
-            if granted is not None:
-                await self.lanes.open(self.dial_channel, self.mid, *granted)  # type: ignore[arg-type]
             self.journal.begin(
                 self.mid, "source", self.name, self.domain.config.uuid, self.target, self.opts.live,
                 transport=self.opts.transport, server_name=self.opts.server_name,
@@ -272,6 +270,8 @@ class SourceMigration(HandoffEnding):
             journaled = True
             self.journal.set_phase(self.mid, Phase.RESERVED)
             self.result.mark("reserved")
+            if granted is not None:  # the target holds a reservation: a failure from here rolls back
+                await self.lanes.open(self.dial_channel, self.mid, *granted)  # type: ignore[arg-type]
             await self.send(Config(config_to_sxp(await self.domain.read_config())))
             await fault_point("source", "config")
             await transfer_for(self.domain).send(self)

@@ -28,6 +28,7 @@ project's machines, so it is not tried.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 from collections.abc import Callable, Sequence
@@ -238,15 +239,39 @@ async def handshake(sock: socket.socket, ctx: ssl.SSLContext, *, server_hostname
     )
     loop = asyncio.get_running_loop()
     fd = sslsock.fileno()
-    async with asyncio.timeout(timeout):
-        while True:
-            try:
-                sslsock.do_handshake()
-                return sslsock
-            except ssl.SSLWantReadError:
-                await wait_ready(loop, fd, writer=False)
-            except ssl.SSLWantWriteError:
-                await wait_ready(loop, fd, writer=True)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    sslsock.do_handshake()
+                    return sslsock
+                except ssl.SSLWantReadError:
+                    await wait_ready(loop, fd, writer=False)
+                except ssl.SSLWantWriteError:
+                    await wait_ready(loop, fd, writer=True)
+    except BaseException:
+        _hang_up(sslsock)
+        raise
+
+
+def _hang_up(sslsock: ssl.SSLSocket) -> None:
+    """Close after a failed handshake: the alert OpenSSL wrote goes out, then a FIN, not a reset.
+
+    What the peer sent and we did not read would make the close a reset
+    (and could destroy the alert on its way): read it away first.
+    """
+    raw = socket.socket(sslsock.family, sslsock.type, fileno=os.dup(sslsock.fileno()))
+    try:
+        raw.setblocking(False)
+        raw.shutdown(socket.SHUT_WR)
+        for _ in range(16):
+            if not raw.recv(65536):
+                break
+    except OSError:
+        pass
+    finally:
+        raw.close()
+        sslsock.close()
 
 
 def _swallow(fut: asyncio.Future[Any]) -> None:
