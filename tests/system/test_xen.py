@@ -290,6 +290,45 @@ def test_libxl_json_travels_in_the_config_and_is_renamed_for_the_target() -> Non
     assert xencfg.LIBXL_JSON not in xencfg.to_xl_config(cfg)
 
 
+#: ``xl list -l`` of the lab's PVH domU (tests/xenlab/pvh.cfg), trimmed: the boot triple sits in b_info itself.
+PVH_LIBXL_JSON = {
+    "c_info": {"type": "pvh", "name": "pvh", "uuid": "0b5f3e4a-9f7e-4f7a-8a43-2f6f2f1e7c11"},
+    "b_info": {
+        "max_vcpus": 1,
+        "max_memkb": 131072,
+        "target_memkb": 131072,
+        "kernel": "/var/lib/xen/domu-vmlinuz",
+        "ramdisk": "/var/lib/xen/domu-initrd.img",
+        "cmdline": "console=hvc0 quiet",
+        "type.pvh": {"pvshim": "False"},
+        "arch_x86": {"msr_relaxed": "False"},
+    },
+}
+
+
+def test_pvh_config_keeps_its_type_and_boot_triple() -> None:
+    cfg = xencfg.from_libxl_json(PVH_LIBXL_JSON)
+    assert cfg.extra[xencfg.TYPE] == "pvh" and (cfg.memory_mib, cfg.vcpus) == (128, 1)
+    assert cfg.extra[xencfg.KERNEL] == "/var/lib/xen/domu-vmlinuz"
+    assert cfg.extra[xencfg.RAMDISK] == "/var/lib/xen/domu-initrd.img"
+    assert cfg.extra[xencfg.CMDLINE] == "console=hvc0 quiet"
+    carried = xencfg.libxl_json_for(cfg, "pvh--incoming")  # what the target's xl restore builds from
+    assert carried is not None and carried["c_info"]["type"] == "pvh" and carried["b_info"] == PVH_LIBXL_JSON["b_info"]
+    bare = cfg.model_copy(update={"extra": {k: v for k, v in cfg.extra.items() if k != xencfg.LIBXL_JSON}})
+    text = xencfg.to_xl_config(bare)  # a target without libxl's JSON: the xl config must say pvh too
+    assert text.startswith('type = "pvh"\n') and 'kernel = "/var/lib/xen/domu-vmlinuz"' in text
+
+
+@pytest.mark.parametrize(
+    ("flags", "emulation", "kind"),
+    [(0, 0, "pv"), (libxc.DOMINF_HVM, libxc.X86_EMU_LAPIC, "pvh"), (libxc.DOMINF_HVM, 0x3FF, "hvm")],
+)
+def test_guest_type_from_the_hypervisor(flags: int, emulation: int, kind: str) -> None:
+    """Xen flags PVH as HVM; only the emulated devices (the local APIC alone) tell them apart."""
+    info = libxc.DomInfo(1, "0b5f3e4a-9f7e-4f7a-8a43-2f6f2f1e7c11", flags, 0, 0, 0, 1, 0, emulation)
+    assert info.guest_type == kind
+
+
 def test_xl_config_text_keeps_its_lines_but_not_identity() -> None:
     given = 'name = "old"\nmemory = 64\nkernel = "/k"\non_crash = "preserve"\n'
     cfg = DomainConfig(name="new", memory_mib=128, driver="xen", extra={xencfg.XL_CONFIG: given})

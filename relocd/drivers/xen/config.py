@@ -1,8 +1,12 @@
 """A Xen domain's configuration: libxl's JSON to relocd's DomainConfig, and back to an xl config file.
 
 Only what relocd needs travels in DomainConfig: name, uuid, memory, vCPUs,
-network interfaces, and (in ``extra``) the PV boot triple (kernel, ramdisk,
-command line) so that ``create`` can build the same domain again.
+network interfaces, and (in ``extra``) the guest type (``pv``, ``pvh``, ``hvm``)
+and the boot triple (kernel, ramdisk, command line) so that ``create`` can
+build the same domain again.  libxl keeps a PV guest's triple under
+``b_info["type.pv"]`` (the old place) and a PVH guest's in ``b_info`` itself;
+both are read.  The whole libxl JSON travels too (``LIBXL_JSON``): the
+target restores from it, so its type (``c_info.type``) is the source's.
 """
 
 from __future__ import annotations
