@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -319,6 +320,21 @@ def test_pvh_config_keeps_its_type_and_boot_triple() -> None:
     assert text.startswith('type = "pvh"\n') and 'kernel = "/var/lib/xen/domu-vmlinuz"' in text
 
 
+def test_disks_from_libxl_json_are_local_paths_only() -> None:
+    """What RESERVE carries for the target to open: pdev_path of each disk, not a script's target nor an empty CD."""
+    with_disks = {
+        **LIBXL_JSON,
+        "disks": [
+            {"pdev_path": "/dev/vg0/web1", "vdev": "xvda", "backend": "phy", "format": "raw"},
+            {"pdev_path": "/srv/xen/web1-data.qcow2", "vdev": "xvdb", "backend": "qdisk", "format": "qcow2"},
+            {"pdev_path": "iqn.2001-05.com.example:web1", "vdev": "xvdc", "script": "block-iscsi"},
+            {"vdev": "hdc", "is_cdrom": 1},
+        ],
+    }
+    assert xencfg.from_libxl_json(with_disks).disks == ("/dev/vg0/web1", "/srv/xen/web1-data.qcow2")
+    assert xencfg.from_libxl_json(LIBXL_JSON).disks == ()
+
+
 @pytest.mark.parametrize(
     ("flags", "emulation", "kind"),
     [(0, 0, "pv"), (libxc.DOMINF_HVM, libxc.X86_EMU_LAPIC, "pvh"), (libxc.DOMINF_HVM, 0x3FF, "hvm")],
@@ -392,26 +408,27 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XenLab]:
         lab.close()
 
 
-def last_count(lab: XenLab) -> int:
+def last_count(lab: XenLab, name: str = "domu") -> int:
     """The domU's latest count, over every console log it has had.
 
     xenconsoled names a guest's log when it connects the console ring, so a
     copy restored under a temporary name (``domu--incoming``, as ``xl
     migrate-receive`` and relocd use) logs to that name's file after the move.
     """
-    out = lab.run("cat /var/log/xen/console/guest-domu*.log | tr -d '\\r' | grep '^count ' | sort -k2n | tail -1")
+    out = lab.run(f"cat /var/log/xen/console/guest-{name}*.log | tr -d '\\r' | grep '^count ' | sort -k2n | tail -1")
     m = re.search(r"count (\d+)", out)
     assert m, out
     return int(m.group(1))
 
 
-def restarts(lab: XenLab) -> int:
+def restarts(lab: XenLab, name: str = "domu") -> int:
     """How often the domU's counter started at 1 (more than once: it rebooted instead of moving)."""
-    return int(lab.run("cat /var/log/xen/console/guest-domu*.log | tr -d '\\r' | grep -c '^count 1$' || true").strip())
+    out = lab.run(f"cat /var/log/xen/console/guest-{name}*.log | tr -d '\\r' | grep -c '^count 1$' || true")
+    return int(out.strip())
 
 
-def domu_copies(lab: XenLab) -> list[str]:
-    return [line.split()[0] for line in lab.run("xl list").splitlines() if line.startswith("domu")]
+def domu_copies(lab: XenLab, name: str = "domu") -> list[str]:
+    return [line.split()[0] for line in lab.run("xl list").splitlines() if line.startswith(name)]
 
 
 @pytest.mark.system
@@ -622,3 +639,122 @@ def test_xl_save_image_restored_by_relocd(stream_steps: dict[str, dict[str, Any]
     assert step["listed"] == ["domu"] and step["state"] == "running"
     assert step["domid_now"] != step["domid"]
     assert_one_copy_counting(step)
+
+
+# -- PVH (the SVM CPU model gives the nested Xen hvm and hap) ---------------------
+
+
+def guest_type(lab: XenLab, name: str) -> str:
+    """libxl's type of domain ``name``, as its config says (what the target was built as)."""
+    out = lab.run(f"xl list -l {name}")
+    return str(json.loads(out[out.index("[") :])[0]["config"]["c_info"]["type"])
+
+
+@pytest.fixture(scope="module")
+def pvh_lab(lab: XenLab) -> Iterator[XenLab]:
+    """The module's lab with a PVH domU ``pvh`` counting on its console and relocd daemons a and b."""
+    caps = lab.run("xl info | grep virt_caps").strip()
+    if "hvm" not in caps.split(":", 1)[-1]:
+        if os.environ.get("RELOCD_XENLAB_CPU"):
+            pytest.skip(f"RELOCD_XENLAB_CPU's model gives Xen no HVM container for PVH ({caps})")
+        pytest.fail(f"the lab's default CPU model gave Xen no HVM container ({caps})", pytrace=False)
+    lab.run("xl create -q /lab/xenlab/pvh.cfg", timeout=180)
+    lab.run("until grep -q '^count 3' /var/log/xen/console/guest-pvh.log; do sleep 1; done", timeout=180)
+    lab.run("sh /lab/xenlab/relocd-daemons.sh start", timeout=400)
+    try:
+        yield lab
+    finally:
+        lab.run("sh /lab/xenlab/relocd-daemons.sh stop", timeout=120, check=False)
+        lab.run("for d in $(xl list | awk '/^pvh/ {print $2}'); do xl destroy $d; done", timeout=120, check=False)
+
+
+WATCH = "/tmp/pvh-watch"
+
+
+def watch_copies(lab: XenLab) -> None:
+    """Sample ``xl list``'s pvh lines in dom0 every 0.3 s until ``copies_seen``."""
+    lab.run(
+        f"(while :; do xl list 2>&1 | grep '^pvh'; echo --; sleep 0.3; done) >{WATCH}.log 2>&1 & echo $! >{WATCH}.pid"
+    )
+
+
+def copies_seen(lab: XenLab) -> list[list[tuple[str, int, str]]]:
+    """Stop the sampler; each sample's (name, domid, state) of every pvh copy."""
+    lab.run(f"kill $(cat {WATCH}.pid); sleep 0.5")
+    samples: list[list[tuple[str, int, str]]] = [[]]
+    for line in lab.run(f"cat {WATCH}.log").splitlines():
+        if line.strip() == "--":
+            samples.append([])
+        elif line.startswith("pvh") and len(line.split()) >= 5:
+            name, domid, _mem, _vcpus, state = line.split()[:5]
+            samples[-1].append((name, int(domid), state))
+    return [s for s in samples[:-1]]
+
+
+def assert_handoff_kept_one_copy(samples: list[list[tuple[str, int, str]]], source_domid: int) -> None:
+    """Never no copy; the source's copy went only once the target's ran under the real name."""
+    assert len(samples) >= 5, samples
+    for sample in samples:
+        assert sample, f"a moment with no pvh copy at all: {samples}"
+        if all(domid != source_domid for _, domid, _ in sample):
+            assert [(n, "p" in st) for n, _, st in sample] == [("pvh", False)], f"source gone too early: {sample}"
+    assert all(domid != source_domid for _, domid, _ in samples[-1]), "the source's copy was never destroyed"
+
+
+def pvh_domid(lab: XenLab) -> int:
+    return int(lab.run("xl domid pvh").strip().splitlines()[-1])
+
+
+@pytest.mark.system
+def test_relocd_moves_a_pvh_domu_live_and_back_non_live(pvh_lab: XenLab) -> None:
+    """Issue 14: relocd's stream path carries a PVH guest (HVM_CONTEXT, HVM_PARAMS): live a -> b, non-live b -> a."""
+    lab = pvh_lab
+    assert guest_type(lab, "pvh") == "pvh"
+    for source, target, address, live in (("a", "b", "127.0.0.2", True), ("b", "a", "127.0.0.1", False)):
+        before, source_domid = last_count(lab, "pvh"), pvh_domid(lab)
+        watch_copies(lab)
+        result = relocd_cli(lab, source, f"migrate pvh {address} --port 8002" + " --live" * live, timeout=400)
+        samples = copies_seen(lab)
+        assert result["status"] == "completed" and result["live"] is live, result
+        rounds = result["rounds"]
+        if live:  # an HVM stream's p2m spans the guest's whole physical map: at least its 32768 pages
+            assert rounds and rounds[0]["pages_sent"] >= 32768, result
+            assert result["iterations"] == len(rounds) + 1 and result["stop_reason"] is not None, result
+        else:
+            assert rounds == [] and result["iterations"] == 1, result
+        assert_handoff_kept_one_copy(samples, source_domid)
+        assert domu_copies(lab, "pvh") == ["pvh"], lab.run("xl list")
+        assert guest_type(lab, "pvh") == "pvh", "the target did not build a PVH guest"
+        at_end = last_count(lab, "pvh")
+        lab.run("sleep 4")
+        after = last_count(lab, "pvh")
+        assert at_end >= before and after >= at_end + 2, f"console stopped counting: {before} -> {at_end} -> {after}"
+        assert restarts(lab, "pvh") == 1, "the guest rebooted instead of moving"
+        listed = {d["name"]: d["state"] for d in relocd_cli(lab, target, "list")}
+        assert listed.get("pvh") == "running", listed
+
+
+@pytest.mark.system
+def test_relocd_save_and_restore_of_a_pvh_domu(pvh_lab: XenLab) -> None:
+    """Issue 14: `relocd save` of the PVH domU to relocd's savefile (it goes), `relocd restore` brings it back."""
+    lab = pvh_lab
+    before, domid = last_count(lab, "pvh"), pvh_domid(lab)
+    lab.run("rm -f /var/tmp/pvh.save")
+    saved = relocd_cli(lab, "a", "save pvh /var/tmp/pvh.save", timeout=400)
+    assert saved["status"] == "completed", saved
+    assert domu_copies(lab, "pvh") == [], "the saved domain is still there"
+    info = relocd_cli(lab, "a", "inspect /var/tmp/pvh.save", timeout=200)
+    assert info["digest_ok"] is True and (info["name"], info["driver"], info["memory_mib"]) == ("pvh", "xen", 128), info
+    restored = relocd_cli(lab, "a", "restore /var/tmp/pvh.save", timeout=400)
+    assert restored["domain"] == "pvh", restored
+    assert domu_copies(lab, "pvh") == ["pvh"] and pvh_domid(lab) != domid
+    assert guest_type(lab, "pvh") == "pvh"
+    lab.run("test -s /var/tmp/pvh.save")  # a savefile stays intact after a restore
+    at_end = last_count(lab, "pvh")
+    lab.run("sleep 4")
+    after = last_count(lab, "pvh")
+    assert at_end >= before and after >= at_end + 2, f"console stopped counting: {before} -> {at_end} -> {after}"
+    assert restarts(lab, "pvh") == 1, "the guest rebooted instead of being restored"
+    listed = {d["name"]: d["state"] for d in relocd_cli(lab, "a", "list")}
+    assert listed.get("pvh") == "running", listed
+    lab.run("rm -f /var/tmp/pvh.save")
