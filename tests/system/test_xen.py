@@ -592,10 +592,17 @@ def test_relocd_migrate_between_two_daemons_in_dom0(lab: XenLab) -> None:
 
 @pytest.mark.system
 def test_relocd_save_and_restore_of_the_domu(stream_steps: dict[str, dict[str, Any]]) -> None:
-    """Issue 7: relocd's save of a Xen PV domU to a relocd savefile (xm save: it goes), relocd's restore of it."""
+    """Issue 7: relocd's save of a Xen PV domU to a relocd savefile (xm save: it goes), relocd's restore of it.
+
+    Issue 14: first a save --checkpoint (xm save -c), after which the same domU runs on."""
     step = stream_steps["relocdsave"]
-    assert "save --checkpoint is not supported for xen domains" in step["checkpoint"], step["checkpoint"]
-    assert not step["checkpoint_left"] and step["running_after_checkpoint"] == "running"
+    checkpoint = step["checkpoint"]  # save --checkpoint: live, then the suspend cancelled; the guest runs on
+    assert checkpoint["status"] == "completed" and checkpoint["checkpoint"], checkpoint
+    assert checkpoint["iterations"] >= 2 and checkpoint["stream_bytes"] > 128 << 20, checkpoint
+    assert 0 < checkpoint["pause_ms"] < 30_000, checkpoint
+    assert step["checkpoint_inspect"]["checkpoint"] is True and step["checkpoint_inspect"]["digest_ok"] is True
+    assert step["running_after_checkpoint"] == "running" and step["domid_after_checkpoint"] == step["domid"]
+    assert step["count_after_checkpoint"] >= step["count_at_checkpoint"] + 2, "the guest stopped after its checkpoint"
     save = step["save"]
     assert save["status"] == "completed" and not save["checkpoint"], save
     assert save["stream_bytes"] > 128 << 20 and step["size"] > save["stream_bytes"]  # all of it, in STREAM records
@@ -736,9 +743,17 @@ def test_relocd_moves_a_pvh_domu_live_and_back_non_live(pvh_lab: XenLab) -> None
 
 @pytest.mark.system
 def test_relocd_save_and_restore_of_a_pvh_domu(pvh_lab: XenLab) -> None:
-    """Issue 14: `relocd save` of the PVH domU to relocd's savefile (it goes), `relocd restore` brings it back."""
+    """Issue 14: `relocd save --checkpoint` of the PVH domU (it runs on), `relocd save` (it goes), `relocd restore`."""
     lab = pvh_lab
-    before, domid = last_count(lab, "pvh"), pvh_domid(lab)
+    domid = pvh_domid(lab)
+    # save --checkpoint first: libxenguest's live HVM-format save, then xc_domain_resume(fast) of a PVH guest
+    checkpoint = relocd_cli(lab, "a", "save pvh /var/tmp/pvh.checkpoint --checkpoint", timeout=400)
+    assert checkpoint["status"] == "completed" and checkpoint["checkpoint"], checkpoint
+    assert pvh_domid(lab) == domid and domu_copies(lab, "pvh") == ["pvh"]
+    at_checkpoint = last_count(lab, "pvh")
+    lab.run("sleep 3; rm -f /var/tmp/pvh.checkpoint")
+    assert last_count(lab, "pvh") >= at_checkpoint + 2, "the PVH guest stopped after its checkpoint"
+    before = last_count(lab, "pvh")
     lab.run("rm -f /var/tmp/pvh.save")
     saved = relocd_cli(lab, "a", "save pvh /var/tmp/pvh.save", timeout=400)
     assert saved["status"] == "completed", saved
