@@ -565,29 +565,39 @@ def relocd_cli(lab: XenLab, daemon: str, args: str, timeout: float = 120) -> Any
     return json.loads(out.strip().splitlines()[-1])
 
 
-@pytest.mark.system
-def test_relocd_migrate_between_two_daemons_in_dom0(lab: XenLab) -> None:
-    """Issue 7: `relocd migrate --live` moves the PV domU from one daemon to another in one dom0, and back."""
+@pytest.fixture(scope="module")
+def daemons(lab: XenLab) -> Iterator[XenLab]:
+    """relocd daemons a (127.0.0.1) and b (127.0.0.2) in the lab's dom0, for the rest of the module.
+
+    Started once: importing relocd in dom0 takes a while under TCG.
+    """
     lab.run("sh /lab/xenlab/relocd-daemons.sh start", timeout=400)
     try:
-        for source, target, address in (("a", "b", "127.0.0.2"), ("b", "a", "127.0.0.1")):
-            before = last_count(lab)
-            result = relocd_cli(lab, source, f"migrate domu {address} --port 8002 --live", timeout=400)
-            assert result["status"] == "completed", result
-            rounds = result["rounds"]
-            assert rounds and rounds[0]["pages_sent"] == 32768, result  # 128 MiB, all of it in round 1
-            assert result["iterations"] == len(rounds) + 1  # the precopy rounds, then stop-and-copy
-            assert result["stop_reason"] is not None and rounds[-1]["round"] == len(rounds)
-            assert domu_copies(lab) == ["domu"], lab.run("xl list")
-            at_end = last_count(lab)
-            lab.run("sleep 4")
-            after = last_count(lab)
-            assert at_end >= before and after >= at_end + 2, f"console stopped counting: {before} -> {at_end} -> {after}"
-            assert restarts(lab) == 1, "the guest rebooted instead of moving"
-            listed = {d["name"]: d["state"] for d in relocd_cli(lab, target, "list")}
-            assert listed.get("domu") == "running", listed
+        yield lab
     finally:
         lab.run("sh /lab/xenlab/relocd-daemons.sh stop", timeout=120, check=False)
+
+
+@pytest.mark.system
+def test_relocd_migrate_between_two_daemons_in_dom0(daemons: XenLab) -> None:
+    """Issue 7: `relocd migrate --live` moves the PV domU from one daemon to another in one dom0, and back."""
+    lab = daemons
+    for source, target, address in (("a", "b", "127.0.0.2"), ("b", "a", "127.0.0.1")):
+        before = last_count(lab)
+        result = relocd_cli(lab, source, f"migrate domu {address} --port 8002 --live", timeout=400)
+        assert result["status"] == "completed", result
+        rounds = result["rounds"]
+        assert rounds and rounds[0]["pages_sent"] == 32768, result  # 128 MiB, all of it in round 1
+        assert result["iterations"] == len(rounds) + 1  # the precopy rounds, then stop-and-copy
+        assert result["stop_reason"] is not None and rounds[-1]["round"] == len(rounds)
+        assert domu_copies(lab) == ["domu"], lab.run("xl list")
+        at_end = last_count(lab)
+        lab.run("sleep 4")
+        after = last_count(lab)
+        assert at_end >= before and after >= at_end + 2, f"console stopped counting: {before} -> {at_end} -> {after}"
+        assert restarts(lab) == 1, "the guest rebooted instead of moving"
+        listed = {d["name"]: d["state"] for d in relocd_cli(lab, target, "list")}
+        assert listed.get("domu") == "running", listed
 
 
 @pytest.mark.system
@@ -658,8 +668,9 @@ def guest_type(lab: XenLab, name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def pvh_lab(lab: XenLab) -> Iterator[XenLab]:
-    """The module's lab with a PVH domU ``pvh`` counting on its console and relocd daemons a and b."""
+def pvh_lab(daemons: XenLab) -> Iterator[XenLab]:
+    """The module's lab with a PVH domU ``pvh`` counting on its console, and relocd daemons a and b."""
+    lab = daemons
     caps = lab.run("xl info | grep virt_caps").strip()
     if "hvm" not in caps.split(":", 1)[-1]:
         if os.environ.get("RELOCD_XENLAB_CPU"):
@@ -667,11 +678,9 @@ def pvh_lab(lab: XenLab) -> Iterator[XenLab]:
         pytest.fail(f"the lab's default CPU model gave Xen no HVM container ({caps})", pytrace=False)
     lab.run("xl create -q /lab/xenlab/pvh.cfg", timeout=180)
     lab.run("until grep -q '^count 3' /var/log/xen/console/guest-pvh.log; do sleep 1; done", timeout=180)
-    lab.run("sh /lab/xenlab/relocd-daemons.sh start", timeout=400)
     try:
         yield lab
     finally:
-        lab.run("sh /lab/xenlab/relocd-daemons.sh stop", timeout=120, check=False)
         lab.run("for d in $(xl list | awk '/^pvh/ {print $2}'); do xl destroy $d; done", timeout=120, check=False)
 
 
@@ -679,9 +688,9 @@ WATCH = "/tmp/pvh-watch"
 
 
 def watch_copies(lab: XenLab) -> None:
-    """Sample ``xl list``'s pvh lines in dom0 every 0.3 s until ``copies_seen``."""
+    """Sample ``xl list``'s pvh lines in dom0 every 0.5 s until ``copies_seen``."""
     lab.run(
-        f"(while :; do xl list 2>&1 | grep '^pvh'; echo --; sleep 0.3; done) >{WATCH}.log 2>&1 & echo $! >{WATCH}.pid"
+        f"(while :; do xl list 2>&1 | grep '^pvh'; echo --; sleep 0.5; done) >{WATCH}.log 2>&1 & echo $! >{WATCH}.pid"
     )
 
 
