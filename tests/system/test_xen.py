@@ -795,8 +795,9 @@ def test_move_refused_for_a_disk_the_target_cannot_open(daemons: XenLab) -> None
     """Issue 14: daemon c, in a mount namespace where the domU's disk is not there, refuses the move at RESERVE."""
     lab = daemons
     lab.run(
-        "mkdir -p /var/tmp/relocd-disks && truncate -s 16M /var/tmp/diskd.img"
-        " && ln -sfn $(losetup -f --show /var/tmp/diskd.img) /var/tmp/relocd-disks/diskd"
+        "modprobe loop 2>/dev/null; mkdir -p /var/tmp/relocd-disks && truncate -s 16M /var/tmp/diskd.img"
+        " && dev=$(losetup -f --show /var/tmp/diskd.img) && test -b \"$dev\""
+        " && ln -sfn \"$dev\" /var/tmp/relocd-disks/diskd"
     )
     try:
         lab.run("xl create -q /lab/xenlab/diskd.cfg", timeout=180)
