@@ -16,10 +16,13 @@ state as an opaque, driver-versioned blob that only the same driver reads back.
 from __future__ import annotations
 
 import abc
+import asyncio
 import dataclasses
 import enum
+import os
+import stat
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -75,6 +78,12 @@ class DomainConfig(BaseModel):
     workload: str = "idle"
     vifs: tuple[Vif, ...] = ()
     cpu_features: tuple[str, ...] = ()
+    #: the block devices or files backing the domain's disks, as absolute
+    #: paths on its host (the driver fills them from its own config; sim and
+    #: kvm domains have none).  RESERVE carries them and the target checks it
+    #: can open each (``Driver.unreachable_disks``); they are not part of
+    #: the sxp config (a Xen domain's travel in its libxl JSON, in ``extra``)
+    disks: tuple[str, ...] = ()
     extra: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("uuid")
@@ -350,3 +359,29 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     async def capabilities(self) -> HostCaps: ...
+
+    async def unreachable_disks(self, disks: Sequence[str]) -> list[str]:
+        """Which of a domain's disks this host cannot open, each as ``PATH (why)``; [] when all can.
+
+        A disk is reachable when it exists as a block device or a regular
+        file and opens for reading.  Opened non-blocking, so a FIFO or a
+        device that waits for a carrier cannot hang a reservation.  A driver
+        whose disks are not local paths (network storage a script attaches)
+        overrides this.
+        """
+
+        def why_not(path: str) -> str | None:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            except OSError as exc:
+                return exc.strerror or type(exc).__name__
+            try:
+                mode = os.fstat(fd).st_mode
+            finally:
+                os.close(fd)
+            return None if stat.S_ISBLK(mode) or stat.S_ISREG(mode) else "not a block device or file"
+
+        def check() -> list[str]:
+            return [f"{d} ({why})" for d in disks if (why := why_not(d)) is not None]
+
+        return await asyncio.to_thread(check) if disks else []

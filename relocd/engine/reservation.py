@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Annotated, Any
 
@@ -28,7 +28,7 @@ from pydantic import (
     field_validator,
 )
 
-from relocd.drivers.base import INCOMING_SUFFIX, DomainConfig, HostCaps
+from relocd.drivers.base import INCOMING_SUFFIX, DomainConfig, Driver, HostCaps
 from relocd.errors import ProtocolError, Reason, RelocdError, ReservationRefused
 from relocd.units import PAGE_SIZE, format_bytes
 
@@ -37,11 +37,14 @@ MAX_MEMORY_BYTES = 1 << 42  # 4 TiB (DomainConfig: memory_mib <= 2**22)
 MAX_VCPUS = 512
 MAX_FEATURES = 1024
 MAX_BRIDGES = 64
+MAX_DISKS = 64
 
 #: At most this many missing names are spelled out in a refusal.
 _LISTED = 8
 
 Token = Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+#: an absolute path without control characters (no ``..`` component either: see _plain_paths)
+DiskPath = Annotated[StrictStr, Field(min_length=2, max_length=4096, pattern=r"^/[^\x00-\x1f\x7f]+$")]
 
 
 class ReservationRequest(BaseModel):
@@ -66,11 +69,21 @@ class ReservationRequest(BaseModel):
     channels: StrictInt = Field(default=1, ge=1, le=16)
     #: the source arbitrates the handoff by a cluster store (docs/cluster.md): so must the target
     cluster_store: StrictBool = False
+    #: the domain's disks (paths); the target refuses unless it can open each.
+    #: None: an older source that does not say, so nothing is checked
+    disks: tuple[DiskPath, ...] | None = Field(default=None, max_length=MAX_DISKS)
 
     @field_validator("uuid")
     @classmethod
     def _canonical_uuid(cls, value: str) -> str:
         return str(uuidlib.UUID(value))
+
+    @field_validator("disks")
+    @classmethod
+    def _plain_paths(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and any(".." in d.split("/") for d in value):
+            raise ValueError("a disk path may not contain '..'")
+        return value
 
     @classmethod
     def from_wire(cls, obj: object) -> ReservationRequest:
@@ -97,6 +110,7 @@ class ReservationRequest(BaseModel):
             bridges=tuple(sorted({v.bridge for v in config.vifs if v.bridge})),
             live=live,
             source_port=source_port,
+            disks=config.disks,
         )
 
     def to_wire(self) -> dict[str, Any]:
@@ -130,13 +144,15 @@ def check_reservation(
     reserved_bytes: int,
     existing_names: set[str],
     existing_uuids: set[str],
+    unreachable_disks: Sequence[str] = (),
 ) -> None:
     """Refuse (ReservationRefused with its Reason) unless this host can take the domain.
 
     ``reserved_bytes`` is memory promised to other incoming migrations and
     not yet visible in ``caps.free_memory_bytes``; ``max_memory`` caps what
     incoming domains may reserve in all, these included (None: no cap).  The names and uuids should
-    include those held by other reservations.
+    include those held by other reservations.  ``unreachable_disks``: what
+    ``find_unreachable_disks(req, driver)`` found (awaited before, as it does I/O).
     """
     if req.driver != caps.driver:
         raise ReservationRefused(
@@ -181,6 +197,20 @@ def check_reservation(
             f"domain {req.name} needs bridges this host lacks: {_listing(missing_bridges)}",
             reason=Reason.NETWORK,
         )
+    if unreachable_disks:
+        # NETWORK: the one reason for "something the domain is attached to is missing here";
+        # a reason code of its own would be news to older peers.
+        raise ReservationRefused(
+            f"domain {req.name} needs disks this host cannot open: {_listing(unreachable_disks)}",
+            reason=Reason.NETWORK,
+        )
+
+
+async def find_unreachable_disks(req: ReservationRequest, driver: Driver) -> list[str]:
+    """The request's disks that ``driver``'s host cannot open ([] when the request names none)."""
+    if not req.disks:
+        return []
+    return await driver.unreachable_disks(req.disks)
 
 
 @dataclass(frozen=True)

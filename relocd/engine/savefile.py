@@ -37,7 +37,7 @@ from relocd.drivers.base import INCOMING_SUFFIX, PAGES, Domain, DomainConfig, Do
 from relocd.engine.hooks import DomainHooks
 from relocd.engine.journal import Journal
 from relocd.engine.policy import PrecopyPolicy
-from relocd.engine.reservation import ReservationRequest, check_reservation
+from relocd.engine.reservation import ReservationRequest, check_reservation, find_unreachable_disks
 from relocd.engine.result import Progress, no_progress
 from relocd.engine.savefile_format import ChunkedDigest, FileHeader, Trailer
 from relocd.engine.savefile_io import FileWriter, OpenSavefile, Verification, io_error
@@ -513,6 +513,7 @@ async def _bring_up(
         reserved_bytes=ctx.reservations.reserved_bytes,
         existing_names={d.name for d in domains} | ctx.reservations.names,
         existing_uuids={d.config.uuid for d in domains} | ctx.reservations.uuids,
+        unreachable_disks=await find_unreachable_disks(request, driver),
     )
     rid = f"restore-{uuidlib.uuid4()}"
     ctx.reservations.add(rid, request)

@@ -3,7 +3,9 @@
 A stream domain's memory and state leave only through its driver's own
 stream (``transfer.py``: a Xen PV guest's page tables hold machine frames
 only Xen's save code can translate), so its savefile carries that stream
-where a page domain's carries pages, non-live as ``xm save``::
+where a page domain's carries pages, non-live as ``xm save`` (live for a
+checkpoint, ``xm save -c``: the driver's precopy rounds are in the stream
+too, and its suspend is cancelled once the stream is complete)::
 
     CONFIG STOP(1) STREAM* VCPU_STATE(driver, empty) COMMIT
 

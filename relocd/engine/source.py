@@ -332,7 +332,7 @@ class SourceMigration(HandoffEnding):
 
     async def _reserve(self) -> tuple[bytes, int] | None:
         """RESERVE; returns (token, count) when the target granted extra page channels."""
-        cfg = self.domain.config
+        cfg = await self.domain.read_config()  # the whole config (a Xen domain's listing has no disks)
         request = {
             "name": cfg.name,
             "uuid": cfg.uuid,
@@ -345,6 +345,7 @@ class SourceMigration(HandoffEnding):
             "verify": self.opts.verify,
             "host_id": host_id(),
             "source_port": self.opts.source_port,
+            "disks": list(cfg.disks),
         }
         wanted = self._channels_wanted()
         if wanted > 1:

@@ -27,6 +27,7 @@ from relocd.engine.journal import Phase
 from relocd.engine.reservation import (
     ReservationRequest,
     check_reservation,
+    find_unreachable_disks,
 )
 from relocd.engine.result import Progress, no_progress
 from relocd.engine.handshake import answer_hello, digest_algo_for, host_id
@@ -264,6 +265,7 @@ class TargetSession:
                 raise ReservationRefused(f"driver {req.driver!r} is not available on this host", reason=Reason.DRIVER)
             cluster.target_reserve_check(ctx, req)
             caps = await driver.capabilities()
+            unreachable = await find_unreachable_disks(req, driver)
             # From here to reservations.add there is no await: concurrent
             # RESERVEs see each other's reservations, never the same free room.
             if len(ctx.reservations.all()) >= self.max_incoming:
@@ -283,6 +285,7 @@ class TargetSession:
                 reserved_bytes=ctx.reservations.reserved_bytes,
                 existing_names={d.name for d in domains} | ctx.reservations.names,
                 existing_uuids={d.config.uuid for d in domains} | ctx.reservations.uuids,
+                unreachable_disks=unreachable,
             )
         except ReservationRefused as exc:
             self.log.warning("reservation refused", reason=exc.reason.name, error=exc.message)

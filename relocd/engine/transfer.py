@@ -241,7 +241,7 @@ class StreamTransfer(Transfer):
     kind = STREAM
     builds_at_reserve = False
     verifies_memory = False
-    checkpoints = False
+    checkpoints = True  # a live send_stream, then undo_send (transfer_save.StreamSave)
     stripes = False  # one hypervisor stream, in order
 
     async def send(self, mig: SourceMigration) -> None:

@@ -11,7 +11,8 @@ back when the save fails, is here, one object per kind, made by
   runs again) and a DIGEST of the image the file holds; anything else is
   stop-and-copy, the memory digest computed alongside.
 * ``StreamSave``: the driver's own stream, non-live (``savefile_stream.py``
-  shows the records); no DIGEST, the stream carries its own checks.
+  shows the records), live for a checkpoint (the driver's suspend is then
+  cancelled); no DIGEST, the stream carries its own checks.
 
 They live apart from ``transfer.py`` to keep each module readable in one
 sitting (together they would be some 550 lines).  The page side's send
@@ -211,10 +212,14 @@ class StreamSave(FileSave):
 
     async def run(self) -> Saved:
         # Non-live: the driver suspends the domain itself, and the stream
-        # carries the state and its own checks (no DIGEST).
+        # carries the state and its own checks (no DIGEST).  A checkpoint
+        # (``xl save -c``) is the driver's live save, rounds decided by the
+        # save's policy, and once the guest has suspended and the last of it
+        # is in the stream, ``undo_send`` cancels the suspend: it runs on.
         s = self.saving
         domain, channel = s.domain, s.channel
         dom: Any = domain
+        live = s.checkpoint and s.was_running
         paused_at = time.monotonic()
 
         async def sink(chunk: bytes) -> None:
@@ -225,22 +230,34 @@ class StreamSave(FileSave):
                 raise
             self.stream_bytes += len(chunk)
 
-        async def on_round(decision: Any) -> None:
-            pass  # non-live: no precopy rounds to report
+        rounds = 0
 
-        await s.progress(phase="stop-and-copy")
+        async def on_round(decision: Any) -> None:
+            nonlocal paused_at, rounds
+            rounds += 1
+            if getattr(decision, "stop_reason", None) is not None:
+                paused_at = time.monotonic()  # the last round: the guest suspends next
+                await s.progress(phase="stop-and-copy")
+
+        await s.progress(phase="precopy" if live else "stop-and-copy")
         await channel.send(Stop(1))
         self.started = True
         try:
-            await dom.send_stream(False, s.policy, sink, on_round)
+            await dom.send_stream(live, s.policy, sink, on_round)
         except Exception:
             if self._sink_error is not None:
                 raise self._sink_error from None
             raise
-        await s.hooks.paused(domain)
+        pause_ms = 0.0
+        if s.checkpoint:
+            await domain.undo_send()
+            self.started = False
+            pause_ms = round((time.monotonic() - paused_at) * 1000, 3)
+        else:
+            await s.hooks.paused(domain)
         await channel.send(VcpuState(domain.config.driver, b""))
         await channel.send(Commit())
-        return Saved(paused_at, 1, stream_bytes=self.stream_bytes)
+        return Saved(paused_at, rounds + 1, pause_ms=pause_ms, stream_bytes=self.stream_bytes)
 
     async def undo(self) -> None:
         if not self.started:
@@ -249,6 +266,7 @@ class StreamSave(FileSave):
         try:
             await domain.undo_send()  # idempotent, as for a migration's rollback
             self.started = False
-            await self.saving.hooks.resumed_here(domain)
+            if not self.saving.checkpoint:
+                await self.saving.hooks.resumed_here(domain)
         except RelocdError as exc:
             log.error("save failed and the domain could not be resumed", domain=domain.name, error=exc.message)

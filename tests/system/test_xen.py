@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -290,6 +291,60 @@ def test_libxl_json_travels_in_the_config_and_is_renamed_for_the_target() -> Non
     assert xencfg.LIBXL_JSON not in xencfg.to_xl_config(cfg)
 
 
+#: ``xl list -l`` of the lab's PVH domU (tests/xenlab/pvh.cfg), trimmed: the boot triple sits in b_info itself.
+PVH_LIBXL_JSON = {
+    "c_info": {"type": "pvh", "name": "pvh", "uuid": "0b5f3e4a-9f7e-4f7a-8a43-2f6f2f1e7c11"},
+    "b_info": {
+        "max_vcpus": 1,
+        "max_memkb": 131072,
+        "target_memkb": 131072,
+        "kernel": "/var/lib/xen/domu-vmlinuz",
+        "ramdisk": "/var/lib/xen/domu-initrd.img",
+        "cmdline": "console=hvc0 quiet",
+        "type.pvh": {"pvshim": "False"},
+        "arch_x86": {"msr_relaxed": "False"},
+    },
+}
+
+
+def test_pvh_config_keeps_its_type_and_boot_triple() -> None:
+    cfg = xencfg.from_libxl_json(PVH_LIBXL_JSON)
+    assert cfg.extra[xencfg.TYPE] == "pvh" and (cfg.memory_mib, cfg.vcpus) == (128, 1)
+    assert cfg.extra[xencfg.KERNEL] == "/var/lib/xen/domu-vmlinuz"
+    assert cfg.extra[xencfg.RAMDISK] == "/var/lib/xen/domu-initrd.img"
+    assert cfg.extra[xencfg.CMDLINE] == "console=hvc0 quiet"
+    carried = xencfg.libxl_json_for(cfg, "pvh--incoming")  # what the target's xl restore builds from
+    assert carried is not None and carried["c_info"]["type"] == "pvh" and carried["b_info"] == PVH_LIBXL_JSON["b_info"]
+    bare = cfg.model_copy(update={"extra": {k: v for k, v in cfg.extra.items() if k != xencfg.LIBXL_JSON}})
+    text = xencfg.to_xl_config(bare)  # a target without libxl's JSON: the xl config must say pvh too
+    assert text.startswith('type = "pvh"\n') and 'kernel = "/var/lib/xen/domu-vmlinuz"' in text
+
+
+def test_disks_from_libxl_json_are_local_paths_only() -> None:
+    """What RESERVE carries for the target to open: pdev_path of each disk, not a script's target nor an empty CD."""
+    with_disks = {
+        **LIBXL_JSON,
+        "disks": [
+            {"pdev_path": "/dev/vg0/web1", "vdev": "xvda", "backend": "phy", "format": "raw"},
+            {"pdev_path": "/srv/xen/web1-data.qcow2", "vdev": "xvdb", "backend": "qdisk", "format": "qcow2"},
+            {"pdev_path": "iqn.2001-05.com.example:web1", "vdev": "xvdc", "script": "block-iscsi"},
+            {"vdev": "hdc", "is_cdrom": 1},
+        ],
+    }
+    assert xencfg.from_libxl_json(with_disks).disks == ("/dev/vg0/web1", "/srv/xen/web1-data.qcow2")
+    assert xencfg.from_libxl_json(LIBXL_JSON).disks == ()
+
+
+@pytest.mark.parametrize(
+    ("flags", "emulation", "kind"),
+    [(0, 0, "pv"), (libxc.DOMINF_HVM, libxc.X86_EMU_LAPIC, "pvh"), (libxc.DOMINF_HVM, 0x3FF, "hvm")],
+)
+def test_guest_type_from_the_hypervisor(flags: int, emulation: int, kind: str) -> None:
+    """Xen flags PVH as HVM; only the emulated devices (the local APIC alone) tell them apart."""
+    info = libxc.DomInfo(1, "0b5f3e4a-9f7e-4f7a-8a43-2f6f2f1e7c11", flags, 0, 0, 0, 1, 0, emulation)
+    assert info.guest_type == kind
+
+
 def test_xl_config_text_keeps_its_lines_but_not_identity() -> None:
     given = 'name = "old"\nmemory = 64\nkernel = "/k"\non_crash = "preserve"\n'
     cfg = DomainConfig(name="new", memory_mib=128, driver="xen", extra={xencfg.XL_CONFIG: given})
@@ -353,26 +408,27 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XenLab]:
         lab.close()
 
 
-def last_count(lab: XenLab) -> int:
+def last_count(lab: XenLab, name: str = "domu") -> int:
     """The domU's latest count, over every console log it has had.
 
     xenconsoled names a guest's log when it connects the console ring, so a
     copy restored under a temporary name (``domu--incoming``, as ``xl
     migrate-receive`` and relocd use) logs to that name's file after the move.
     """
-    out = lab.run("cat /var/log/xen/console/guest-domu*.log | tr -d '\\r' | grep '^count ' | sort -k2n | tail -1")
+    out = lab.run(f"cat /var/log/xen/console/guest-{name}*.log | tr -d '\\r' | grep '^count ' | sort -k2n | tail -1")
     m = re.search(r"count (\d+)", out)
     assert m, out
     return int(m.group(1))
 
 
-def restarts(lab: XenLab) -> int:
+def restarts(lab: XenLab, name: str = "domu") -> int:
     """How often the domU's counter started at 1 (more than once: it rebooted instead of moving)."""
-    return int(lab.run("cat /var/log/xen/console/guest-domu*.log | tr -d '\\r' | grep -c '^count 1$' || true").strip())
+    out = lab.run(f"cat /var/log/xen/console/guest-{name}*.log | tr -d '\\r' | grep -c '^count 1$' || true")
+    return int(out.strip())
 
 
-def domu_copies(lab: XenLab) -> list[str]:
-    return [line.split()[0] for line in lab.run("xl list").splitlines() if line.startswith("domu")]
+def domu_copies(lab: XenLab, name: str = "domu") -> list[str]:
+    return [line.split()[0] for line in lab.run("xl list").splitlines() if line.startswith(name)]
 
 
 @pytest.mark.system
@@ -509,37 +565,54 @@ def relocd_cli(lab: XenLab, daemon: str, args: str, timeout: float = 120) -> Any
     return json.loads(out.strip().splitlines()[-1])
 
 
-@pytest.mark.system
-def test_relocd_migrate_between_two_daemons_in_dom0(lab: XenLab) -> None:
-    """Issue 7: `relocd migrate --live` moves the PV domU from one daemon to another in one dom0, and back."""
+@pytest.fixture(scope="module")
+def daemons(lab: XenLab) -> Iterator[XenLab]:
+    """relocd daemons a (127.0.0.1) and b (127.0.0.2) in the lab's dom0, for the rest of the module.
+
+    Started once: importing relocd in dom0 takes a while under TCG.
+    """
     lab.run("sh /lab/xenlab/relocd-daemons.sh start", timeout=400)
     try:
-        for source, target, address in (("a", "b", "127.0.0.2"), ("b", "a", "127.0.0.1")):
-            before = last_count(lab)
-            result = relocd_cli(lab, source, f"migrate domu {address} --port 8002 --live", timeout=400)
-            assert result["status"] == "completed", result
-            rounds = result["rounds"]
-            assert rounds and rounds[0]["pages_sent"] == 32768, result  # 128 MiB, all of it in round 1
-            assert result["iterations"] == len(rounds) + 1  # the precopy rounds, then stop-and-copy
-            assert result["stop_reason"] is not None and rounds[-1]["round"] == len(rounds)
-            assert domu_copies(lab) == ["domu"], lab.run("xl list")
-            at_end = last_count(lab)
-            lab.run("sleep 4")
-            after = last_count(lab)
-            assert at_end >= before and after >= at_end + 2, f"console stopped counting: {before} -> {at_end} -> {after}"
-            assert restarts(lab) == 1, "the guest rebooted instead of moving"
-            listed = {d["name"]: d["state"] for d in relocd_cli(lab, target, "list")}
-            assert listed.get("domu") == "running", listed
+        yield lab
     finally:
         lab.run("sh /lab/xenlab/relocd-daemons.sh stop", timeout=120, check=False)
 
 
 @pytest.mark.system
+def test_relocd_migrate_between_two_daemons_in_dom0(daemons: XenLab) -> None:
+    """Issue 7: `relocd migrate --live` moves the PV domU from one daemon to another in one dom0, and back."""
+    lab = daemons
+    for source, target, address in (("a", "b", "127.0.0.2"), ("b", "a", "127.0.0.1")):
+        before = last_count(lab)
+        result = relocd_cli(lab, source, f"migrate domu {address} --port 8002 --live", timeout=400)
+        assert result["status"] == "completed", result
+        rounds = result["rounds"]
+        assert rounds and rounds[0]["pages_sent"] == 32768, result  # 128 MiB, all of it in round 1
+        assert result["iterations"] == len(rounds) + 1  # the precopy rounds, then stop-and-copy
+        assert result["stop_reason"] is not None and rounds[-1]["round"] == len(rounds)
+        assert domu_copies(lab) == ["domu"], lab.run("xl list")
+        at_end = last_count(lab)
+        lab.run("sleep 4")
+        after = last_count(lab)
+        assert at_end >= before and after >= at_end + 2, f"console stopped counting: {before} -> {at_end} -> {after}"
+        assert restarts(lab) == 1, "the guest rebooted instead of moving"
+        listed = {d["name"]: d["state"] for d in relocd_cli(lab, target, "list")}
+        assert listed.get("domu") == "running", listed
+
+
+@pytest.mark.system
 def test_relocd_save_and_restore_of_the_domu(stream_steps: dict[str, dict[str, Any]]) -> None:
-    """Issue 7: relocd's save of a Xen PV domU to a relocd savefile (xm save: it goes), relocd's restore of it."""
+    """Issue 7: relocd's save of a Xen PV domU to a relocd savefile (xm save: it goes), relocd's restore of it.
+
+    Issue 14: first a save --checkpoint (xm save -c), after which the same domU runs on."""
     step = stream_steps["relocdsave"]
-    assert "save --checkpoint is not supported for xen domains" in step["checkpoint"], step["checkpoint"]
-    assert not step["checkpoint_left"] and step["running_after_checkpoint"] == "running"
+    checkpoint = step["checkpoint"]  # save --checkpoint: live, then the suspend cancelled; the guest runs on
+    assert checkpoint["status"] == "completed" and checkpoint["checkpoint"], checkpoint
+    assert checkpoint["iterations"] >= 2 and checkpoint["stream_bytes"] > 128 << 20, checkpoint
+    assert 0 < checkpoint["pause_ms"] < 30_000, checkpoint
+    assert step["checkpoint_inspect"]["checkpoint"] is True and step["checkpoint_inspect"]["digest_ok"] is True
+    assert step["running_after_checkpoint"] == "running" and step["domid_after_checkpoint"] == step["domid"]
+    assert step["count_after_checkpoint"] >= step["count_at_checkpoint"] + 2, "the guest stopped after its checkpoint"
     save = step["save"]
     assert save["status"] == "completed" and not save["checkpoint"], save
     assert save["stream_bytes"] > 128 << 20 and step["size"] > save["stream_bytes"]  # all of it, in STREAM records
@@ -583,3 +656,177 @@ def test_xl_save_image_restored_by_relocd(stream_steps: dict[str, dict[str, Any]
     assert step["listed"] == ["domu"] and step["state"] == "running"
     assert step["domid_now"] != step["domid"]
     assert_one_copy_counting(step)
+
+
+# -- PVH (the SVM CPU model gives the nested Xen hvm and hap) ---------------------
+
+
+def guest_type(lab: XenLab, name: str) -> str:
+    """libxl's type of domain ``name``, as its config says (what the target was built as)."""
+    out = lab.run(f"xl list -l {name}")
+    return str(json.loads(out[out.index("[") :])[0]["config"]["c_info"]["type"])
+
+
+@pytest.fixture(scope="module")
+def pvh_lab(daemons: XenLab) -> Iterator[XenLab]:
+    """The module's lab with a PVH domU ``pvh`` counting on its console, and relocd daemons a and b."""
+    lab = daemons
+    caps = lab.run("xl info | grep virt_caps").strip()
+    if "hvm" not in caps.split(":", 1)[-1]:
+        if os.environ.get("RELOCD_XENLAB_CPU"):
+            pytest.skip(f"RELOCD_XENLAB_CPU's model gives Xen no HVM container for PVH ({caps})")
+        pytest.fail(f"the lab's default CPU model gave Xen no HVM container ({caps})", pytrace=False)
+    lab.run("xl create -q /lab/xenlab/pvh.cfg", timeout=180)
+    lab.run("until grep -q '^count 3' /var/log/xen/console/guest-pvh.log; do sleep 1; done", timeout=180)
+    try:
+        yield lab
+    finally:
+        lab.run("for d in $(xl list | awk '/^pvh/ {print $2}'); do xl destroy $d; done", timeout=120, check=False)
+
+
+WATCH = "/tmp/pvh-watch"
+
+
+def watch_copies(lab: XenLab) -> None:
+    """Sample ``xl list``'s pvh lines in dom0 every 0.5 s until ``copies_seen``."""
+    lab.run(
+        f"(while :; do xl list 2>&1 | grep '^pvh'; echo --; sleep 0.5; done) >{WATCH}.log 2>&1 & echo $! >{WATCH}.pid"
+    )
+
+
+def copies_seen(lab: XenLab) -> list[list[tuple[str, int, str]]]:
+    """Stop the sampler; each sample's (name, domid, state) of every pvh copy."""
+    lab.run(f"kill $(cat {WATCH}.pid); sleep 0.5")
+    samples: list[list[tuple[str, int, str]]] = [[]]
+    for line in lab.run(f"cat {WATCH}.log").splitlines():
+        if line.strip() == "--":
+            samples.append([])
+        elif line.startswith("pvh") and len(line.split()) >= 5:
+            name, domid, _mem, _vcpus, state = line.split()[:5]
+            samples[-1].append((name, int(domid), state))
+    return [s for s in samples[:-1]]
+
+
+def assert_handoff_kept_one_copy(samples: list[list[tuple[str, int, str]]], source_domid: int) -> None:
+    """Never no copy; the source's copy went only once the target's ran under the real name."""
+    assert len(samples) >= 5, samples
+    for sample in samples:
+        assert sample, f"a moment with no pvh copy at all: {samples}"
+        if all(domid != source_domid for _, domid, _ in sample):
+            assert [(n, "p" in st) for n, _, st in sample] == [("pvh", False)], f"source gone too early: {sample}"
+    assert all(domid != source_domid for _, domid, _ in samples[-1]), "the source's copy was never destroyed"
+
+
+def pvh_domid(lab: XenLab) -> int:
+    return int(lab.run("xl domid pvh").strip().splitlines()[-1])
+
+
+@pytest.mark.system
+def test_relocd_moves_a_pvh_domu_live_and_back_non_live(pvh_lab: XenLab) -> None:
+    """Issue 14: relocd's stream path carries a PVH guest (HVM_CONTEXT, HVM_PARAMS): live a -> b, non-live b -> a."""
+    lab = pvh_lab
+    assert guest_type(lab, "pvh") == "pvh"
+    for source, target, address, live in (("a", "b", "127.0.0.2", True), ("b", "a", "127.0.0.1", False)):
+        before, source_domid = last_count(lab, "pvh"), pvh_domid(lab)
+        watch_copies(lab)
+        try:
+            # TCG on shared cores: round 1 walks the PVH guest's whole physical map (1M frames): 40-320 s seen
+            result = relocd_cli(lab, source, f"migrate pvh {address} --port 8002" + " --live" * live, timeout=900)
+        finally:
+            samples = copies_seen(lab)
+        assert result["status"] == "completed" and result["live"] is live, result
+        rounds = result["rounds"]
+        if live:  # an HVM stream's p2m spans the guest's whole physical map: at least its 32768 pages
+            assert rounds and rounds[0]["pages_sent"] >= 32768, result
+            assert result["iterations"] == len(rounds) + 1 and result["stop_reason"] is not None, result
+        else:
+            assert rounds == [] and result["iterations"] == 1, result
+        assert_handoff_kept_one_copy(samples, source_domid)
+        assert domu_copies(lab, "pvh") == ["pvh"], lab.run("xl list")
+        assert guest_type(lab, "pvh") == "pvh", "the target did not build a PVH guest"
+        at_end = last_count(lab, "pvh")
+        lab.run("sleep 4")
+        after = last_count(lab, "pvh")
+        assert at_end >= before and after >= at_end + 2, f"console stopped counting: {before} -> {at_end} -> {after}"
+        assert restarts(lab, "pvh") == 1, "the guest rebooted instead of moving"
+        listed = {d["name"]: d["state"] for d in relocd_cli(lab, target, "list")}
+        assert listed.get("pvh") == "running", listed
+
+
+@pytest.mark.system
+def test_relocd_save_and_restore_of_a_pvh_domu(pvh_lab: XenLab) -> None:
+    """Issue 14: `relocd save --checkpoint` of the PVH domU (it runs on), `relocd save` (it goes), `relocd restore`."""
+    lab = pvh_lab
+    domid = pvh_domid(lab)
+    # save --checkpoint first: libxenguest's live HVM-format save, then xc_domain_resume(fast) of a PVH guest
+    checkpoint = relocd_cli(lab, "a", "save pvh /var/tmp/pvh.checkpoint --checkpoint", timeout=900)
+    assert checkpoint["status"] == "completed" and checkpoint["checkpoint"], checkpoint
+    assert pvh_domid(lab) == domid and domu_copies(lab, "pvh") == ["pvh"]
+    at_checkpoint = last_count(lab, "pvh")
+    lab.run("sleep 3; rm -f /var/tmp/pvh.checkpoint")
+    assert last_count(lab, "pvh") >= at_checkpoint + 2, "the PVH guest stopped after its checkpoint"
+    before = last_count(lab, "pvh")
+    lab.run("rm -f /var/tmp/pvh.save")
+    saved = relocd_cli(lab, "a", "save pvh /var/tmp/pvh.save", timeout=900)
+    assert saved["status"] == "completed", saved
+    assert domu_copies(lab, "pvh") == [], "the saved domain is still there"
+    info = relocd_cli(lab, "a", "inspect /var/tmp/pvh.save", timeout=200)
+    assert info["digest_ok"] is True and (info["name"], info["driver"], info["memory_mib"]) == ("pvh", "xen", 128), info
+    restored = relocd_cli(lab, "a", "restore /var/tmp/pvh.save", timeout=900)
+    assert restored["domain"] == "pvh", restored
+    assert domu_copies(lab, "pvh") == ["pvh"] and pvh_domid(lab) != domid
+    assert guest_type(lab, "pvh") == "pvh"
+    lab.run("test -s /var/tmp/pvh.save")  # a savefile stays intact after a restore
+    at_end = last_count(lab, "pvh")
+    lab.run("sleep 4")
+    after = last_count(lab, "pvh")
+    assert at_end >= before and after >= at_end + 2, f"console stopped counting: {before} -> {at_end} -> {after}"
+    assert restarts(lab, "pvh") == 1, "the guest rebooted instead of being restored"
+    listed = {d["name"]: d["state"] for d in relocd_cli(lab, "a", "list")}
+    assert listed.get("pvh") == "running", listed
+    lab.run("rm -f /var/tmp/pvh.save")
+
+
+# -- disks checked at RESERVE --------------------------------------------------------
+
+
+@pytest.mark.system
+def test_move_refused_for_a_disk_the_target_cannot_open(daemons: XenLab) -> None:
+    """Issue 14: daemon c, in a mount namespace where the domU's disk is not there, refuses the move at RESERVE."""
+    lab = daemons
+    lab.run(
+        "modprobe loop 2>/dev/null; mkdir -p /var/tmp/relocd-disks && truncate -s 16M /var/tmp/diskd.img"
+        " && dev=$(losetup -f --show /var/tmp/diskd.img) && test -b \"$dev\""
+        " && ln -sfn \"$dev\" /var/tmp/relocd-disks/diskd"
+    )
+    try:
+        lab.run("xl create -q /lab/xenlab/diskd.cfg", timeout=180)
+        domid = int(lab.run("xl domid diskd").strip().splitlines()[-1])
+        lab.run(
+            "RELOCD_DAEMON_WRAP='sh /lab/xenlab/hide-disks.sh /var/tmp/relocd-disks'"
+            " sh /lab/xenlab/relocd-daemons.sh start-one c 127.0.0.3",
+            timeout=400,
+        )
+        out = lab.run(
+            "python3 -m relocd migrate diskd 127.0.0.3 --port 8002 --live --json"
+            " --control /run/relocd-a/control.sock; echo exit=$?",
+            timeout=300,
+        )
+        result = json.loads(out[out.index("{") : out.rindex("}") + 1])
+        assert "exit=1" in out, out
+        assert result["status"] == "failed", result
+        assert result["error"] == (
+            "target refused: domain diskd needs disks this host cannot open:"
+            " /var/tmp/relocd-disks/diskd (No such file or directory)"
+        ), result  # the source saw the disk (it built the domU from it); daemon c does not
+        assert result["pages_sent"] == 0 and result["bytes_sent"] == 0, result  # refused before a byte moved
+        state = lab.run("xl list diskd").splitlines()[-1].split()
+        assert state[0] == "diskd" and int(state[1]) == domid and "s" not in state[4], state  # same copy, not suspended
+        assert domu_copies(lab, "diskd") == ["diskd"]
+    finally:
+        lab.run("[ -f /run/relocd-c/pid ] && kill $(cat /run/relocd-c/pid); rm -f /run/relocd-c/pid", check=False)
+        lab.run("xl destroy diskd", timeout=120, check=False)
+        lab.run(
+            "losetup -d $(readlink /var/tmp/relocd-disks/diskd); rm -rf /var/tmp/relocd-disks /var/tmp/diskd.img",
+            check=False,
+        )

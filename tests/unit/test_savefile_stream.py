@@ -103,13 +103,23 @@ async def test_stream_domain_saves_and_restores(tmp_path: Path) -> None:
     assert dst.doms[0].image == image
 
 
-async def test_checkpoint_of_a_stream_domain_is_refused_clearly(tmp_path: Path) -> None:
+async def test_checkpoint_of_a_stream_domain_runs_on_and_restores(tmp_path: Path) -> None:
+    """save --checkpoint (xl save -c): the driver's live stream, its suspend cancelled; the file restores elsewhere."""
     driver = StreamDriver()
     dom = await running(driver)
-    with pytest.raises(SaveFileError, match="save --checkpoint is not supported for fakestream domains"):
-        await save_domain(dom, tmp_path / "cp.save", checkpoint=True, policy=XendPolicy())
-    assert listing(tmp_path) == []
-    assert dom.state == DomainState.RUNNING and not dom.suspended and dom.cancels == 0
+    path = tmp_path / "cp.save"
+    result = await save_domain(dom, path, checkpoint=True, policy=XendPolicy(max_iterations=3, dirty_threshold=0))
+    assert result.status == "completed" and result.checkpoint
+    assert result.iterations == 4  # three precopy rounds (the policy's), then the suspended copy
+    assert result.pause_ms > 0 and result.stream_bytes > len(dom.image)  # precopy rounds, then the last copy
+    assert dom in driver.doms and dom.state == DomainState.RUNNING and not dom.suspended and dom.cancels == 1
+    assert listing(tmp_path) == ["cp.save"]
+    info = await inspect_savefile(str(path))
+    assert info["checkpoint"] is True and info["digest_ok"] is True, info
+    dst = StreamDriver()
+    restored = await restore_savefile(str(path), context(dst))
+    [new] = dst.doms
+    assert restored.domain == "pv" and new.state == DomainState.RUNNING and new.image == dom.image
 
 
 @pytest.mark.parametrize("driver_resumes", [True, False], ids=["driver-resumes", "engine-resumes"])

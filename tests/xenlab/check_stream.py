@@ -9,7 +9,7 @@ counter before and after, and ``xl list``'s names.  Expects ``domu`` running.
     python3 check_stream.py savefile           # save to an xl save image, destroy, xl restore
     python3 check_stream.py seam               # a move through XenDomain.send_stream / XenDriver.receive_stream
     python3 check_stream.py badtarget          # the same, xl restore refusing: the domU must run on
-    python3 check_stream.py relocdsave         # relocd's save to a relocd savefile, domU gone, relocd's restore
+    python3 check_stream.py relocdsave         # relocd's save --checkpoint (runs on), then a save (domU gone), relocd's restore
     python3 check_stream.py relocdsavefull     # relocd's save onto a full filesystem: the domU must run on
     python3 check_stream.py xlsave             # xl save, then relocd's restore of xl's image
 
@@ -270,13 +270,18 @@ async def relocd_save() -> dict[str, Any]:
     assert isinstance(dom, XenDomain)
     out: dict[str, Any] = {"kind": "relocdsave", "domid": dom.domid, "before": latest(counts())}
     path = Path("/var/tmp/domu.relocd-save")
-    try:
-        await save_domain(dom, path, checkpoint=True, policy=XendPolicy())
-        out["checkpoint"] = None
-    except RelocdError as exc:
-        out["checkpoint"] = exc.message
-    out["checkpoint_left"] = path.exists()
+    # save --checkpoint (xl save -c): a live save, then the suspend is cancelled and the guest runs on.
+    checkpoint = Path("/var/tmp/domu.relocd-checkpoint")
+    t0 = time.monotonic()
+    out["checkpoint"] = (await save_domain(dom, checkpoint, checkpoint=True, policy=XendPolicy())).to_json()
+    out["checkpoint_s"] = round(time.monotonic() - t0, 2)
+    out["checkpoint_inspect"] = await inspect_savefile(str(checkpoint))
     out["running_after_checkpoint"] = dom.state.value
+    out["domid_after_checkpoint"] = domid_of("domu")
+    out["count_at_checkpoint"] = latest(counts())
+    await asyncio.sleep(3)
+    out["count_after_checkpoint"] = latest(counts())
+    checkpoint.unlink()
     t0 = time.monotonic()
     out["save"] = (await save_domain(dom, path, checkpoint=False, policy=XendPolicy())).to_json()
     out["save_s"] = round(time.monotonic() - t0, 2)

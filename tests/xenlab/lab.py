@@ -41,6 +41,14 @@ XEN_ARGS = "cet=0 console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max
 #: dom0's command line (no commas: QEMU's multiboot -initrd splits on them).
 DOM0_ARGS = "console=hvc0 earlyprintk=xen root=/dev/vda rw rootfstype=ext4 init=/sbin/xenlab-boot loglevel=3"
 
+#: The CPU QEMU's TCG emulates for Xen: AMD's SVM with nested paging, so Xen
+#: offers HVM and PVH guests (``virt_caps: pv hvm hap shadow``).  The Intel
+#: model used before (``Haswell-noTSX``) has no VMX under TCG: PV only.
+#: ``-monitor`` keeps Xen off MONITOR/MWAIT (``-cpu EPYC`` panics Xen in
+#: mwait_idle); the SSE bits are what Debian's userland expects of x86-64.
+#: ``RELOCD_XENLAB_CPU`` overrides it (a comparison run on another model).
+TCG_CPU = "qemu64,+svm,+npt,-monitor,+ssse3,+sse4.1,+sse4.2,+popcnt"
+
 #: Console output after which nothing useful follows.
 FATAL = re.compile(rb"KVM internal error|Panic on CPU \d+|Kernel panic - not syncing")
 
@@ -278,7 +286,7 @@ class XenLab:
     # -- life ----------------------------------------------------------------
 
     def qemu_argv(self, payload: Path) -> list[str]:
-        cpu = "host" if self.accel == "kvm" else "Haswell-noTSX"
+        cpu = "host" if self.accel == "kvm" else os.environ.get("RELOCD_XENLAB_CPU", TCG_CPU)
         return [
             "qemu-system-x86_64",
             "-accel", self.accel, "-cpu", cpu, "-smp", "2", "-m", str(self.memory_mib),

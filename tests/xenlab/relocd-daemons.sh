@@ -22,7 +22,8 @@ start() {  # NAME ADDRESS [HOSTS-ALLOW]
 (relocd-state-dir $dir/state)
 (relocd-log-format json)
 CFG
-    python3 -m relocd serve --config "$dir/config.sxp" >>"$dir/daemon.log" 2>&1 &
+    # RELOCD_DAEMON_WRAP: a command the daemon runs under (hide-disks.sh), or none.
+    ${RELOCD_DAEMON_WRAP:-} python3 -m relocd serve --config "$dir/config.sxp" >>"$dir/daemon.log" 2>&1 &
     echo $! >"$dir/pid"
 }
 wait_ready() {  # NAME...

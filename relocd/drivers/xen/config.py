@@ -1,8 +1,14 @@
 """A Xen domain's configuration: libxl's JSON to relocd's DomainConfig, and back to an xl config file.
 
 Only what relocd needs travels in DomainConfig: name, uuid, memory, vCPUs,
-network interfaces, and (in ``extra``) the PV boot triple (kernel, ramdisk,
-command line) so that ``create`` can build the same domain again.
+network interfaces, and (in ``extra``) the guest type (``pv``, ``pvh``, ``hvm``)
+and the boot triple (kernel, ramdisk, command line) so that ``create`` can
+build the same domain again.  libxl keeps a PV guest's triple under
+``b_info["type.pv"]`` (the old place) and a PVH guest's in ``b_info`` itself;
+both are read.  The whole libxl JSON travels too (``LIBXL_JSON``): the
+target restores from it, so its type (``c_info.type``) is the source's.
+``disks`` are the local paths behind libxl's ``disks`` (``pdev_path``), which
+the target's reservation checks it can open.
 """
 
 from __future__ import annotations
@@ -44,6 +50,12 @@ def from_libxl_json(cfg: dict[str, Any]) -> DomainConfig:
         for nic in cfg.get("nics", [])
         if nic.get("mac")
     )
+    disks = tuple(
+        str(disk["pdev_path"])
+        for disk in cfg.get("disks", [])
+        # A disk a block script attaches (iSCSI, DRBD, ...) names no local path; an empty CD drive none at all.
+        if str(disk.get("pdev_path") or "").startswith("/") and not disk.get("script")
+    )
     max_kb = int(b_info.get("max_memkb") or b_info.get("target_memkb") or 0)
     try:
         return DomainConfig(
@@ -53,6 +65,7 @@ def from_libxl_json(cfg: dict[str, Any]) -> DomainConfig:
             vcpus=int(b_info.get("max_vcpus", 1)),
             driver=DRIVER_NAME,
             vifs=vifs,
+            disks=disks,
             extra=extra,
         )
     except (KeyError, ValueError, ValidationError) as exc:

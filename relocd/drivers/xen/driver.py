@@ -278,7 +278,7 @@ class XenDriver(Driver):
                 memory_mib=max(1, memory_mib),
                 vcpus=info.max_vcpu_id + 1,
                 driver=self.name,
-                extra={xencfg.TYPE: "hvm" if info.hvm else "pv"},
+                extra={xencfg.TYPE: info.guest_type},
             )
         except ValidationError:
             log.warning("xen driver: leaving out domain %d: relocd cannot carry its name %r", info.domid, name)

@@ -12,6 +12,15 @@ no suspend event channel (``libxl_dom_suspend.c``): write ``suspend`` to
 reason ``SHUTDOWN_suspend``, and withdraw the request if it does not.  A
 failed save is undone as ``libxl_domain_resume(.., suspend_cancel=1)`` does:
 ``xc_domain_resume(fast=1)`` and xenstore's resume.
+
+PVH guests save the same way (Linux answers the same xenstore request);
+libxenguest then writes an HVM stream (HVM_CONTEXT, HVM_PARAMS records in
+place of PV's page tables and P2M), which relocd carries as opaque bytes like
+any other.  For any HVM-flagged domain ``xc_domain_save`` *asserts* that a
+``switch_qemu_logdirty`` callback is set (a NULL one aborts the whole
+process): relocd's answers "done", as libxl does for a domain without a
+device model.  A full HVM guest has one (qemu), whose dirty pages and device
+state relocd does not carry, so its save is refused before it starts.
 """
 
 from __future__ import annotations
@@ -118,6 +127,12 @@ class GuestSaver:
 
         ``bridge`` answers every precopy_policy call (live saves only).
         """
+        info = self._ctrl.domain(domid)
+        if info is not None and info.guest_type == "hvm":
+            raise DriverError(
+                f"xen driver: domain {domid} is an HVM guest: its device model's state (qemu) does not travel"
+                " in relocd's stream (PV and PVH guests do; move HVM guests with xl migrate)"
+            )
         self.suspended_at = None
         self.callback_error = None
 
@@ -143,9 +158,12 @@ class GuestSaver:
                 self.callback_error = f"precopy policy: {exc}"
                 return ABORT
 
+        def on_qemu_logdirty(_domid: int, _enable: int, _data: int | None) -> int:
+            return 0  # no device model (PVH; PV guests are never asked): nothing else dirties memory
+
         callbacks = SaveCallbacks()
-        keep = (DATA_CALLBACK(on_suspend), PRECOPY_POLICY(on_policy))
-        callbacks.suspend, callbacks.precopy_policy = keep
+        keep = (DATA_CALLBACK(on_suspend), PRECOPY_POLICY(on_policy), LOGDIRTY_CALLBACK(on_qemu_logdirty))
+        callbacks.suspend, callbacks.precopy_policy, callbacks.switch_qemu_logdirty = keep
         xch = self._open()
         try:
             flags = XCFLAGS_LIVE if live else 0

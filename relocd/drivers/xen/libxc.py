@@ -30,6 +30,9 @@ DOMINF_SHUTDOWN = 1 << 2
 DOMINF_PAUSED = 1 << 3
 DOMINF_BLOCKED = 1 << 4
 DOMINF_RUNNING = 1 << 5
+#: XEN_X86_EMU_LAPIC (arch-x86/xen.h): the one device Xen emulates for a PVH guest;
+#: an HVM guest has the PIC, IOAPIC, RTC, ... too (and a device model, qemu)
+X86_EMU_LAPIC = 1 << 0
 SHUTDOWN_SHIFT = 16
 SHUTDOWN_MASK = 0xFF
 
@@ -105,6 +108,8 @@ class DomInfo:
     max_vcpu_id: int
     online_vcpus: int
     cpu_time_ns: int
+    #: arch_config.emulation_flags: which devices Xen emulates (XEN_X86_EMU_*)
+    emulation_flags: int = 0
 
     @property
     def paused(self) -> bool:
@@ -126,6 +131,18 @@ class DomInfo:
     def hvm(self) -> bool:
         return bool(self.flags & DOMINF_HVM)
 
+    @property
+    def guest_type(self) -> str:
+        """libxl's name for the guest's type: ``pv``, ``pvh`` or ``hvm``.
+
+        Xen flags PVH guests as HVM ones (both run in a hardware container);
+        what tells them apart is that Xen emulates nothing but the local APIC
+        for a PVH guest.
+        """
+        if not self.hvm:
+            return "pv"
+        return "pvh" if self.emulation_flags & ~X86_EMU_LAPIC == 0 else "hvm"
+
     @classmethod
     def from_c(cls, c: DomctlDomainInfo) -> DomInfo:
         return cls(
@@ -137,6 +154,7 @@ class DomInfo:
             max_vcpu_id=int(c.max_vcpu_id),
             online_vcpus=int(c.nr_online_vcpus),
             cpu_time_ns=int(c.cpu_time),
+            emulation_flags=int(c.arch_config.emulation_flags),
         )
 
 
