@@ -48,6 +48,8 @@ DOM0_ARGS = "console=hvc0 earlyprintk=xen root=/dev/vda rw rootfstype=ext4 init=
 #: mwait_idle); the SSE bits are what Debian's userland expects of x86-64.
 #: ``RELOCD_XENLAB_CPU`` overrides it (a comparison run on another model).
 TCG_CPU = "qemu64,+svm,+npt,-monitor,+ssse3,+sse4.1,+sse4.2,+popcnt"
+#: the model the two-host lab (PV only) was proven on
+PV_TCG_CPU = "Haswell-noTSX"
 
 #: Console output after which nothing useful follows.
 FATAL = re.compile(rb"KVM internal error|Panic on CPU \d+|Kernel panic - not syncing")
@@ -263,8 +265,12 @@ class XenLab:
         net: str | None = None,
         mac: str = "52:54:00:12:34:56",
         host_env: dict[str, str] | None = None,
+        cpu: str | None = None,
     ) -> None:
-        """``net``: options of a ``-netdev socket`` (see ``udp_link``); None: no NIC."""
+        """``net``: options of a ``-netdev socket`` (see ``udp_link``); None: no NIC.
+
+        ``cpu``: the TCG CPU model (default ``TCG_CPU``, or ``RELOCD_XENLAB_CPU``).
+        """
         self.image = image
         self.net = net
         self.mac = mac
@@ -281,12 +287,13 @@ class XenLab:
         self._reader: threading.Thread | None = None
         self._token = 0
         self._t0 = 0.0
+        self.cpu = cpu
         self.boot_s = 0.0
 
     # -- life ----------------------------------------------------------------
 
     def qemu_argv(self, payload: Path) -> list[str]:
-        cpu = "host" if self.accel == "kvm" else os.environ.get("RELOCD_XENLAB_CPU", TCG_CPU)
+        cpu = "host" if self.accel == "kvm" else (self.cpu or os.environ.get("RELOCD_XENLAB_CPU", TCG_CPU))
         return [
             "qemu-system-x86_64",
             "-accel", self.accel, "-cpu", cpu, "-smp", "2", "-m", str(self.memory_mib),
