@@ -12,6 +12,8 @@ ready to paste into docs/faults.md.
     python bench/fault_points.py --faults cut-tls      # one fault kind
     python bench/fault_points.py --points journal:go-sent --limit 10
     python bench/fault_points.py --cells 'kill-both@target:journal:resuming:done'
+    python bench/fault_points.py --store               # with a cluster store: a single-node etcd started here
+    python bench/fault_points.py --store etcd://h:2379 # ... or this one
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "faults"))
 sys.path.insert(0, str(HERE.parent / "tests" / "daemon"))
+sys.path.insert(0, str(HERE.parent))
 
 from crashpoints import FAULT_KINDS, Cell, CrashOutcome, Pki, cells_of, discover, run_crash_cell
 
@@ -60,9 +63,24 @@ def table(points: list[str], outcomes: dict[str, CrashOutcome], faults: list[str
 async def run(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="relocd-points-"))
     t0 = time.monotonic()
+    etcd = None
     try:
+        store = args.store or None
+        if store == "start":
+            from tests.system.etcdlab import EtcdCluster, etcd_missing
+
+            missing = etcd_missing()
+            if missing:
+                print(f"--store: {missing}", file=sys.stderr)
+                return 2
+            (root / "etcd").mkdir(parents=True)
+            etcd = EtcdCluster(root / "etcd", members=1)
+            etcd.start()
+            store = etcd.url
+        if store:
+            print(f"with the cluster store {store}", flush=True)
         pki = Pki.make(root / "pki")
-        pmap = await discover(root / "discover", pki)
+        pmap = await discover(root / "discover", pki, store=store)
         points = pmap.points
         faults = [f for f in FAULT_KINDS if not args.faults or f in args.faults.split(",")]
         if args.cells:
@@ -77,7 +95,7 @@ async def run(args: argparse.Namespace) -> int:
         runs: list[CrashOutcome] = []  # a cell named twice in --cells runs twice
         for i, cell in enumerate(cells, 1):
             cell_root = root / f"{i:03d}"
-            o = await run_crash_cell(cell_root, cell, pki, pmap, migrate_again=not args.no_migrate_again)
+            o = await run_crash_cell(cell_root, cell, pki, pmap, migrate_again=not args.no_migrate_again, store=store)
             runs.append(o)
             print(f"[{i}/{len(cells)}] {o.summary()}", flush=True)
             if o.ok or not args.keep_failures:
@@ -108,6 +126,8 @@ async def run(args: argparse.Namespace) -> int:
             Path(args.json).write_text(json.dumps(report, indent=2))
         return 0 if counts["FAIL"] == 0 else 1
     finally:
+        if etcd is not None:
+            etcd.stop()
         if not args.keep_failures:
             shutil.rmtree(root, ignore_errors=True)
         else:
@@ -129,6 +149,9 @@ def main() -> int:
     ap.add_argument("--keep-failures", action="store_true", help="keep failed cells' daemon logs")
     ap.add_argument("--markdown", action="store_true", help="print the table of cells (docs/faults.md)")
     ap.add_argument("--json", default="", help="also write the report to this file")
+    ap.add_argument("--store", nargs="?", const="start", default="",
+                    help="both daemons arbitrate by a cluster store: this etcd URL, or (no URL) a single-node "
+                         "etcd started for the run")
     args = ap.parse_args()
     return asyncio.run(run(args))
 
