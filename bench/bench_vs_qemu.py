@@ -130,7 +130,10 @@ class RunFailed(RuntimeError):
 
 async def relocd_migration(a: DaemonProc, b: DaemonProc, memory: int, workload: str, live: bool,
                            extra: dict[str, Any]) -> dict[str, Any]:
-    await a.call("create", name="vsqemu", memory=memory, workload=workload, driver="sim")
+    try:
+        await a.call("create", name="vsqemu", memory=memory, workload=workload, driver="sim")
+    except Exception as exc:  # reported and left out of the medians, like a failed move
+        raise RunFailed(f"create failed: {exc}") from None
     await asyncio.sleep(0.5)
     assert a.proc is not None and b.proc is not None
     try:
