@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "carries it (default: the config's relocd-auto-converge, on)")
     p.add_argument("--channels", metavar="N", type=types.channels,
                    help="connections to stripe the pages over, 1 to 16 "
-                        "(default: the config's relocd-migration-channels, 2)")
+                        "(default: the config's relocd-migration-channels, 4)")
 
     p = command("job", moving.cmd_job, "watch a migration in flight, started by anyone",
                 "relocd job web1", control, as_json, aliases=("watch",),

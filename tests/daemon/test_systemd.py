@@ -392,7 +392,7 @@ async def test_every_line_of_a_migration_carries_its_id(pair: tuple[DaemonProc, 
     target = lines_of_migration(json_lines(b), lambda x: x["event"] == "connection accepted")
     assert source[-1]["event"] == "migration finished", source[-1]
     assert any(x["event"] == "reservation granted" for x in target)
-    assert result["channels"] == 2  # the extra page channel's connection is in these lines too
+    assert result["channels"] == 4  # the extra page channels' connections are in these lines too
     for name, lines in (("source", source), ("target", target)):
         # every connection's accept comes before its HELLO says which migration it is for
         strays = [f"{x.get('logger')}: {x['event']}" for x in lines

@@ -175,10 +175,10 @@ async def test_live_migration_over_tls_both_ways(tls_pair: tuple[DaemonProc, Dae
     assert await listing(b) == [("tlsweb", "running")]
     events = log_events_since(b, mark)
     assert any(e.get("listener") == "relocation-ssl" for e in events)
-    # the default two page channels: the extra one made its own TLS handshake and joined
-    assert result["channels"] == 2
-    assert sum(e.get("event") == "connection accepted" and e.get("listener") == "relocation-ssl" for e in events) == 2
-    assert any(e.get("event") == "channel joined" for e in events)
+    # the default four page channels: each extra one made its own TLS handshake and joined
+    assert result["channels"] == 4
+    assert sum(e.get("event") == "connection accepted" and e.get("listener") == "relocation-ssl" for e in events) == 4
+    assert sum(e.get("event") == "channel joined" for e in events) == 3
     # Back again: B has xend-relocation-ssl on, so no --ssl and no port are needed.
     result = await b.call("migrate", name="tlsweb", host=a.address, live=True, channels=4)
     assert result["status"] == "completed", result

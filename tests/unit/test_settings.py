@@ -135,7 +135,7 @@ def test_defaults_are_xends_and_relocds() -> None:
     assert s.control_socket == Path("/run/relocd/control.sock")
     assert s.state_dir == Path("/var/lib/relocd")
     assert (s.max_iterations, s.max_factor, s.dirty_threshold) == (29, 3.0, 50)
-    assert s.precopy_policy == "downtime" and s.downtime_ms == 20 and s.auto_converge is True and s.migration_channels == 2
+    assert s.precopy_policy == "downtime" and s.downtime_ms == 20 and s.auto_converge is True and s.migration_channels == 4
     assert s.max_bandwidth is None and s.max_memory is None
     assert (s.handshake_timeout, s.idle_timeout, s.reservation_timeout, s.dns_timeout) == (10, 60, 30, 2)
     assert s.max_frame == 16 << 20 and s.max_incoming == 4
