@@ -12,20 +12,20 @@ import pytest
 
 from relocd.drivers.base import DomainConfig, DomainState, HostCaps
 from relocd.drivers.sim import SimDriver
-from relocd.engine.journal import Journal
 from relocd.engine.policy import DowntimePolicy
 from relocd.engine.reservation import (
     ReservationRequest,
-    ReservationTable,
     check_reservation,
     find_unreachable_disks,
 )
 from relocd.engine.source import SendOptions, SourceMigration, new_migration_id
 from relocd.engine.stream import RecordChannel, memory_pipe
-from relocd.engine.target import TargetContext, TargetSession
+from relocd.engine.target import TargetSession
 from relocd.errors import ProtocolError, Reason, ReservationRefused
 from relocd.protocol.records import Role
 from relocd.protocol.state import Conversation
+from tests.unit.simhosts import SimHost as Host
+from tests.unit.simhosts import sim_pair
 
 UUID = "6f9619ff-8b86-d011-b42d-00cf4fc964ff"
 CAPS = HostCaps(driver="sim", free_memory_bytes=8 << 30, max_vcpus=16)
@@ -108,28 +108,10 @@ async def test_no_disks_key_means_no_check(tmp_path: Path) -> None:
     assert found == ["/nonexistent/relocd/disk (No such file or directory)"]
 
 
-class Host:
-    def __init__(self, root: Path, name: str) -> None:
-        self.dir = root / name
-        self.dir.mkdir(parents=True)
-        self.driver = SimDriver(self.dir)
-        self.journal = Journal(self.dir / "journal.sqlite")
-        self.ctx = TargetContext(drivers={"sim": self.driver}, reservations=ReservationTable(30), journal=self.journal)
-
-
 @pytest.fixture
 async def hosts(tmp_path: Path) -> AsyncIterator[tuple[Host, Host]]:
-    a, b = Host(tmp_path, "a"), Host(tmp_path, "b")
-    await a.driver.start()
-    await b.driver.start()
-    try:
-        yield a, b
-    finally:
-        for h in (a, b):
-            for d in h.driver.domains():
-                await d.destroy()
-            await h.driver.close()
-            h.journal.close()
+    async with sim_pair(tmp_path) as pair:
+        yield pair
 
 
 class Counting(RecordChannel):
