@@ -1,14 +1,16 @@
-"""Two sim hosts in one process for engine tests: a driver, a journal and a target context each."""
+"""Two sim hosts in one process for engine tests (a driver, a journal and a target context each), and a tapped channel."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from relocd.drivers.sim import SimDriver
 from relocd.engine.journal import Journal
 from relocd.engine.reservation import ReservationTable
+from relocd.engine.stream import RecordChannel
 from relocd.engine.target import TargetContext
 
 
@@ -37,3 +39,16 @@ async def sim_pair(root: Path, *, memory_dir: Path | None = None) -> AsyncIterat
                 await d.destroy()
             await h.driver.close()
             h.journal.close()
+
+
+class TappedChannel(RecordChannel):
+    """The target's channel, keeping every record it received: what crossed the wire, as parsed."""
+
+    def __init__(self, *args: Any, received: list[object], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.received = received
+
+    async def recv(self) -> object:
+        record = await super().recv()
+        self.received.append(record)
+        return record

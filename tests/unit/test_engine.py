@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -19,26 +18,13 @@ from relocd.protocol.codes import DigestAlgo
 from relocd.protocol.records import Digest, Role
 from relocd.protocol.state import Conversation
 from tests.unit.simhosts import SimHost as Host
-from tests.unit.simhosts import sim_pair
+from tests.unit.simhosts import TappedChannel, sim_pair
 
 
 @pytest.fixture
 async def hosts(tmp_path: Path) -> AsyncIterator[tuple[Host, Host]]:
     async with sim_pair(tmp_path) as pair:
         yield pair
-
-
-class TappedChannel(RecordChannel):
-    """The target's channel, keeping every record it received: what crossed the wire, as parsed."""
-
-    def __init__(self, *args: Any, received: list[object], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.received = received
-
-    async def recv(self) -> object:
-        record = await super().recv()
-        self.received.append(record)
-        return record
 
 
 async def migrate(

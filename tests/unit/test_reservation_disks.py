@@ -25,7 +25,7 @@ from relocd.errors import ProtocolError, Reason, ReservationRefused
 from relocd.protocol.records import Role
 from relocd.protocol.state import Conversation
 from tests.unit.simhosts import SimHost as Host
-from tests.unit.simhosts import sim_pair
+from tests.unit.simhosts import TappedChannel, sim_pair
 
 UUID = "6f9619ff-8b86-d011-b42d-00cf4fc964ff"
 CAPS = HostCaps(driver="sim", free_memory_bytes=8 << 30, max_vcpus=16)
@@ -114,22 +114,11 @@ async def hosts(tmp_path: Path) -> AsyncIterator[tuple[Host, Host]]:
         yield pair
 
 
-class Counting(RecordChannel):
-    def __init__(self, *args: Any, received: list[object], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.received = received
-
-    async def recv(self) -> object:
-        record = await super().recv()
-        self.received.append(record)
-        return record
-
-
 async def migrate(a: Host, b: Host, name: str) -> tuple[Any, list[object]]:
     src_t, dst_t = memory_pipe()
     received: list[object] = []
     src = RecordChannel(src_t, Conversation(Role.SOURCE), max_frame=16 << 20)
-    dst = Counting(dst_t, Conversation(Role.TARGET), max_frame=16 << 20, received=received)
+    dst = TappedChannel(dst_t, Conversation(Role.TARGET), max_frame=16 << 20, received=received)
     dom = a.driver.lookup(name)
     assert dom is not None
     mig = SourceMigration(
