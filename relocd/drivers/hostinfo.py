@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -62,8 +63,6 @@ def guest_memory_dir(path: Path) -> str:
     It must take nameless files (``O_TMPFILE``: tmpfs does); a tmpfs mounted
     ``huge=always`` (or ``within_size``) gives guest memory 2 MiB pages.
     """
-    import os
-
     fd = os.open(path, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
     os.close(fd)
     mount = mount_of(path)
